@@ -1,0 +1,5 @@
+"""`python -m vaetool` (also what `torchrun -m vaetool` runs)."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,199 @@
+"""Safetensors checkpoints: weights plus JSON config and metadata, and the resume state; atomic writes.
+
+Nothing here unpickles: `torch.load` is never called, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .atomic import atomic_path
+from .config import ModelConfig, TrainConfig
+from .errors import CheckpointError, ConfigError
+from .model import VAE
+
+FORMAT = "vaetool"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+LAST_FILE = "last.safetensors"
+STATE_FILE = "state.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with what was stored beside it."""
+
+    model: VAE
+    config: ModelConfig
+    train_config: TrainConfig | None
+    training: dict[str, Any] = field(default_factory=dict)  # step, epoch, metrics, data summary
+    path: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        return weights_hash(self.model)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `.safetensors` file, or a run folder meaning its `model.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} is a folder without {MODEL_FILE}; give a run folder made by "
+                                  f"`vaetool train` or a .safetensors file")
+        return candidate
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a run folder or a .safetensors checkpoint")
+    return path
+
+
+def _plain_state(model: VAE) -> dict[str, torch.Tensor]:
+    # Unwrap DDP / compiled modules; CPU, contiguous, no shared storage (safetensors refuses aliasing).
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in inner.state_dict().items()}
+
+
+def weights_hash(model: VAE) -> str:
+    """A short SHA-256 of the weights: the checkpoint's identity in latents files."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_plain_state(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_model(path: str | Path, model: VAE, *, train_config: TrainConfig | None = None,
+               training: dict[str, Any] | None = None, force: bool = True) -> Path:
+    """Write the model's weights and config to `path` atomically."""
+    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "vaetool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_config": json.dumps(inner.config.to_dict()),
+        "train_config": json.dumps(train_config.to_dict() if train_config else None),
+        "training": json.dumps(training or {}),
+    }
+    with atomic_path(path, force=force) as tmp:
+        save_file(_plain_state(model), str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def _sniff(path: Path) -> None:
+    """Raise a clear error for files that are obviously not safetensors (pickles, zips, empty)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise CheckpointError(f"{path} is empty; expected a vaetool .safetensors checkpoint")
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(f"{path} is a PyTorch pickle (.pt/.pth); vaetool never unpickles files, "
+                              f"give a .safetensors checkpoint written by `vaetool train`")
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of a vaetool file, checked for format and version."""
+    path = Path(path)
+    _sniff(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                              f"it may be damaged or truncated") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a vaetool checkpoint "
+                              f"(no vaetool metadata); give a file written by `vaetool train`")
+    version = int(metadata.get("format_version", "0") or 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this vaetool "
+                              f"({__version__}, format {FORMAT_VERSION}); upgrade vaetool")
+    return metadata
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({str(exc).splitlines()[0]}); "
+                              f"use another checkpoint or retrain") from None
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a vaetool checkpoint (file or run folder) onto `device`, in eval mode."""
+    path = resolve_checkpoint(path)
+    metadata = read_metadata(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["model_config"]))
+        train_raw = json.loads(metadata.get("train_config") or "null")
+        train_config = TrainConfig.from_dict(train_raw) if train_raw else None
+        training = json.loads(metadata.get("training") or "{}")
+    except (KeyError, json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"{path} has an unreadable vaetool config ({exc}); it may be damaged") from None
+    model = VAE(config)
+    state = _read_tensors(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise CheckpointError(f"{path} does not match its own config ({first}); it is damaged") from None
+    model.to(device).eval()
+    return Checkpoint(model, config, train_config, training, path, metadata)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """Flatten an optimizer's state into tensors plus JSON for its param groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+    return tensors, json.dumps(state["param_groups"])
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: str) -> None:
+    """Inverse of `optimizer_tensors`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+
+
+def save_state(path: str | Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    """Write resume state (optimizer, RNG, EMA, counters) as safetensors, atomically."""
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": "train-state",
+                "vaetool_version": __version__, "info": json.dumps(info)}
+    with atomic_path(path, force=True) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read what `save_state` wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; nothing to resume (start without --resume)")
+    metadata = read_metadata(path)
+    if metadata.get("kind") != "train-state":
+        raise CheckpointError(f"{path} is not a vaetool training state")
+    return _read_tensors(path), json.loads(metadata["info"])

@@ -1,0 +1,43 @@
+"""The `vaetool` command line: assembles the commands; torch is imported only by the commands that run."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .commands import train as train_commands
+
+app = typer.Typer(
+    name="vaetool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Variational autoencoders on folders of images: train, encode, decode, sample, interpolate, denoise.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vaetool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also VAETOOL_DEBUG=1).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Variational autoencoders on folders of images."""
+    if debug:
+        import os
+
+        os.environ["VAETOOL_DEBUG"] = "1"
+
+
+app.command("train")(train_commands.train)
+app.command("info")(train_commands.info_command)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,1 @@
+"""The Typer commands, one module per group; `vaetool.cli` assembles them. Nothing here imports torch at load."""

@@ -1,0 +1,137 @@
+"""What every command shares: stderr console, progress, error handling, stdout results, common options."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 1, 3, 130
+
+_console = None
+
+
+def console():
+    """The Rich console on stderr: logs, warnings, progress and errors never touch stdout."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True, highlight=False)
+    return _console
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("VAETOOL_DEBUG", "") not in ("", "0")
+
+
+def warn(message: str) -> None:
+    console().print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+
+
+def info(message: str, *, quiet: bool = False) -> None:
+    if not quiet:
+        console().print(message, markup=False, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    """Print the one-line error and return the Exit to raise."""
+    console().print(f"[red]error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Turn engine errors into `error: ...` and exit 1, Ctrl-C into exit 130; tracebacks only with --debug."""
+    from ..errors import VaetoolError
+
+    try:
+        yield
+    except VaetoolError as exc:
+        if debug_enabled():
+            raise
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        raise fail("interrupted", EXIT_INTERRUPTED) from None
+    except OSError as exc:
+        if debug_enabled():
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise fail(f"{exc.strerror or exc}{where}") from None
+
+
+def emit(value: Any, *, as_json: bool = False) -> None:
+    """One result on stdout: a path (or text) per line, or a JSON object per line."""
+    text = json.dumps(value, default=str) if as_json else str(value)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def show_progress(quiet: bool) -> bool:
+    """A live bar only when a person is watching stderr."""
+    return not quiet and sys.stderr.isatty()
+
+
+def make_progress(quiet: bool):
+    """A Rich progress bar on stderr with N/M and ETA, or a silent stand-in."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console(), redirect_stdout=False, redirect_stderr=False,
+                    disable=not show_progress(quiet), transient=False)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """`90`, `90s`, `10m`, `1.5h`, `1h30m` -> seconds."""
+    if text is None:
+        return None
+    import re
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text.strip().lower()):
+        raise typer.BadParameter(f"cannot read duration {text!r}; write e.g. 90s, 10m, 1h30m")
+    seconds = sum(float(n) * units[u] for n, u in parts)
+    if seconds <= 0:
+        raise typer.BadParameter("the duration must be > 0")
+    return seconds
+
+
+def check_not_inside(outputs: Path, inputs: list[str], *, force: bool) -> None:
+    """Refuse an output folder equal to or inside an input folder (outputs would be read back as inputs)."""
+    out = outputs.resolve()
+    for item in inputs:
+        if item == "-":
+            continue
+        folder = Path(item).resolve()
+        if folder.is_dir() and (out == folder or folder in out.parents) and not force:
+            raise fail(f"output folder {outputs} is inside input folder {item}; choose another -o "
+                       f"or pass --force")
+
+
+# Options shared by many commands.
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for every random draw: the same seed gives the same output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr (errors still shown).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout instead of paths.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+Checkpoint = Annotated[Path, typer.Argument(help="A run folder (its model.safetensors) or a .safetensors checkpoint.",
+                                            show_default=False)]
+
+
+def positive(value: float | None) -> float | None:
+    """Option callback: the value must be > 0 (Typer's `min` is inclusive)."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be > 0, not {value}")
+    return value

@@ -1,0 +1,167 @@
+"""Frozen configuration dataclasses for the model and for training; dict round trip and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
+# How the decoder's shared scale is set: learned by gradient, set to its closed-form optimum
+# per batch (sigma-VAE, Rybkin et al. 2021), or fixed (fixed-variance Gaussian = weighted MSE).
+DECODER_SCALES = ("learned", "optimal", "fixed")
+CORRUPTIONS = ("gaussian", "mask", "saltpepper")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and likelihood of a convolutional VAE; stored in every checkpoint."""
+
+    image_size: int = 64
+    channels: int = 3
+    latent_dim: int = 64
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    blocks: int = 1  # extra 3x3 conv layers per stage, after the resampling conv
+    likelihood: str = "gaussian"
+    decoder_scale: str = "learned"
+    fixed_scale: float = 0.1  # the decoder's std when decoder_scale == "fixed"
+    min_log_scale: float = -6.0  # floor of the log std, so a perfect fit cannot diverge
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        _check(self.channels in (1, 3), f"channels must be 1 or 3, not {self.channels}")
+        _check(self.latent_dim >= 1, f"latent_dim must be >= 1, not {self.latent_dim}")
+        _check(len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
+               f"widths must be positive, not {self.widths}")
+        _check(self.blocks >= 0, f"blocks must be >= 0, not {self.blocks}")
+        factor = 2 ** len(self.widths)
+        _check(self.image_size >= factor and self.image_size % factor == 0,
+               f"image_size {self.image_size} must be a multiple of {factor} "
+               f"(2 ** number of widths); pick another --image-size or fewer --widths")
+        _check(self.likelihood in LIKELIHOODS,
+               f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}")
+        _check(self.decoder_scale in DECODER_SCALES,
+               f"decoder_scale must be one of {', '.join(DECODER_SCALES)}, not {self.decoder_scale!r}")
+        _check(self.fixed_scale > 0, f"fixed_scale must be > 0, not {self.fixed_scale}")
+
+    @property
+    def bottom_size(self) -> int:
+        """Side of the smallest feature map, after every stride-2 stage."""
+        return self.image_size // 2 ** len(self.widths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """One corruption applied to training inputs (denoising autoencoder, Vincent et al. 2008)."""
+
+    kind: str  # gaussian: noise std; mask: fraction of pixels dropped; saltpepper: fraction flipped
+    low: float
+    high: float  # equal to low for a fixed amount; a range is drawn uniformly per image
+
+    def __post_init__(self) -> None:
+        _check(self.kind in CORRUPTIONS,
+               f"corruption must be one of {', '.join(CORRUPTIONS)}, not {self.kind!r}")
+        _check(0 <= self.low <= self.high, f"corruption amount {self.low}-{self.high} is not a range")
+        if self.kind != "gaussian":
+            _check(self.high <= 1, f"{self.kind} fraction must be <= 1, not {self.high}")
+
+    @classmethod
+    def parse(cls, text: str) -> Corruption:
+        """Parse `kind:amount` or `kind:low-high`, e.g. `gaussian:0.05-0.2`, `mask:0.25`."""
+        match = re.fullmatch(r"\s*([a-z_-]+)\s*:\s*([0-9.eE+]+)\s*(?:-\s*([0-9.eE+]+))?\s*", text)
+        if not match:
+            raise ConfigError(f"cannot read corruption {text!r}; write kind:amount or kind:low-high, "
+                              f"e.g. gaussian:0.1 or mask:0.25")
+        kind = match.group(1).replace("-", "").replace("_", "")
+        kind = {"saltandpepper": "saltpepper", "sp": "saltpepper", "noise": "gaussian"}.get(kind, kind)
+        try:
+            low = float(match.group(2))
+            high = float(match.group(3)) if match.group(3) else low
+        except ValueError:
+            raise ConfigError(f"cannot read the amount in corruption {text!r}") from None
+        return cls(kind, low, high)
+
+    def __str__(self) -> str:
+        amount = f"{self.low:g}" if self.low == self.high else f"{self.low:g}-{self.high:g}"
+        return f"{self.kind}:{amount}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, objective and data settings of a training run; stored in the checkpoint."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    time_limit: float | None = None  # seconds
+    batch_size: int = 64  # per process
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 100.0
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016)
+    val_fraction: float = 0.05
+    seed: int = 0
+    corruptions: tuple[Corruption, ...] = field(default_factory=tuple)
+    ema: float = 0.0
+    patience: int | None = None
+    augment_flip: bool = False
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "corruptions", tuple(
+            c if isinstance(c, Corruption) else Corruption(**c) for c in self.corruptions))
+        for name in ("epochs", "steps", "patience"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be >= 1, not {value}")
+        _check(self.time_limit is None or self.time_limit > 0, "time limit must be > 0")
+        _check(self.batch_size >= 1, f"batch size must be >= 1, not {self.batch_size}")
+        _check(self.lr > 0, f"learning rate must be > 0, not {self.lr}")
+        _check(self.beta >= 0, f"beta must be >= 0, not {self.beta}")
+        _check(self.kl_warmup_steps >= 0, "KL warm-up steps must be >= 0")
+        _check(self.free_bits >= 0, "free bits must be >= 0")
+        _check(0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), not {self.val_fraction}")
+        _check(0 <= self.ema < 1, f"EMA decay must be in [0, 1), not {self.ema}")
+        _check(self.grad_clip > 0, "gradient clip must be > 0")
+        _check(self.log_every >= 1, "log_every must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _to_dict(self)
+        data["corruptions"] = [dataclasses.asdict(c) for c in self.corruptions]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+def _to_dict(config: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"bad {cls.__name__}: {exc}") from None

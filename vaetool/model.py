@@ -1,0 +1,222 @@
+"""The convolutional VAE: encoder, decoder, diagonal Gaussian posterior, likelihoods and the ELBO loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32 and bf16
+LOG_2PI = math.log(2 * math.pi)
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mu, diag(exp(logvar))): the encoder's output distribution."""
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
+        self.mu = mu  # (B, D)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)  # (B, D)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw z = mu + std * eps (the reparameterization trick, Kingma & Welling 2014)."""
+        if noise is None:
+            noise = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
+        return self.mu + self.std * noise.to(self.mu.dtype)
+
+    def mode(self) -> torch.Tensor:
+        return self.mu
+
+    def kl_per_dim(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per latent dimension, (B, D), in closed form."""
+        return 0.5 * (self.mu.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over dimensions, (B,) nats."""
+        return self.kl_per_dim().sum(dim=1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z|x) for z of shape (..., B, D), summed over D."""
+        return -0.5 * (((z - self.mu) ** 2) / self.logvar.exp() + self.logvar + LOG_2PI).sum(-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dimension."""
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+
+def _groups(width: int) -> int:
+    return math.gcd(width, 8)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(SiLU(GroupNorm(x))): extra depth at constant resolution."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(width), width)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(F.silu(self.norm(x)))
+
+
+def _stage(conv: nn.Module, width: int, blocks: int) -> nn.Sequential:
+    layers = [conv, nn.GroupNorm(_groups(width), width), nn.SiLU()]
+    layers += [ResidualBlock(width) for _ in range(blocks)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Stride-2 conv stages, then a linear map to the posterior's mean and log-variance."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        stages, in_ch = [], config.channels
+        for width in config.widths:
+            stages.append(_stage(nn.Conv2d(in_ch, width, 3, stride=2, padding=1), width, config.blocks))
+            in_ch = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(in_ch * config.bottom_size**2, 2 * config.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> DiagonalGaussian:
+        h = self.stages(x)  # (B, W_last, s, s)
+        mu, logvar = self.head(h.flatten(1)).float().chunk(2, dim=1)  # (B, D) each
+        return DiagonalGaussian(mu, logvar)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder; nearest upsampling + conv avoids checkerboard artefacts (Odena et al. 2016)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        widths = config.widths
+        self.shape = (widths[-1], config.bottom_size, config.bottom_size)
+        self.head = nn.Linear(config.latent_dim, widths[-1] * config.bottom_size**2)
+        stages, in_ch = [], widths[-1]
+        for width in reversed((widths[0],) + widths[:-1]):
+            conv = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, width, 3, padding=1))
+            stages.append(_stage(conv, width, config.blocks))
+            in_ch = width
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Conv2d(in_ch, config.channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.head(z)).view(-1, *self.shape)  # (B, W_last, s, s)
+        return self.out(self.stages(h))  # (B, C, H, W) logits
+
+
+@dataclass
+class VAEOutput:
+    posterior: DiagonalGaussian
+    z: torch.Tensor  # (B, D)
+    logits: torch.Tensor  # (B, C, H, W)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor  # scalar: what the optimiser minimises (mean over the batch)
+    recon: torch.Tensor  # (B,) -log p(x|z), nats per image
+    kl: torch.Tensor  # (B,) KL(q(z|x) || p(z)), nats per image
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        """(B,) the negative ELBO per image, whatever beta or free bits the loss used."""
+        return self.recon + self.kl
+
+
+class VAE(nn.Module):
+    """A convolutional VAE with a vector latent; images are float tensors in [0, 1]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # The decoder's shared log scale: learned (sigma-VAE), tracked optimum, or fixed.
+        initial = torch.tensor(math.log(config.fixed_scale) if config.decoder_scale == "fixed" else 0.0)
+        if config.likelihood != "bernoulli" and config.decoder_scale == "learned":
+            self.log_scale = nn.Parameter(initial)
+        else:
+            self.register_buffer("log_scale", initial)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) for images x (B, C, H, W) in [0, 1]."""
+        return self.encoder(x * 2.0 - 1.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder logits (B, C, H, W) for latents z (B, D); `mean_image` turns them into pixels."""
+        return self.decoder(z)
+
+    @staticmethod
+    def mean_image(logits: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean image in [0, 1] (the Bernoulli mean, or the Gaussian/Laplace location)."""
+        return torch.sigmoid(logits.float())
+
+    def forward(self, x: torch.Tensor, *, sample: bool = True, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> VAEOutput:
+        posterior = self.encode(x)
+        z = posterior.sample(generator, noise=noise) if sample else posterior.mode()
+        return VAEOutput(posterior, z, self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction from the posterior mean, (B, C, H, W) in [0, 1]."""
+        return self.mean_image(self.decode(self.encode(x).mode()))
+
+    def log_scale_for(self, residual: torch.Tensor) -> torch.Tensor:
+        """The decoder's log scale; in 'optimal' mode, the batch's maximum-likelihood value while training."""
+        cfg = self.config
+        if cfg.decoder_scale == "optimal" and self.training:
+            # sigma^2 = MSE (Gaussian) or b = MAE (Laplace) maximise the likelihood (Rybkin et al. 2021).
+            stat = residual.pow(2).mean().sqrt() if cfg.likelihood == "gaussian" else residual.abs().mean()
+            log_scale = stat.clamp_min(1e-12).log()
+            with torch.no_grad():  # running value used at evaluation time
+                self.log_scale.lerp_(log_scale.detach().to(self.log_scale.dtype), 0.01)
+            return log_scale.clamp_min(cfg.min_log_scale)
+        return self.log_scale.clamp_min(cfg.min_log_scale)
+
+    def log_likelihood(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) summed over pixels, (B,) nats; x (B, C, H, W) in [0, 1]."""
+        logits = logits.float()
+        if self.config.likelihood == "bernoulli":
+            return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        residual = x - torch.sigmoid(logits)
+        log_scale = self.log_scale_for(residual)
+        if self.config.likelihood == "gaussian":
+            per_pixel = -0.5 * (residual * torch.exp(-log_scale)).pow(2) - log_scale - 0.5 * LOG_2PI
+        else:  # Laplace: -|r| / b - log(2b)
+            per_pixel = -residual.abs() * torch.exp(-log_scale) - log_scale - math.log(2.0)
+        return per_pixel.flatten(1).sum(1)
+
+
+def elbo_loss(model: VAE, target: torch.Tensor, output: VAEOutput, *, beta: float = 1.0,
+              free_bits: float = 0.0) -> LossTerms:
+    """Negative ELBO per image, summed over pixels and latent dims, averaged over the batch.
+
+    Summing per image (not averaging over pixels) keeps the balance between reconstruction and KL
+    that the ELBO defines (Kingma & Welling 2014); averaging silently multiplies the KL weight by
+    the pixel count. `free_bits` (nats per dimension, Kingma et al. 2016) stops the optimiser from
+    pushing a dimension's batch-averaged KL below that floor.
+    """
+    recon = -model.log_likelihood(target, output.logits)  # (B,)
+    kl_per_dim = output.posterior.kl_per_dim()  # (B, D)
+    kl = kl_per_dim.sum(1)  # (B,)
+    if free_bits > 0:
+        kl_term = kl_per_dim.mean(0).clamp_min(free_bits).sum()
+    else:
+        kl_term = kl.mean()
+    loss = recon.mean() + beta * kl_term if beta > 0 else recon.mean()
+    return LossTerms(loss, recon.detach(), kl.detach())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,91 @@
+"""Where and how computation runs: device choice, precision, threads and the CPU allocator."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import torch
+
+from .errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_allocator_tuned = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA (this process's local rank), then MPS, then CPU; others must exist."""
+    base = name.split(":")[0]
+    if base not in DEVICES:
+        raise ConfigError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if base == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; "
+                          "use --device cpu or auto")
+    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for but Apple MPS is not available; use --device cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32. `auto`: bf16 on GPUs that support it, else fp32."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if name == "fp32":
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 needs a CUDA GPU (a gradient scaler keeps it stable there); use bf16 or fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision when `dtype` is set, a no-op otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in the process instead of returning it to the OS every step.
+
+    glibc's malloc unmaps large blocks on free, so each training step page-faults its
+    activations in again; on CPU that kernel time can cost a third of a step. Raising the
+    mmap and trim thresholds (mallopt) makes freed buffers reusable. No-op off glibc.
+    """
+    global _allocator_tuned
+    if _allocator_tuned or not sys.platform.startswith("linux"):
+        return
+    _allocator_tuned = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)  # blocks below 1 GiB come from the heap
+        libc.mallopt(m_trim_threshold, 1 << 31)  # never trim the heap below 2 GiB of free space
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare(device: torch.device) -> None:
+    """Process-wide settings for fast, repeatable computation on `device`."""
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
