@@ -94,7 +94,7 @@ def save_model(path: str | Path, model: VAE, *, train_config: TrainConfig | None
 
 
 def _sniff(path: Path) -> None:
-    """Raise a clear error for files that are obviously not safetensors (pickles, zips, empty)."""
+    """For a file safetensors could not read: say what it looks like (empty, a pickle) if we can tell."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(8)
@@ -110,11 +110,11 @@ def _sniff(path: Path) -> None:
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors metadata of a vaetool file, checked for format and version."""
     path = Path(path)
-    _sniff(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
+        _sniff(path)
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
                               f"it may be damaged or truncated") from None
     if metadata.get("format") != FORMAT:

@@ -352,7 +352,7 @@ class _Trainer:
             "epoch": p.epoch if not partial else p.epoch + 1, "step": p.step, "partial": partial,
             "train_loss": sums[0] / count, "train_recon": sums[1] / count, "train_kl": sums[2] / count,
             "train_neg_elbo": (sums[1] + sums[2]) / count, "elapsed": round(self._elapsed(), 3),
-            "beta": self._beta(), "decoder_log_scale": float(self._eval_model().log_scale)}
+            "beta": self._beta(), "decoder_log_scale": float(self._eval_model().log_scale.detach())}
         metrics.update(self._validate())
         score = metrics.get("val_neg_elbo", metrics["train_neg_elbo"])
         improved = score < p.best

@@ -1,0 +1,40 @@
+"""Shared fixtures: small image folders made on the fly, and tiny model settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+TINY_ARGS = ["--image-size", "16", "--widths", "8,16", "--latent-dim", "4", "--batch-size", "2",
+             "--no-disk-cache", "--device", "cpu", "-q"]
+
+
+def make_blobs(folder: Path, count: int = 12, size: int = 16, seed: int = 0, mode: str = "RGB") -> list[Path]:
+    """Smooth random colour blobs: learnable in a few steps, different per seed."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(count):
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.15, 0.4)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        colour = rng.uniform(0, 1, size=3)
+        pixels = (blob[..., None] * colour[None, None] * 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+        path = folder / f"img_{i:03d}.png"
+        (image.convert("L") if mode == "L" else image).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def blob_folder(tmp_path: Path) -> Path:
+    make_blobs(tmp_path / "data", count=12)
+    return tmp_path / "data"

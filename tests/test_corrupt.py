@@ -1,0 +1,32 @@
+"""Corruptions: amounts, ranges and independence from how a batch is sharded."""
+
+import torch
+
+from vaetool.config import Corruption
+from vaetool.corrupt import corrupt, step_generator
+
+
+def _apply(x, spec, rows, global_batch):
+    gen = step_generator(7, 3, torch.device("cpu"))
+    return corrupt(x[rows], [Corruption.parse(s) for s in spec], generator=gen, global_batch=global_batch, rows=rows)
+
+
+def test_noise_is_the_same_however_the_batch_is_split():
+    x = torch.rand(4, 3, 8, 8)
+    spec = ["gaussian:0.05-0.2", "mask:0.3", "saltpepper:0.1"]
+    whole = _apply(x, spec, slice(0, 4), 4)
+    halves = torch.cat([_apply(x, spec, slice(0, 2), 4), _apply(x, spec, slice(2, 4), 4)])
+    torch.testing.assert_close(whole, halves)
+
+
+def test_amounts():
+    x = torch.full((64, 3, 16, 16), 0.5)
+    masked = _apply(x, ["mask:0.25"], slice(0, 64), 64)
+    dropped = (masked == 0).all(1).float().mean()
+    assert abs(dropped - 0.25) < 0.02
+    noisy = _apply(x, ["gaussian:0.1"], slice(0, 64), 64)
+    assert abs((noisy - x).std() - 0.1) < 0.01
+    sp = _apply(x, ["saltpepper:0.2"], slice(0, 64), 64)
+    flipped = ((sp == 0) | (sp == 1)).all(1).float().mean()
+    assert abs(flipped - 0.2) < 0.02
+    assert sp.min() >= 0 and sp.max() <= 1
