@@ -180,7 +180,7 @@ class VAE(nn.Module):
             stat = residual.pow(2).mean().sqrt() if cfg.likelihood == "gaussian" else residual.abs().mean()
             log_scale = stat.clamp_min(1e-12).log()
             with torch.no_grad():  # running value used at evaluation time
-                self.log_scale.lerp_(log_scale.detach().to(self.log_scale.dtype), 0.01)
+                self.log_scale.lerp_(log_scale.detach().to(self.log_scale.dtype), 0.05)
             return log_scale.clamp_min(cfg.min_log_scale)
         return self.log_scale.clamp_min(cfg.min_log_scale)
 
