@@ -30,6 +30,7 @@ class ModelConfig:
     latent_dim: int = 64
     widths: tuple[int, ...] = (32, 64, 128, 256)
     blocks: int = 1  # extra 3x3 conv layers per stage, after the resampling conv
+    patch: int = 2  # 2: fold 2x2 pixel patches into channels before the first stage (faster); 1: plain conv
     likelihood: str = "gaussian"
     decoder_scale: str = "learned"
     fixed_scale: float = 0.1  # the decoder's std when decoder_scale == "fixed"
@@ -42,6 +43,7 @@ class ModelConfig:
         _check(len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
                f"widths must be positive, not {self.widths}")
         _check(self.blocks >= 0, f"blocks must be >= 0, not {self.blocks}")
+        _check(self.patch in (1, 2), f"patch must be 1 or 2, not {self.patch}")
         factor = 2 ** len(self.widths)
         _check(self.image_size >= factor and self.image_size % factor == 0,
                f"image_size {self.image_size} must be a multiple of {factor} "
