@@ -93,8 +93,15 @@ def test_optimal_scale_is_the_batch_rmse():
     rmse = (x - torch.sigmoid(logits)).pow(2).mean().sqrt()
     ref = D.Normal(torch.sigmoid(logits), rmse).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(model.log_likelihood(x, logits), ref)
-    model.eval()  # at evaluation the tracked running value is used instead
-    assert not torch.allclose(model.log_likelihood(x, logits), ref)
+    # the running value used at evaluation: set by the first batch, then averaged
+    torch.testing.assert_close(model.log_scale, rmse.log())
+    model.log_likelihood(x, torch.zeros_like(logits))
+    rmse2 = (x - 0.5).pow(2).mean().sqrt()
+    torch.testing.assert_close(model.log_scale, (rmse.log() + rmse2.log()) / 2)
+    model.eval()
+    frozen = D.Normal(torch.sigmoid(logits), model.log_scale.exp()).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(model.log_likelihood(x, logits), frozen)
+    assert model.scale_updates == 2
 
 
 def test_beta_zero_is_plain_autoencoder_and_free_bits_floor():

@@ -32,7 +32,7 @@ class ModelConfig:
     blocks: int = 1  # extra 3x3 conv layers per stage, after the resampling conv
     patch: int = 2  # 2: fold 2x2 pixel patches into channels before the first stage (faster); 1: plain conv
     likelihood: str = "gaussian"
-    decoder_scale: str = "learned"
+    decoder_scale: str = "optimal"
     fixed_scale: float = 0.1  # the decoder's std when decoder_scale == "fixed"
     min_log_scale: float = -6.0  # floor of the log std, so a perfect fit cannot diverge
 

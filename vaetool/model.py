@@ -174,6 +174,7 @@ class VAE(nn.Module):
             self.log_scale = nn.Parameter(initial)
         else:
             self.register_buffer("log_scale", initial)
+        self.register_buffer("scale_updates", torch.zeros(()))  # batches seen by the running optimum
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for images x (B, C, H, W) in [0, 1]."""
@@ -206,8 +207,10 @@ class VAE(nn.Module):
             # sigma^2 = MSE (Gaussian) or b = MAE (Laplace) maximise the likelihood (Rybkin et al. 2021).
             stat = residual.pow(2).mean().sqrt() if cfg.likelihood == "gaussian" else residual.abs().mean()
             log_scale = stat.clamp_min(1e-12).log()
-            with torch.no_grad():  # running value used at evaluation time
-                self.log_scale.lerp_(log_scale.detach().to(self.log_scale.dtype), 0.05)
+            with torch.no_grad():  # running value used at evaluation time; the first batch sets it outright
+                weight = torch.clamp(1.0 / (self.scale_updates + 1.0), min=0.05)
+                self.log_scale.lerp_(log_scale.detach().to(self.log_scale.dtype), weight)
+                self.scale_updates += 1
             return log_scale.clamp_min(cfg.min_log_scale)
         return self.log_scale.clamp_min(cfg.min_log_scale)
 

@@ -26,7 +26,7 @@ from .model import VAE, elbo_loss
 from .runtime import autocast, prepare, resolve_device, resolve_precision
 
 DEFAULT_EPOCHS = 30
-LR_WARMUP_STEPS = 100
+LR_WARMUP_STEPS = 20
 GRID_SAMPLES = 64
 GRID_RECONSTRUCTIONS = 16
 Callback = Callable[[str, dict[str, Any]], None]

@@ -108,7 +108,7 @@ def train(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps in total.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget for this invocation, e.g. 90s, 10m, 2h.")] = None,
     batch_size: BatchSize = 64,
-    lr: Annotated[float, typer.Option(callback=positive, help="AdamW learning rate (after 100 warm-up steps).")] = 1e-3,
+    lr: Annotated[float, typer.Option(callback=positive, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
     seed: Seed = 0,
     device: Device = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.")] = "auto",
@@ -117,8 +117,9 @@ def train(
     latent_dim: Annotated[int, typer.Option(min=1, help="Size of the latent vector z.")] = 64,
     widths: Annotated[str, typer.Option(help="Channels of each stride-2 stage, comma separated; image size must be a multiple of 2**stages.")] = "32,64,128,256",
     blocks: Annotated[int, typer.Option(min=0, help="Extra residual conv layers per stage.")] = 1,
+    patch: Annotated[int, typer.Option(min=1, max=2, help="2: fold 2x2 pixel patches into channels before the first stage (faster on CPUs); 1: a stride-2 conv.")] = 2,
     likelihood: Annotated[str, typer.Option(help="Decoder distribution: gaussian, laplace or bernoulli.")] = "gaussian",
-    decoder_scale: Annotated[str, typer.Option(help="Gaussian/Laplace scale: learned (sigma-VAE), optimal (closed form per batch) or fixed.")] = "learned",
+    decoder_scale: Annotated[str, typer.Option(help="Gaussian/Laplace scale: optimal (its closed-form maximum-likelihood value per batch, sigma-VAE), learned, or fixed.")] = "optimal",
     fixed_scale: Annotated[float, typer.Option(callback=positive, help="Decoder std with --decoder-scale fixed (0.1 = MSE weighted by 50).")] = 0.1,
     beta: Annotated[float, typer.Option(min=0.0, help="KL weight; 1 is the true ELBO (no tuning needed with a learned decoder scale); 0 trains a plain autoencoder.")] = 1.0,
     kl_warmup: Annotated[int, typer.Option(min=0, help="Steps over which beta rises linearly from 0.")] = 0,
@@ -143,9 +144,7 @@ def train(
 ) -> None:
     """Train a VAE on a folder of images.
 
-    --batch-size is per process: under torchrun the global batch is batch-size x processes.
-    Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors
-    (for --resume), metrics.jsonl and sample/reconstruction grids; prints the checkpoint path.
+    Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors (for --resume), metrics.jsonl and per-epoch sample and reconstruction grids, and prints the checkpoint path. --batch-size is per process: under torchrun the global batch is batch-size x processes.
     """
     seconds = parse_duration(time_budget)
     memory = _parse_size(cache_memory)
@@ -169,7 +168,7 @@ def _run_train(o: dict[str, Any]) -> None:
         data = [str(f.path) for f in find_images(["-"], stdin=sys.stdin)]
     model_config = ModelConfig(
         image_size=o["image_size"], channels=3 if o["channels"] == "auto" else int(o["channels"]),
-        latent_dim=o["latent_dim"], widths=o["widths_tuple"], blocks=o["blocks"], likelihood=o["likelihood"],
+        latent_dim=o["latent_dim"], widths=o["widths_tuple"], blocks=o["blocks"], patch=o["patch"], likelihood=o["likelihood"],
         decoder_scale=o["decoder_scale"], fixed_scale=o["fixed_scale"])
     train_config = TrainConfig(
         epochs=o["epochs"], steps=o["steps"], time_limit=o["seconds"], batch_size=o["batch_size"], lr=o["lr"],
