@@ -53,6 +53,15 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
 
 
+def global_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a per-process statistic over all DDP processes (itself in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    return value
+
+
 def _groups(width: int) -> int:
     return math.gcd(width, 8)
 
@@ -205,7 +214,12 @@ class VAE(nn.Module):
         cfg = self.config
         if cfg.decoder_scale == "optimal" and self.training:
             # sigma^2 = MSE (Gaussian) or b = MAE (Laplace) maximise the likelihood (Rybkin et al. 2021).
-            stat = residual.pow(2).mean().sqrt() if cfg.likelihood == "gaussian" else residual.abs().mean()
+            # It is held constant in the gradient: at the optimum d(loss)/d(sigma) = 0, so the gradient is
+            # the same (envelope theorem), and a value averaged over all processes keeps DDP exact.
+            with torch.no_grad():
+                error = residual.pow(2) if cfg.likelihood == "gaussian" else residual.abs()
+                stat = global_mean(error.mean())
+                stat = stat.sqrt() if cfg.likelihood == "gaussian" else stat
             log_scale = stat.clamp_min(1e-12).log()
             with torch.no_grad():  # running value used at evaluation time; the first batch sets it outright
                 weight = torch.clamp(1.0 / (self.scale_updates + 1.0), min=0.05)
@@ -241,7 +255,9 @@ def elbo_loss(model: VAE, target: torch.Tensor, output: VAEOutput, *, beta: floa
     kl_per_dim = output.posterior.kl_per_dim()  # (B, D)
     kl = kl_per_dim.sum(1)  # (B,)
     if free_bits > 0:
-        kl_term = kl_per_dim.mean(0).clamp_min(free_bits).sum()
+        # Which dimensions sit below the floor is decided on the global batch, so DDP stays exact.
+        active = global_mean(kl_per_dim.detach().mean(0)) > free_bits  # (D,)
+        kl_term = torch.where(active, kl_per_dim.mean(0), torch.full_like(active, free_bits, dtype=kl.dtype)).sum()
     else:
         kl_term = kl.mean()
     loss = recon.mean() + beta * kl_term if beta > 0 else recon.mean()
