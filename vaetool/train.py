@@ -77,12 +77,13 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
           train_config: TrainConfig | None = None, device: str = "auto", precision: str = "auto",
           detect_channels: bool = True, resume: bool = False, force: bool = False, strict: bool = False,
           cache_dir: str | Path | None = None, cache_memory: int | None = None, compile: bool = False,
-          workers: int | None = None, callback: Callback | None = None) -> TrainResult:
+          workers: int | None = None, report: bool = True, callback: Callback | None = None) -> TrainResult:
     """Train a VAE on the images under `data`; write checkpoints, metrics and grids to `run_dir`.
 
     Under torchrun each process trains on its shard of every batch with DDP and only rank 0
-    writes. `callback(event, data)` receives progress: "cache", "skip", "start", "step",
-    "epoch", "saved" and "warning" events.
+    writes; at the end it draws `report.png` and `report.html` unless `report` is False.
+    `callback(event, data)` receives progress: "cache", "skip", "start", "step", "epoch",
+    "saved" and "warning" events.
     """
     trainer = _Trainer(Path(run_dir), callback or _noop, device=device, precision=precision)
     try:
@@ -90,7 +91,7 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
         trainer.load_data(data, model_config or ModelConfig(), detect_channels=detect_channels and not resume,
                           resume=resume, strict=strict, cache_dir=cache_dir, cache_memory=cache_memory, workers=workers)
         trainer.build(train_config or TrainConfig(), resume=resume, compile=compile)
-        return trainer.run()
+        return trainer.run(write_report_at_end=report)
     finally:
         shutdown(trainer.world)
 
@@ -200,7 +201,7 @@ class _Trainer:
             limits.append((cfg.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch)
         return min(limits) if limits else None
 
-    def run(self) -> TrainResult:
+    def run(self, *, write_report_at_end: bool = True) -> TrainResult:
         p, total = self.progress, self._budget_steps()
         self.callback("start", {
             "images": len(self.cache.paths), "train": len(self.train_index), "val": len(self.val_index),
@@ -225,9 +226,21 @@ class _Trainer:
             self._save_state()
             self.callback("saved", {"path": str(self.run_dir / ckpt.STATE_FILE), "reason": "interrupted"})
             raise
+        if self.world.is_main and write_report_at_end:
+            self._write_report()
         barrier(self.world)
         return TrainResult(self.run_dir / ckpt.MODEL_FILE, self.run_dir, p.step, p.epoch, stopped, metrics,
                            [(str(a), b) for a, b in self.cache.skipped])
+
+    def _write_report(self) -> None:
+        """report.png and report.html; a failure here costs the pictures, never the trained run."""
+        from .report import write_report
+
+        try:
+            png, html = write_report(self.run_dir)
+            self.callback("saved", {"path": str(png), "reason": "report"})
+        except Exception as exc:  # noqa: BLE001 - matplotlib or a full disk must not lose the run
+            self.callback("warning", {"message": f"could not write the training report: {exc}"})
 
     def _out_of_budget(self, total: int | None) -> bool:
         p, limit = self.progress, self.config.time_limit

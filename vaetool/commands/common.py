@@ -31,8 +31,14 @@ def debug_enabled() -> bool:
     return os.environ.get("VAETOOL_DEBUG", "") not in ("", "0")
 
 
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def warn(message: str) -> None:
-    console().print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+    console().print(f"[yellow]warning:[/] {_escape(message)}", markup=True, soft_wrap=True, highlight=False)
 
 
 def info(message: str, *, quiet: bool = False) -> None:
@@ -42,7 +48,7 @@ def info(message: str, *, quiet: bool = False) -> None:
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     """Print the one-line error and return the Exit to raise."""
-    console().print(f"[red]error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+    console().print(f"[red]error:[/] {_escape(message)}", markup=True, soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 

@@ -139,6 +139,8 @@ def train(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images [default: all cores].")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start, maybe faster steps).")] = False,
     log_every: Annotated[int, typer.Option(min=1, help="Steps between progress updates (and host syncs).")] = 25,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Do not draw report.png and report.html at the end.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log scalars and grids to OUTPUT/tensorboard (needs: pip install tensorboard).")] = False,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -178,21 +180,29 @@ def _run_train(o: dict[str, Any]) -> None:
     cache_dir = None if o["no_disk_cache"] else (
         o["cache_dir"] or Path(os.environ.get("VAETOOL_CACHE_DIR") or Path.home() / ".cache" / "vaetool"))
     display = _TrainDisplay(o["quiet"])
+    callback = display
+    if o["tensorboard"]:
+        from ..tboard import tensorboard_callback
+
+        callback = tensorboard_callback(o["output"], inner=display)
     started = time.monotonic()
     try:
         result = run(data, o["output"], model_config=model_config, train_config=train_config, device=o["device"],
                      precision=o["precision"], detect_channels=o["channels"] == "auto", resume=o["resume"],
                      force=o["force"], strict=o["strict"], cache_dir=cache_dir, cache_memory=o["memory"],
-                     compile=o["compile"], workers=o["workers"], callback=display)
+                     compile=o["compile"], workers=o["workers"], report=not o["no_report"],
+                     callback=callback)
     except KeyboardInterrupt:
         display.close()
         warn(f"interrupted; resumable state saved in {o['output']} (continue with --resume)")
         raise
     finally:
         display.close()
+        if callback is not display:
+            callback.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    info(f"done in {time.monotonic() - started:.0f}s: {result.step} steps, {result.epoch} epochs ({result.stopped})",
+    info(f"done in {time.monotonic() - started:.0f}s: {result.step} steps, {result.epoch} full epoch(s), stopped by {result.stopped}",
          quiet=o["quiet"])
     if o["as_json"]:
         emit({"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir), "step": result.step,
