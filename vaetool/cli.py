@@ -8,6 +8,10 @@ import typer
 
 from . import __version__
 from .commands import train as train_commands
+from .commands import denoise
+from .commands import eval as eval_cmd
+from .commands import visual
+from .commands import latent
 
 app = typer.Typer(
     name="vaetool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -36,6 +40,17 @@ def main(
 
 app.command("train")(train_commands.train)
 app.command("info")(train_commands.info_command)
+app.command("encode")(latent.encode)
+app.command("decode")(latent.decode)
+app.command("sample")(latent.sample)
+app.command("interpolate")(latent.interpolate)
+app.command("reconstruct")(latent.reconstruct)
+app.command("traverse")(latent.traverse)
+app.command("denoise")(denoise.denoise)
+app.command("eval")(eval_cmd.eval_command)
+app.command("report")(visual.report)
+app.command("latent-map")(visual.latent_map)
+app.command("correlate")(visual.correlate)
 
 
 def run() -> None:

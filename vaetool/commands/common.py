@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 1, 3, 130
+EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 3, 130, 141
 
 _console = None
 
@@ -67,6 +67,11 @@ def handle_errors() -> Iterator[None]:
         if debug_enabled():
             raise
         raise fail("interrupted", EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        # The reader of stdout (e.g. `| head`) has gone: stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except OSError as exc:
         if debug_enabled():
             raise

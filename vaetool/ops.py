@@ -1,0 +1,239 @@
+"""Folder-level latent operations: encode, decode, sample, interpolate, reconstruct, traverse.
+
+Inputs stream through `images.iter_batches` (decoded on worker threads), the model runs in batches
+under inference mode, and outputs are written on background threads while the next batch runs,
+so memory stays bounded for any folder size. Progress and per-file outcomes go to a callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as futures
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import images
+from .checkpoint import Checkpoint
+from .errors import DataError, OutputError, VaetoolError
+from .latents import lerp, slerp
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+def _noop(event: str, data: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass
+class Outcome:
+    """What a batch command did: files written, skipped (already there) and failed (with reasons)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+class OutputWriter:
+    """Writes images on background threads, reporting each in submission order as it completes."""
+
+    def __init__(self, callback: Callback, outcome: Outcome, *, force: bool = False, workers: int = 2,
+                 max_pending: int = 256) -> None:
+        self.callback, self.outcome, self.force = callback, outcome, force
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vaetool-write")
+        self.pending: collections.deque = collections.deque()
+        self.max_pending = max_pending
+
+    def submit(self, path: Path, pixels: torch.Tensor, **options: Any) -> None:
+        future = self.pool.submit(images.write_image, path, pixels, force=self.force, **options)
+        self.pending.append((path, future))
+        self._collect(block=len(self.pending) > self.max_pending)
+
+    def _collect(self, *, block: bool = False) -> None:
+        while self.pending and (block or self.pending[0][1].done()):
+            path, future = self.pending.popleft()
+            block = False
+            try:
+                future.result()
+            except VaetoolError as exc:
+                self.outcome.failed.append((str(path), str(exc)))
+                self.callback("failed", {"path": str(path), "reason": str(exc)})
+                continue
+            self.outcome.written.append(path)
+            self.callback("written", {"path": str(path)})
+
+    def close(self) -> None:
+        while self.pending:
+            self._collect(block=True)
+        self.pool.shutdown()
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
+    device = next(checkpoint.model.parameters()).device
+    return images.to_float(batch, device).contiguous(memory_format=torch.channels_last)
+
+
+def prepare(checkpoint: Checkpoint) -> Checkpoint:
+    """Eval mode, channels_last: the layout the convolutions run fastest in."""
+    checkpoint.model.eval().to(memory_format=torch.channels_last)
+    return checkpoint
+
+
+def stream_posteriors(checkpoint: Checkpoint, found: Sequence[images.FoundImage], *, batch_size: int,
+                      callback: Callback = _noop, workers: int | None = None,
+                      ) -> Iterator[tuple[list[images.FoundImage], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (items, uint8 images, mu, logvar) per batch; unreadable files go to the callback as "failed"."""
+    cfg = checkpoint.config
+    done = 0
+    batches = images.iter_batches(found, image_size=cfg.image_size, channels=cfg.channels, batch_size=batch_size,
+                                  workers=workers)
+    for items, batch, failures in batches:
+        for item, reason in failures:
+            callback("failed", {"path": str(item.path), "reason": reason})
+        done += len(items) + len(failures)
+        if items:
+            with torch.inference_mode():
+                posterior = checkpoint.model.encode(_model_input(checkpoint, batch))
+            yield items, batch, posterior.mu.float().cpu(), posterior.logvar.float().cpu()
+        callback("progress", {"done": done, "total": len(found)})
+
+
+def decode_images(checkpoint: Checkpoint, z: torch.Tensor) -> torch.Tensor:
+    """Mean images (B, C, H, W) in [0, 1] on the CPU for latents z (B, D)."""
+    model = checkpoint.model
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model.mean_image(model.decode(z.to(device))).float().cpu()
+
+
+def _check_width(checkpoint: Checkpoint, z: torch.Tensor, source: str) -> None:
+    if z.ndim != 2 or z.shape[1] != checkpoint.config.latent_dim:
+        raise DataError(f"{source}: latents are {z.shape[-1]}-dimensional but the checkpoint's latent_dim is "
+                        f"{checkpoint.config.latent_dim}; use latents encoded with the same checkpoint")
+
+
+def _target(path: Path, *, skip_existing: bool, outcome: Outcome, callback: Callback) -> bool:
+    """Whether to write `path`: False (and noted) when it exists and --skip-existing resumes."""
+    if skip_existing and path.exists():
+        outcome.skipped.append(path)
+        callback("skipped", {"path": str(path)})
+        return False
+    return True
+
+
+def write_decoded(checkpoint: Checkpoint, z: torch.Tensor, paths: Sequence[Path], *, batch_size: int,
+                  force: bool = False, skip_existing: bool = False, callback: Callback = _noop,
+                  source: str = "latents") -> Outcome:
+    """Decode each row of z to the matching path (written on background threads)."""
+    _check_width(checkpoint, z, source)
+    outcome = Outcome()
+    with OutputWriter(callback, outcome, force=force) as writer:
+        for start in range(0, len(z), batch_size):
+            rows = [i for i in range(start, min(start + batch_size, len(z)))
+                    if _target(paths[i], skip_existing=skip_existing, outcome=outcome, callback=callback)]
+            if rows:
+                for i, pixels in zip(rows, decode_images(checkpoint, z[rows])):
+                    writer.submit(paths[i], pixels)
+            callback("progress", {"done": min(start + batch_size, len(z)), "total": len(z)})
+    return outcome
+
+
+def prior_latents(checkpoint: Checkpoint, count: int, *, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """z ~ N(0, T^2 I), drawn on the CPU from the seed: the same seed gives the same z on any device."""
+    generator = torch.Generator().manual_seed(seed)
+    return temperature * torch.randn(count, checkpoint.config.latent_dim, generator=generator)
+
+
+def path_segments(anchors: torch.Tensor, *, steps: int, method: str) -> torch.Tensor:
+    """Frames through consecutive anchors (K, D): `steps` per segment, shared endpoints once -> (F, D)."""
+    if method not in ("slerp", "lerp"):
+        raise DataError(f"unknown interpolation method {method!r}; use slerp or lerp")
+    step = slerp if method == "slerp" else lerp
+    t = torch.linspace(0.0, 1.0, steps)
+    frames = [step(anchors[i], anchors[i + 1], t if i == 0 else t[1:]) for i in range(len(anchors) - 1)]
+    return torch.cat(frames)
+
+
+def reconstruct_folder(checkpoint: Checkpoint, found: Sequence[images.FoundImage], out_dir: Path, *,
+                       batch_size: int, ext: str | None = None, force: bool = False, skip_existing: bool = False,
+                       grid: Path | None = None, grid_count: int = 16, callback: Callback = _noop) -> Outcome:
+    """Reconstruct every image from its posterior mean into OUT_DIR, mirroring the input tree."""
+    outcome = Outcome()
+    originals: list[torch.Tensor] = []
+    recons: list[torch.Tensor] = []
+    targets = {item.path: output_path(out_dir, item, ext) for item in found}
+    todo = [item for item in found if _target(targets[item.path], skip_existing=skip_existing, outcome=outcome,
+                                              callback=callback)]
+    sink = _counting(callback, outcome)
+    with OutputWriter(callback, outcome, force=force) as writer:
+        for items, batch, mu, _ in stream_posteriors(checkpoint, todo, batch_size=batch_size, callback=sink):
+            pixels = decode_images(checkpoint, mu)
+            for item, image in zip(items, pixels):
+                writer.submit(targets[item.path], image)
+            if grid is not None and sum(len(o) for o in originals) < grid_count:
+                originals.append(batch.float() / 255.0)
+                recons.append(pixels)
+    if grid is not None and originals:
+        top = torch.cat(originals)[:grid_count]
+        images.save_grid(grid, torch.cat([top, torch.cat(recons)[: len(top)]]), nrow=len(top), force=force)
+    return outcome
+
+
+def _counting(callback: Callback, outcome: Outcome) -> Callback:
+    """Pass events on, recording unreadable inputs as failures."""
+    def sink(event: str, data: dict[str, Any]) -> None:
+        if event == "failed":
+            outcome.failed.append((data["path"], data["reason"]))
+        callback(event, data)
+    return sink
+
+
+def output_path(out_dir: Path, item: images.FoundImage, ext: str | None) -> Path:
+    """OUT_DIR / the input's path relative to its input folder; the extension kept unless `ext` is given."""
+    relative = item.relative
+    if ext:
+        relative = relative.with_suffix("." + ext.lstrip("."))
+    return out_dir / relative
+
+
+def check_outputs_apart(out_dir: Path, found: Sequence[images.FoundImage], *, ext: str | None) -> None:
+    """Refuse a plan that would write over any input file."""
+    inputs = {item.path.resolve() for item in found}
+    for item in found:
+        target = output_path(out_dir, item, ext).resolve()
+        if target in inputs:
+            raise OutputError(f"writing {target} would overwrite an input; choose another output folder")
+
+
+def average_kl_per_dim(checkpoint: Checkpoint, found: Sequence[images.FoundImage], *, batch_size: int,
+                       callback: Callback = _noop) -> torch.Tensor:
+    """Mean KL(q(z_d|x) || N(0, 1)) over a folder, per latent dimension (D,): how much each dimension is used."""
+    total = torch.zeros(checkpoint.config.latent_dim, dtype=torch.float64)
+    count = 0
+    for items, _, mu, logvar in stream_posteriors(checkpoint, found, batch_size=batch_size, callback=callback):
+        total += (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).double().sum(0)
+        count += len(items)
+    if count == 0:
+        raise DataError("no readable image to rank the latent dimensions with; check --data")
+    return total / count
+
+
+def traverse_grid(checkpoint: Checkpoint, base: torch.Tensor, dims: Sequence[int], *, steps: int,
+                  span: float) -> torch.Tensor:
+    """Images (len(dims) * steps, C, H, W): row r sweeps dimension dims[r] over base +- span (prior sigmas)."""
+    offsets = torch.linspace(-span, span, steps)
+    rows = []
+    for dim in dims:
+        z = base.repeat(steps, 1)  # (steps, D)
+        z[:, dim] = base[dim] + offsets
+        rows.append(z)
+    return decode_images(checkpoint, torch.cat(rows))
