@@ -9,9 +9,9 @@ import torch
 
 from . import images
 from .checkpoint import Checkpoint, load_model
-from .latents import lerp, slerp
+from .errors import DataError
 from .model import DiagonalGaussian
-from .ops import decode_images, prepare, prior_latents
+from .ops import decode_images, path_segments, prepare, prior_latents
 from .runtime import resolve_device
 
 ImageInput = torch.Tensor | str | Path | Sequence[str | Path]
@@ -20,11 +20,17 @@ ImageInput = torch.Tensor | str | Path | Sequence[str | Path]
 class VAEModel:
     """A trained VAE ready for inference. Images are float tensors (B, C, H, W) in [0, 1] on the CPU."""
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, *, batch_size: int = 64) -> None:
         self.checkpoint = prepare(checkpoint)
         self.config = checkpoint.config
         self.model = checkpoint.model
         self.device = next(self.model.parameters()).device
+        self.batch_size = batch_size  # rows per forward pass, so a large call needs bounded memory
+
+    @property
+    def identity(self) -> str:
+        """A short hash of the weights: the identity stored in latents files."""
+        return self.checkpoint.identity
 
     def load_images(self, inputs: str | Path | Sequence[str | Path]) -> torch.Tensor:
         """Files or folders -> (N, C, S, S) float, resized and converted like the training data."""
@@ -34,19 +40,36 @@ class VAEModel:
         return torch.stack(stack).float() / 255.0
 
     def _as_batch(self, inputs: ImageInput) -> torch.Tensor:
+        """A (B, C, S, S) float batch with the model's channel count (gray <-> RGB converted)."""
         x = inputs if isinstance(inputs, torch.Tensor) else self.load_images(inputs)
-        return x[None] if x.ndim == 3 else x
+        x = x[None] if x.ndim == 3 else x
+        size, channels = self.config.image_size, self.config.channels
+        if x.ndim != 4 or x.shape[-2:] != (size, size) or x.shape[1] not in (1, 3):
+            raise DataError(f"images must be (B, 1 or 3, {size}, {size}) for this model, not {tuple(x.shape)}; "
+                            f"pass file paths to have them resized")
+        if x.shape[1] != channels:
+            x = x.expand(-1, 3, -1, -1) if channels == 3 else _luma(x)
+        return x.float()
 
     @torch.inference_mode()
     def encode(self, inputs: ImageInput) -> DiagonalGaussian:
         """q(z|x) for images (a tensor, files or folders): `.mu`, `.logvar`, `.sample(generator)`, `.kl()`."""
-        x = self._as_batch(inputs).to(self.device).contiguous(memory_format=torch.channels_last)
-        posterior = self.model.encode(x)
-        return DiagonalGaussian(posterior.mu.float().cpu(), posterior.logvar.float().cpu())
+        x = self._as_batch(inputs)  # (B, C, S, S)
+        mus, logvars = [], []
+        for start in range(0, len(x), self.batch_size):
+            part = x[start:start + self.batch_size].to(self.device).contiguous(memory_format=torch.channels_last)
+            posterior = self.model.encode(part)
+            mus.append(posterior.mu.float().cpu())
+            logvars.append(posterior.logvar.float().cpu())
+        return DiagonalGaussian(torch.cat(mus), torch.cat(logvars))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Mean images (B, C, H, W) for latents (B, D)."""
-        return decode_images(self.checkpoint, z if z.ndim == 2 else z[None])
+        z = z if z.ndim == 2 else z[None]
+        if z.shape[1] != self.config.latent_dim:
+            raise DataError(f"latents are {z.shape[1]}-dimensional; this model's latent_dim is "
+                             f"{self.config.latent_dim}")
+        return decode_images(self.checkpoint, z, batch_size=self.batch_size)
 
     def sample(self, n: int = 16, *, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
         """n new images from z ~ N(0, T^2 I); the same seed gives the same images."""
@@ -56,13 +79,27 @@ class VAEModel:
         """Reconstructions from the posterior means."""
         return self.decode(self.encode(inputs).mu)
 
-    def interpolate(self, a: ImageInput, b: ImageInput, *, steps: int = 8, method: str = "slerp") -> torch.Tensor:
-        """`steps` images along the path between the posterior means of a and b (endpoints included)."""
-        za, zb = self.encode(a).mu[0], self.encode(b).mu[0]
-        t = torch.linspace(0.0, 1.0, steps)
-        return self.decode(slerp(za, zb, t) if method == "slerp" else lerp(za, zb, t))
+    def interpolate(self, a: ImageInput, b: ImageInput, *more: ImageInput, steps: int = 8,
+                    method: str = "slerp") -> torch.Tensor:
+        """Frames along the path through the posterior means of a, b, ...: `steps` per segment, shared
+        endpoints once. An anchor may be an image (tensor, file) or a latent vector (D,)."""
+        if steps < 2:
+            raise DataError(f"steps must be at least 2, not {steps}")
+        anchors = torch.stack([self._anchor(x) for x in (a, b, *more)])  # (K, D)
+        return self.decode(path_segments(anchors, steps=steps, method=method))
+
+    def _anchor(self, x: ImageInput) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.ndim == 1:
+            return x.float().cpu()  # already a latent vector
+        return self.encode(x).mu[0]
 
 
-def load(path: str | Path, *, device: str = "auto") -> VAEModel:
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """RGB (B, 3, H, W) -> gray (B, 1, H, W) with ITU-R 601 weights, as images.load_image converts files."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+    return (x * weights[None, :, None, None]).sum(1, keepdim=True)
+
+
+def load(path: str | Path, *, device: str = "auto", batch_size: int = 64) -> VAEModel:
     """Load a checkpoint file or run folder for inference."""
-    return VAEModel(load_model(path, device=resolve_device(device)))
+    return VAEModel(load_model(path, device=resolve_device(device)), batch_size=batch_size)

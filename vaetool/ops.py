@@ -107,12 +107,67 @@ def stream_posteriors(checkpoint: Checkpoint, found: Sequence[images.FoundImage]
         callback("progress", {"done": done, "total": len(found)})
 
 
-def decode_images(checkpoint: Checkpoint, z: torch.Tensor) -> torch.Tensor:
-    """Mean images (B, C, H, W) in [0, 1] on the CPU for latents z (B, D)."""
+def encode_rows(checkpoint: Checkpoint, found: Sequence[images.FoundImage], *, batch_size: int,
+                sample: bool = False, seed: int = 0, callback: Callback = _noop,
+                ) -> Iterator[tuple[list[images.FoundImage], dict[str, torch.Tensor]]]:
+    """Yield (items, {"mu", "logvar"[, "z"]}) per batch, each (B, D); z ~ q(z|x) from a CPU generator."""
+    generator = torch.Generator().manual_seed(seed)
+    for items, _, mu, logvar in stream_posteriors(checkpoint, found, batch_size=batch_size, callback=callback):
+        rows = {"mu": mu, "logvar": logvar}
+        if sample:  # reparameterization: mu + sigma * eps, eps drawn in input order so the seed fixes z
+            rows["z"] = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator)
+        yield items, rows
+
+
+def encode_to_file(checkpoint: Checkpoint, found: Sequence[images.FoundImage], output: Path, *, batch_size: int,
+                   sample: bool = False, seed: int = 0, force: bool = False,
+                   callback: Callback = _noop) -> tuple[Path | None, int]:
+    """Encode images into one latents file written once at the end; (path or None if nothing was read, rows)."""
+    from .latents import save_latents
+
+    if output.exists() and not force:  # fail before the work, not after it
+        raise OutputError(f"{output} already exists; pass --force to overwrite it")
+    parts: dict[str, list[torch.Tensor]] = {}
+    done: list[images.FoundImage] = []
+    for items, rows in encode_rows(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed,
+                                   callback=callback):
+        done += items
+        for key, value in rows.items():
+            parts.setdefault(key, []).append(value)  # N x D floats: small beside the images
+    if not done:
+        return None, 0
+    path = save_latents(output, {k: torch.cat(v) for k, v in parts.items()}, paths=[str(i.path) for i in done],
+                        relative=[str(i.relative) for i in done], identity=checkpoint.identity,
+                        config=checkpoint.config.to_dict(), force=force)
+    return path, len(done)
+
+
+def decode_images(checkpoint: Checkpoint, z: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+    """Mean images (B, C, H, W) in [0, 1] on the CPU for latents z (B, D), `batch_size` rows per forward pass."""
     model = checkpoint.model
     device = next(model.parameters()).device
+    step = batch_size or max(1, len(z))
     with torch.inference_mode():
-        return model.mean_image(model.decode(z.to(device))).float().cpu()
+        parts = [model.mean_image(model.decode(z[i:i + step].to(device))).float().cpu()
+                 for i in range(0, len(z), step)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def decoded_paths(out_dir: Path, names: Sequence[str] | None, count: int, *, ext: str) -> list[Path]:
+    """Output files for decoded rows: the encoded images' relative paths when every one is safe and
+    unique, else `000000.png`... A latents file is user data: a name must not lead outside OUT_DIR."""
+    suffix = "." + ext.lstrip(".")
+    if names is not None and len(names) == count:
+        relative = [Path(name).with_suffix(suffix) for name in names if _is_safe_relative(name)]
+        if len(relative) == count and len(set(relative)) == count:
+            return [out_dir / r for r in relative]
+    return [out_dir / f"{i:06d}{suffix}" for i in range(count)]
+
+
+def _is_safe_relative(name: str) -> bool:
+    path = Path(name)
+    return bool(name) and path.name not in ("", ".", "..") and not path.is_absolute() and not path.drive \
+        and ".." not in path.parts and "\\" not in name
 
 
 def _check_width(checkpoint: Checkpoint, z: torch.Tensor, source: str) -> None:

@@ -46,15 +46,17 @@ class _Batch:
             info(f"{self.label}: {len(outcome.written)} written, {len(outcome.skipped)} skipped (existing), "
                  f"{self.failed} failed")
         if self.failed:
-            raise fail(f"{self.failed} input(s) failed; see the warnings above", EXIT_PARTIAL)
+            raise fail(f"{self.failed} file(s) failed; see the warnings above", EXIT_PARTIAL)
 
 
 def _open(checkpoint: Path, device: str):
+    from .. import runtime
     from ..checkpoint import load_model
     from ..ops import prepare
-    from ..runtime import resolve_device
 
-    return prepare(load_model(checkpoint, device=resolve_device(device)))
+    where = runtime.resolve_device(device)
+    runtime.prepare(where)  # allocator and TF32 settings, as in training
+    return prepare(load_model(checkpoint, device=where))
 
 
 def _find(inputs: list[str]):
@@ -63,54 +65,34 @@ def _find(inputs: list[str]):
     return find_images(inputs, stdin=sys.stdin, on_warning=warn)
 
 
-def _seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-
-
 def encode(
     checkpoint: Checkpoint,
     inputs: Inputs,
-    output: Annotated[str, typer.Option("--output", "-o", help="Latents file (.safetensors), or - for JSON lines on stdout.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Latents file (.safetensors), or - for JSON lines on stdout.", show_default=False)] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Also store a z drawn from each posterior.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per image on stdout ({"path", "mu", "logvar"}).')] = False,
     batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
     quiet: Quiet = False, as_json: Json = False,
 ) -> None:
     """Encode images to their posterior means and log-variances (N x D) in a safetensors file."""
+    if output is None and not jsonl:
+        raise typer.BadParameter("give -o FILE.safetensors, or -o - / --jsonl for JSON lines", param_hint="--output")
     with handle_errors():
-        import torch
-
-        from ..latents import save_latents
-        from ..ops import stream_posteriors
+        from ..ops import encode_rows, encode_to_file
 
         ckpt = _open(checkpoint, device)
         found = _find(inputs)
-        stream = jsonl or output == "-"
-        if not stream and Path(output).exists() and not force:
-            raise fail(f"{output} already exists; pass --force to overwrite it")
         batch = _Batch(quiet, as_json, "encode")
-        generator = torch.Generator().manual_seed(seed)
-        rows: dict[str, list] = {"mu": [], "logvar": [], "z": []}
-        items_all = []
-        for items, _, mu, logvar in stream_posteriors(ckpt, found, batch_size=batch_size, callback=batch):
-            z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator) if sample else None
-            if stream:
+        if jsonl or output == "-":
+            for items, rows in encode_rows(ckpt, found, batch_size=batch_size, sample=sample, seed=seed,
+                                           callback=batch):
                 for i, item in enumerate(items):
-                    record = {"path": str(item.path), "mu": mu[i].tolist(), "logvar": logvar[i].tolist()}
-                    emit(record | ({"z": z[i].tolist()} if sample else {}), as_json=True)
-                continue
-            items_all += items
-            rows["mu"].append(mu), rows["logvar"].append(logvar)
-            if sample:
-                rows["z"].append(z)
-        if not stream and items_all:
-            tensors = {k: torch.cat(v) for k, v in rows.items() if v}
-            path = save_latents(output, tensors, paths=[str(i.path) for i in items_all],
-                                relative=[str(i.relative) for i in items_all], identity=ckpt.identity,
-                                config=ckpt.config.to_dict(), force=force)
-            emit({"path": str(path), "count": len(items_all)} if as_json else path, as_json=as_json)
+                    emit({"path": str(item.path)} | {k: v[i].tolist() for k, v in rows.items()}, as_json=True)
+        else:
+            path, count = encode_to_file(ckpt, found, Path(output), batch_size=batch_size, sample=sample, seed=seed,
+                                         force=force, callback=batch)
+            if path is not None:
+                emit({"path": str(path), "count": count} if as_json else path, as_json=as_json)
         batch.finish()
 
 
@@ -126,15 +108,15 @@ def decode(
     """Decode latent vectors to images, named after the encoded images' paths (or an index)."""
     with handle_errors():
         from ..latents import load_latents
-        from ..ops import write_decoded
+        from ..ops import decoded_paths, write_decoded
 
         ckpt = _open(checkpoint, device)
         table = load_latents(latents, key=key)
-        suffix = "." + ext.lstrip(".")
-        if table.names and len(table.names) == len(table.values):
-            paths = [output / Path(name).with_suffix(suffix) for name in table.names]
-        else:
-            paths = [output / f"{i:06d}{suffix}" for i in range(len(table.values))]
+        made_by = table.metadata.get("checkpoint")
+        if made_by and made_by != ckpt.identity:
+            warn(f"{latents} was encoded by another checkpoint ({made_by}, this one is {ckpt.identity}); "
+                 f"the images will not match the encoded ones")
+        paths = decoded_paths(output, table.names, len(table.values), ext=ext)
         batch = _Batch(quiet, as_json, "decode")
         outcome = write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force,
                                 skip_existing=skip_existing, callback=batch, source=str(latents))
@@ -161,17 +143,15 @@ def sample(
         z = prior_latents(ckpt, count, temperature=temperature, seed=seed)
         paths = [output / f"{prefix}{i:05d}.{ext.lstrip('.')}" for i in range(count)]
         batch = _Batch(quiet, as_json, "sample")
-        outcome = write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                                callback=batch)
-        batch.finish()
+        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
+                      callback=batch)
         if grid is not None:
             import math
 
-            pixels = decode_images(ckpt, z)
+            pixels = decode_images(ckpt, z, batch_size=batch_size)
             save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)
             info(f"grid: {grid}", quiet=quiet)
-        if outcome.failed:
-            raise fail(f"{len(outcome.failed)} output(s) could not be written", EXIT_PARTIAL)
+        batch.finish()
 
 
 def _anchor(ckpt, text: str):
@@ -186,6 +166,9 @@ def _anchor(ckpt, text: str):
         values = load_latents(path).values
         if row >= len(values):
             raise DataError(f"{path} has {len(values)} rows; row {row} does not exist")
+        if values.shape[1] != ckpt.config.latent_dim:
+            raise DataError(f"{path}: latents are {values.shape[1]}-dimensional but the checkpoint's latent_dim is "
+                            f"{ckpt.config.latent_dim}; use latents encoded with the same checkpoint")
         return values[row]
     return VAEModel(ckpt).encode([text]).mu[0]
 
@@ -217,15 +200,13 @@ def interpolate(
         z = path_segments(torch.stack([_anchor(ckpt, a) for a in anchors]), steps=steps, method=method)
         paths = [output / f"frame_{i:04d}.png" for i in range(len(z))]
         batch = _Batch(quiet, as_json, "interpolate")
-        outcome = write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=batch)
-        batch.finish()
-        frames = decode_images(ckpt, z) if (grid or gif) else None
+        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=batch)
+        frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
         if grid is not None:
             save_grid(grid, frames, nrow=steps, force=force)
         if gif is not None:
             _write_gif(gif, frames, fps=fps, force=force)
-        if outcome.failed:
-            raise fail(f"{len(outcome.failed)} frame(s) could not be written", EXIT_PARTIAL)
+        batch.finish()
 
 
 def _write_gif(path: Path, frames, *, fps: int, force: bool) -> None:
@@ -286,15 +267,15 @@ def traverse(
         ckpt = _open(checkpoint, device)
         latent_dim = ckpt.config.latent_dim
         base = VAEModel(ckpt).encode([str(image)]).mu[0] if image else torch.zeros(latent_dim)
-        ranking = None
+        ranking, ranked = None, None
         if dims:
             chosen = [int(d) for d in dims.split(",") if d.strip()]
             if any(d < 0 or d >= latent_dim for d in chosen):
                 raise fail(f"--dims must lie in 0..{latent_dim - 1}")
         elif data:
-            batch = _Batch(quiet, False, "rank")
-            ranking = average_kl_per_dim(ckpt, _find(data), batch_size=batch_size, callback=batch)
-            batch.progress.stop()
+            ranked = _Batch(quiet, False, "rank")
+            ranking = average_kl_per_dim(ckpt, _find(data), batch_size=batch_size, callback=ranked)
+            ranked.progress.stop()
             chosen = torch.argsort(ranking, descending=True)[:rows].tolist()
         else:
             if latent_dim > rows:
@@ -308,3 +289,6 @@ def traverse(
         else:
             info(f"rows are dimensions {', '.join(map(str, chosen))}", quiet=quiet)
             emit(path)
+        if ranked is not None and ranked.failed:
+            raise fail(f"{ranked.failed} image(s) under --data could not be read; see the warnings above",
+                       EXIT_PARTIAL)

@@ -1,0 +1,227 @@
+"""The latent-space engine (vaetool.ops, vaetool.latents) and the Python API, without the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vaetool
+from conftest import make_blobs
+from vaetool import images, ops
+from vaetool.checkpoint import load_model, save_model
+from vaetool.config import ModelConfig
+from vaetool.errors import DataError, OutputError
+from vaetool.latents import lerp, load_latents, slerp, split_row_reference
+from vaetool.model import VAE
+
+TINY = dict(image_size=16, widths=(8, 16), latent_dim=4)
+
+
+def _checkpoint(folder: Path, **overrides) -> Path:
+    torch.manual_seed(0)
+    path = folder / "model.safetensors"
+    save_model(path, VAE(ModelConfig(**(TINY | overrides))))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(ckpt_path):
+    return ops.prepare(load_model(ckpt_path))
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    make_blobs(tmp_path / "in", count=3, seed=2)
+    make_blobs(tmp_path / "in" / "sub", count=2, seed=3, mode="L")  # gray files into an RGB model
+    return tmp_path / "in"
+
+
+def test_slerp_and_lerp_hit_the_endpoints_and_slerp_keeps_the_norm():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, generator=g)
+    b = torch.randn(16, generator=g)
+    b = b / b.norm() * a.norm()  # equal norms: slerp stays on that sphere, lerp cuts inside it
+    t = torch.linspace(0, 1, 7)
+    for path in (slerp(a, b, t), lerp(a, b, t)):
+        torch.testing.assert_close(path[0], a)
+        torch.testing.assert_close(path[-1], b)
+    torch.testing.assert_close(slerp(a, b, t).norm(dim=1), a.norm().expand(7), rtol=1e-5, atol=1e-5)
+    assert lerp(a, b, t)[3].norm() < 0.99 * a.norm()
+    torch.testing.assert_close(slerp(a, 2 * a, t), lerp(a, 2 * a, t))  # parallel: no division by sin(0)
+
+
+def test_path_segments_share_endpoints_and_reject_unknown_methods():
+    anchors = torch.eye(3, 4)  # (K=3, D=4)
+    frames = ops.path_segments(anchors, steps=4, method="slerp")
+    assert frames.shape == (7, 4)
+    for index, anchor in zip((0, 3, 6), anchors):
+        torch.testing.assert_close(frames[index], anchor)
+    with pytest.raises(DataError, match="slerp or lerp"):
+        ops.path_segments(anchors, steps=4, method="cubic")
+
+
+def test_encode_to_file_round_trip_metadata_and_seeded_z(ckpt, data, tmp_path):
+    found = images.find_images([data])
+    out = tmp_path / "z.safetensors"
+    path, count = ops.encode_to_file(ckpt, found, out, batch_size=2, sample=True, seed=5)
+    assert path == out and count == 5
+    table = load_latents(out)
+    assert json.loads(table.metadata["paths"]) == [str(f.path) for f in found]
+    assert table.names == [str(f.relative) for f in found]
+    assert table.metadata["checkpoint"] == ckpt.identity
+    assert json.loads(table.metadata["model_config"])["latent_dim"] == 4
+    # the streamed means equal one forward pass over the same images
+    x = torch.stack([images.load_image(f.path, image_size=16, channels=3) for f in found]).float() / 255
+    with torch.inference_mode():
+        torch.testing.assert_close(table.values, ckpt.model.encode(x).mu, rtol=1e-4, atol=1e-5)
+    with pytest.raises(OutputError, match="already exists"):
+        ops.encode_to_file(ckpt, found, out, batch_size=2)
+    z_same = ops.encode_to_file(ckpt, found, tmp_path / "b.safetensors", batch_size=3, sample=True, seed=5)[0]
+    z_other = ops.encode_to_file(ckpt, found, tmp_path / "c.safetensors", batch_size=2, sample=True, seed=6)[0]
+    z = load_latents(out, key="z").values
+    torch.testing.assert_close(load_latents(z_same, key="z").values, z)  # batch size does not change z
+    assert not torch.allclose(load_latents(z_other, key="z").values, z)
+
+
+def test_decoded_paths_mirror_safe_names_and_fall_back_to_indices(tmp_path):
+    out = tmp_path / "out"
+    assert ops.decoded_paths(out, ["a.png", "sub/b.jpg"], 2, ext="png") == [out / "a.png", out / "sub" / "b.png"]
+    for hostile in (["../escape.png", "b.png"], ["/etc/passwd", "b.png"], ["x/../../y.png", "b.png"],
+                    ["same.png", "same.png"], ["..", "b.png"], ["a.png"]):
+        paths = ops.decoded_paths(out, hostile, 2, ext=".png")
+        assert paths == [out / "000000.png", out / "000001.png"], hostile
+    assert ops.decoded_paths(out, None, 1, ext="jpg") == [out / "000000.jpg"]
+
+
+def test_write_decoded_refuses_overwrite_skips_existing_and_forces(ckpt, tmp_path):
+    z = ops.prior_latents(ckpt, 3, seed=1)
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    first = ops.write_decoded(ckpt, z, paths, batch_size=2)
+    assert first.written == paths and not first.failed
+    paths[1].unlink()
+    resumed = ops.write_decoded(ckpt, z, paths, batch_size=2, skip_existing=True)
+    assert resumed.written == [paths[1]] and resumed.skipped == [paths[0], paths[2]]
+    refused = ops.write_decoded(ckpt, z, paths, batch_size=2)
+    assert not refused.written and [p for p, _ in refused.failed] == [str(p) for p in paths]
+    forced = ops.write_decoded(ckpt, ops.prior_latents(ckpt, 3, seed=2), paths, batch_size=2, force=True)
+    assert forced.written == paths
+    with pytest.raises(DataError, match="latent_dim is 4"):
+        ops.write_decoded(ckpt, torch.zeros(2, 5), paths[:2], batch_size=2)
+
+
+def test_prior_latents_are_seeded_and_scaled_by_temperature(ckpt):
+    a = ops.prior_latents(ckpt, 4000, seed=3)
+    torch.testing.assert_close(a, ops.prior_latents(ckpt, 4000, seed=3))
+    hot = ops.prior_latents(ckpt, 4000, temperature=2.0, seed=3)
+    torch.testing.assert_close(hot, 2 * a)
+    assert abs(a.std().item() - 1.0) < 0.05
+
+
+def test_reconstruct_folder_mirrors_tree_keeps_format_and_converts_channels(ckpt, data, tmp_path):
+    Image.open(data / "img_000.png").save(data / "photo.jpg")
+    found = images.find_images([data])
+    out = tmp_path / "rec"
+    outcome = ops.reconstruct_folder(ckpt, found, out, batch_size=2, grid=tmp_path / "grid.png", grid_count=4)
+    assert sorted(outcome.written) == sorted(out / f.relative for f in found)
+    assert (out / "photo.jpg").is_file() and (out / "sub" / "img_001.png").is_file()
+    assert Image.open(out / "sub" / "img_001.png").mode == "RGB"  # gray input, RGB model
+    assert Image.open(tmp_path / "grid.png").size == (4 * 18 + 2, 2 * 18 + 2)  # originals above reconstructions
+    with pytest.raises(OutputError, match="overwrite an input"):
+        ops.check_outputs_apart(data, found, ext=None)
+    gray = ops.prepare(load_model(_checkpoint(tmp_path, channels=1)))
+    ops.reconstruct_folder(gray, found, tmp_path / "g", batch_size=4, ext="png")
+    assert Image.open(tmp_path / "g" / "img_002.png").mode == "L"  # RGB input, gray model
+
+
+def test_unreadable_inputs_are_reported_and_the_rest_written(ckpt, data, tmp_path):
+    (data / "bad.png").write_bytes(b"\x89PNG broken")
+    events = []
+    outcome = ops.reconstruct_folder(ckpt, images.find_images([data]), tmp_path / "r", batch_size=2,
+                                     callback=lambda event, info: events.append((event, info)))
+    assert [Path(p).name for p, _ in outcome.failed] == ["bad.png"]
+    assert len(outcome.written) == 5
+    assert [info for event, info in events if event == "progress"][-1] == {"done": 6, "total": 6}
+
+
+def test_output_writer_keeps_a_bounded_queue(monkeypatch, tmp_path):
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def slow_write(path, pixels, **kw):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.002)
+        with lock:
+            in_flight[0] -= 1
+        return path
+
+    monkeypatch.setattr(images, "write_image", slow_write)
+    outcome = ops.Outcome()
+    with ops.OutputWriter(lambda *a: None, outcome, workers=2, max_pending=4) as writer:
+        for i in range(40):
+            writer.submit(tmp_path / f"{i}.png", torch.zeros(3, 2, 2))
+            assert len(writer.pending) <= 5
+    assert outcome.written == [tmp_path / f"{i}.png" for i in range(40)]  # reported in submission order
+    assert peak[0] <= 2
+
+
+def test_kl_ranking_and_traverse_grid(ckpt, data):
+    kl = ops.average_kl_per_dim(ckpt, images.find_images([data]), batch_size=2)
+    assert kl.shape == (4,) and bool((kl >= 0).all())
+    base = torch.tensor([0.5, -1.0, 0.0, 2.0])
+    grid = ops.traverse_grid(ckpt, base, [3, 0], steps=5, span=3.0)
+    assert grid.shape == (10, 3, 16, 16)
+    centre = ops.decode_images(ckpt, base[None])[0]
+    torch.testing.assert_close(grid[2], centre)  # the middle column is the start point itself
+    torch.testing.assert_close(grid[7], centre)
+    assert not torch.allclose(grid[0], grid[4])
+
+
+def test_load_latents_accepts_npy_and_refuses_bad_files(ckpt_path, tmp_path):
+    np.save(tmp_path / "one.npy", np.arange(4, dtype=np.float64))
+    assert load_latents(tmp_path / "one.npy").values.shape == (1, 4)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="not a readable .npy"):
+        load_latents(tmp_path / "obj.npy")  # never unpickled
+    with pytest.raises(DataError, match="model checkpoint, not a latents file"):
+        load_latents(ckpt_path)
+    np.save(tmp_path / "inf.npy", np.array([[0, np.inf, 0, 0]], dtype=np.float32))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        load_latents(tmp_path / "inf.npy")
+    with pytest.raises(DataError, match="does not exist"):
+        load_latents(tmp_path / "missing.safetensors")
+    assert split_row_reference("runs/z.safetensors:12") == (Path("runs/z.safetensors"), 12)
+    assert split_row_reference("image.png") is None
+
+
+def test_python_api_mirrors_the_commands(ckpt_path, data):
+    vae = vaetool.load(ckpt_path, device="cpu", batch_size=2)
+    x = vae.load_images(data)  # (5, 3, 16, 16): gray files converted to RGB
+    assert x.shape == (5, 3, 16, 16)
+    whole = vaetool.load(ckpt_path, device="cpu", batch_size=64)
+    torch.testing.assert_close(vae.encode(x).mu, whole.encode(x).mu, rtol=1e-4, atol=1e-5)  # chunking is exact
+    torch.testing.assert_close(vae.encode(x[:, :1]).mu, vae.encode(x[:, :1].expand(-1, 3, -1, -1)).mu)
+    mu = vae.encode(x).mu
+    frames = vae.interpolate(x[0], mu[1], data / "img_002.png", steps=4, method="lerp")
+    assert frames.shape == (7, 3, 16, 16)
+    torch.testing.assert_close(frames[3], vae.decode(mu[1])[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vae.sample(3, seed=4), vae.sample(3, seed=4))
+    assert not torch.allclose(vae.sample(3, seed=4), vae.sample(3, seed=5))
+    torch.testing.assert_close(vae.reconstruct(data / "img_000.png"), vae.decode(mu[:1]))
+    with pytest.raises(DataError, match="latent_dim is 4"):
+        vae.decode(torch.zeros(2, 3))
+    with pytest.raises(DataError, match=r"\(B, 1 or 3, 16, 16\)"):
+        vae.encode(torch.zeros(1, 3, 8, 8))
+    assert vae.identity == load_model(ckpt_path).identity
