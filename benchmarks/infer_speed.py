@@ -1,15 +1,25 @@
 """End-to-end speed and peak memory of `vaetool encode` / `reconstruct` / `sample`, against the model's pure
 forward-pass throughput on in-memory tensors at the same batch size, measured in the same run.
 
-    python benchmarks/infer_speed.py [--count 10000] [--small 640] [--batch-size 64] [--commands encode,reconstruct,sample]
+    python benchmarks/infer_speed.py [--count 10000] [--small 640] [--batch-size 64] [--rounds 5]
 
-Each command runs as the installed `vaetool` in a fresh process, once on a small folder and once on the
-full one; the steady-state rate is (count - small) / (t_full - t_small), which cancels the start-up
-(Python, torch, checkpoint) that any command pays once. CPU milliseconds per image (all threads) are
-reported beside wall-clock rates, because on a shared machine they are far less disturbed by other
-processes: a CPU ratio near 1 means the pipeline adds almost no work beside the model. Peak RSS is each child's own (wait4), so the
-small and full runs show whether memory stays flat in folder size. The folder is the built-in faces at
-64x64 and the model the default architecture, untrained (weights do not change the speed).
+Two measurements per command:
+
+1. The installed `vaetool` in a fresh process, on a small folder and on the full one. The steady rate
+   is (count - small) / (t_full - t_small), which cancels the start-up (Python, torch, checkpoint) that
+   any command pays once. Peak RSS is each child's own (wait4): small vs full shows whether memory
+   stays flat in folder size.
+2. How close end to end comes to compute only: in this process, rounds that alternate the engine's
+   streaming pass (decode on worker threads, model, background writes) over `--small` images with the
+   bare model over the same number of images held in memory. Each round gives a ratio of rates;
+   adjacent passes share the machine's load. The CPU time of each pass (all threads) is reported
+   too: its ratio is the share of the work that is the model's, which is what bounds the rate on a
+   machine whose cores are all busy. On a shared machine, run with OMP_WAIT_POLICY=PASSIVE so that
+   OpenMP threads spinning while descheduled do not count as work; there, wall-clock ratios above 1
+   can appear because the scheduler shares CPU per thread and the engine runs more threads.
+
+The folder is the built-in faces at 64x64 and the model the default architecture, untrained (weights
+do not change the amount of arithmetic).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,49 +52,18 @@ def faces(folder: Path, count: int) -> Path:
     return folder
 
 
-def cpu_seconds(usage: resource.struct_rusage) -> float:
-    return usage.ru_utime + usage.ru_stime
+# ------------------------------------------------------------------------------- the installed command
 
 
-def in_memory_batch(folder: Path, model, batch: int) -> torch.Tensor:
-    """The folder's first images as one float batch (B, C, S, S), channels_last: the same pixels the command
-    sees (random noise would not do: an untrained model's speed depends on its activations' values)."""
-    from vaetool.images import find_images, load_image
-
-    cfg = model.config
-    found = find_images([folder])[:batch]
-    x = torch.stack([load_image(f.path, image_size=cfg.image_size, channels=cfg.channels) for f in found])
-    return (x.float() / 255).contiguous(memory_format=torch.channels_last)
-
-
-def forward_rate(model, command: str, x: torch.Tensor, seconds: float = 4.0) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of the bare model on one in-memory batch: the command's ceiling."""
-    batch = len(x)
-    z = torch.randn(batch, model.config.latent_dim, generator=torch.Generator().manual_seed(0))  # as `sample`
-    steps = {"encode": lambda: model.encode(x),
-             "sample": lambda: model.mean_image(model.decode(z)),
-             "reconstruct": lambda: model.mean_image(model.decode(model.encode(x).mu))}
-    run = steps[command]
-    with torch.inference_mode():
-        run(), run()  # warm-up: allocator and kernel selection
-        count, start, cpu = 0, time.perf_counter(), cpu_seconds(resource.getrusage(resource.RUSAGE_SELF))
-        while time.perf_counter() - start < seconds:
-            run()
-            count += 1
-    cpu = cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)) - cpu
-    return count * batch / (time.perf_counter() - start), 1000 * cpu / (count * batch)
-
-
-def timed(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds, peak RSS in MiB) of one child process: its own, not the max over all children."""
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one child process: its own peak, not the max over all children."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    return seconds, cpu_seconds(usage), usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
 def command_line(command: str, ckpt: Path, folder: Path, count: int, out: Path, batch: int) -> list[str]:
@@ -96,55 +76,127 @@ def command_line(command: str, ckpt: Path, folder: Path, count: int, out: Path, 
     return cmd + ["--batch-size", str(batch), "--device", "cpu", "-q", "--force"]
 
 
-def measure(command: str, ckpt: Path, model, folders: dict[int, Path], work: Path, batch: int) -> dict[str, float]:
-    """End-to-end runs on the small and full folders, with the forward-only rate measured around them."""
-    x = in_memory_batch(folders[max(folders)], model, batch)
-    before = forward_rate(model, command, x)
-    (small, full) = sorted(folders)
-    results = {}
+def cli_runs(command: str, ckpt: Path, folders: dict[int, Path], work: Path, batch: int) -> dict[str, float]:
+    small, full = sorted(folders)
+    runs = {}
     for count in (small, full):
         out = work / f"{command}-{count}"
-        results[count] = timed(command_line(command, ckpt, folders[count], count, out, batch))
+        runs[count] = timed(command_line(command, ckpt, folders[count], count, out, batch))
         shutil.rmtree(out, ignore_errors=True)
         Path(f"{out}.safetensors").unlink(missing_ok=True)
-    after = forward_rate(model, command, x)
-    steady = (full - small) / max(results[full][0] - results[small][0], 1e-9)
-    steady_cpu = 1000 * (results[full][1] - results[small][1]) / (full - small)
-    return {"steady": steady, "whole": full / results[full][0], "bare": (before[0] + after[0]) / 2,
-            "cpu": steady_cpu, "bare_cpu": (before[1] + after[1]) / 2, "rss_small": results[small][2],
-            "rss_full": results[full][2]}
+    steady = (full - small) / max(runs[full][0] - runs[small][0], 1e-9)
+    return {"steady": steady, "whole": full / runs[full][0], "rss_small": runs[small][1], "rss_full": runs[full][1]}
+
+
+# ----------------------------------------------------------------------- engine vs bare model, in process
+
+
+def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float:
+    """Seconds for the engine's streaming pass over `found` (what the command does after start-up)."""
+    from vaetool import ops
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    if command == "encode":
+        ops.encode_to_file(ckpt, found, out.with_suffix(".safetensors"), batch_size=batch, force=True)
+    elif command == "reconstruct":
+        ops.reconstruct_folder(ckpt, found, out, batch_size=batch, force=True)
+    else:
+        z = ops.prior_latents(ckpt, len(found), seed=0)
+        ops.write_decoded(ckpt, z, [out / f"sample_{i:05d}.png" for i in range(len(found))], batch_size=batch,
+                          force=True)
+    return time.perf_counter() - start
+
+
+def forward_pass(command: str, model, x: torch.Tensor, count: int) -> float:
+    """Seconds for the bare model over `count` images, one in-memory batch reused: compute only."""
+    batch = len(x)
+    z = torch.randn(batch, model.config.latent_dim, generator=torch.Generator().manual_seed(0))  # as `sample`
+    step = {"encode": lambda: model.encode(x),
+            "sample": lambda: model.mean_image(model.decode(z)),
+            "reconstruct": lambda: model.mean_image(model.decode(model.encode(x).mu))}[command]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(-(-count // batch)):
+            step()
+    return time.perf_counter() - start
+
+
+def in_memory_batch(found: list, model, batch: int) -> torch.Tensor:
+    """The folder's first images as one float batch (B, C, S, S), channels_last: the same pixels the engine
+    sees (random noise would not do: an untrained model's speed depends on its activations' values)."""
+    from vaetool.images import load_image
+
+    cfg = model.config
+    x = torch.stack([load_image(f.path, image_size=cfg.image_size, channels=cfg.channels) for f in found[:batch]])
+    return (x.float() / 255).contiguous(memory_format=torch.channels_last)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def interleaved(command: str, ckpt, found: list, work: Path, batch: int, rounds: int) -> dict[str, float]:
+    model = ckpt.model
+    x = in_memory_batch(found, model, batch)
+    count = -(-len(found) // batch) * batch  # the bare model runs whole batches
+    engine_pass(command, ckpt, found[:batch], work / "warm", batch)  # warm-up: threads, allocator
+    forward_pass(command, model, x, batch)
+    ratios, engine_rates, bare_rates, engine_cpu, bare_cpu = [], [], [], [], []
+    for _ in range(rounds):
+        start = cpu_seconds()
+        engine = len(found) / engine_pass(command, ckpt, found, work / f"{command}-engine", batch)
+        middle = cpu_seconds()
+        bare = count / forward_pass(command, model, x, count)
+        engine_cpu.append(1000 * (middle - start) / len(found))
+        bare_cpu.append(1000 * (cpu_seconds() - middle) / count)
+        ratios.append(engine / bare)
+        engine_rates.append(engine)
+        bare_rates.append(bare)
+    shutil.rmtree(work / f"{command}-engine", ignore_errors=True)
+    med = statistics.median
+    return {"engine": med(engine_rates), "bare": med(bare_rates), "ratio": med(ratios), "lo": min(ratios),
+            "hi": max(ratios), "engine_cpu": med(engine_cpu), "bare_cpu": med(bare_cpu)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10000, help="images in the full folder")
-    parser.add_argument("--small", type=int, default=640, help="images in the small folder (start-up baseline)")
+    parser.add_argument("--small", type=int, default=640, help="images in the small folder and in each round")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="engine/bare-model pairs per command")
     parser.add_argument("--commands", default="encode,reconstruct,sample")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where the face folders are kept")
     args = parser.parse_args()
-    from vaetool.checkpoint import save_model
+    from vaetool import ops, runtime
+    from vaetool.checkpoint import load_model, save_model
     from vaetool.config import ModelConfig
+    from vaetool.images import find_images
     from vaetool.model import VAE
-    from vaetool.runtime import tune_cpu_allocator
 
-    tune_cpu_allocator()  # as the commands do (runtime.prepare)
     work = Path(tempfile.mkdtemp(prefix="vaetool-infer-"))
     torch.manual_seed(0)
-    model = VAE(ModelConfig()).eval().to(memory_format=torch.channels_last)
-    ckpt = save_model(work / "model.safetensors", model)
+    path = save_model(work / "model.safetensors", VAE(ModelConfig()))
+    runtime.prepare(torch.device("cpu"))  # as the commands do
+    ckpt = ops.prepare(load_model(path))
     folders = {n: faces(args.data / f"faces{n}", n) for n in (args.small, args.count)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"64x64 RGB, default model; load average at start {os.getloadavg()[0]:.1f}")
-    print(f"{'command':12s} {'steady img/s':>12s} {'whole-run img/s':>15s} {'forward img/s':>13s} {'ratio':>6s} "
-          f"{'CPU ms/img':>10s} {'forward CPU':>11s} {'ratio':>6s} {f'RSS MiB @{args.small}':>14s} "
-          f"{f'RSS MiB @{args.count}':>15s}")
+    found = find_images([folders[args.small]])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, 64x64 RGB, "
+          f"default model; load average at start {os.getloadavg()[0]:.1f}")
+    print(f"{'':12s} {'installed command':^55s} | {f'in process, {args.rounds} rounds of {args.small} images':^76s}")
+    print(f"{'command':12s} {'steady img/s':>12s} {'whole img/s':>11s} {f'RSS MiB @{args.small}':>14s} "
+          f"{f'RSS MiB @{args.count}':>14s} | {'engine img/s':>12s} {'forward img/s':>13s} {'ratio (min-max)':>17s} "
+          f"{'CPU ms/img':>10s} {'fwd CPU':>8s} {'ratio':>6s}")
     for command in args.commands.split(","):
-        r = measure(command, ckpt, model, folders, work, args.batch_size)
-        print(f"{command:12s} {r['steady']:12.1f} {r['whole']:15.1f} {r['bare']:13.1f} {r['steady'] / r['bare']:6.2f} "
-              f"{r['cpu']:10.2f} {r['bare_cpu']:11.2f} {r['bare_cpu'] / r['cpu']:6.2f} {r['rss_small']:14.0f} "
-              f"{r['rss_full']:15.0f}", flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.1f} (other processes on the machine distort every figure)")
+        cli = cli_runs(command, path, folders, work, args.batch_size)
+        mix = interleaved(command, ckpt, found, work, args.batch_size, args.rounds)
+        print(f"{command:12s} {cli['steady']:12.1f} {cli['whole']:11.1f} {cli['rss_small']:14.0f} "
+              f"{cli['rss_full']:14.0f} | {mix['engine']:12.1f} {mix['bare']:13.1f} "
+              f"{mix['ratio']:6.2f} ({mix['lo']:.2f}-{mix['hi']:.2f}) {mix['engine_cpu']:10.2f} {mix['bare_cpu']:8.2f} "
+              f"{mix['bare_cpu'] / mix['engine_cpu']:6.2f}", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+          f"ratios: engine / forward-only throughput (median of rounds), forward / engine CPU per image")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -155,7 +155,31 @@ def test_unreadable_inputs_are_reported_and_the_rest_written(ckpt, data, tmp_pat
     assert [info for event, info in events if event == "progress"][-1] == {"done": 6, "total": 6}
 
 
-def test_output_writer_keeps_a_bounded_queue(monkeypatch, tmp_path):
+def test_write_output_matches_write_image_and_is_atomic(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rgb, gray = torch.rand(3, 8, 8, generator=g), torch.rand(1, 8, 8, generator=g)
+    for pixels, name in ((rgb, "c.png"), (gray, "g.png"), (rgb, "c.jpg")):
+        ops.write_output(tmp_path / "fast" / name, pixels)
+        images.write_image(tmp_path / "ref" / name, pixels)
+        fast, ref = Image.open(tmp_path / "fast" / name), Image.open(tmp_path / "ref" / name)
+        assert fast.mode == ref.mode and np.array_equal(np.asarray(fast), np.asarray(ref)), name
+    with pytest.raises(OutputError, match="already exists"):
+        ops.write_output(tmp_path / "fast" / "c.png", rgb)
+    with pytest.raises(OutputError, match="extension"):
+        ops.write_output(tmp_path / "fast" / "c.xyz", rgb)
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["c.jpg", "c.png", "g.png"]  # no temporaries
+
+
+def test_skip_existing_redoes_empty_files(ckpt, tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    paths[0].write_bytes(b"")  # what a power cut can leave behind
+    paths[1].write_bytes(b"keep")
+    outcome = ops.write_decoded(ckpt, ops.prior_latents(ckpt, 2), paths, batch_size=2, skip_existing=True)
+    assert outcome.written == [paths[0]] and outcome.skipped == [paths[1]]
+    assert paths[1].read_bytes() == b"keep" and Image.open(paths[0]).size == (16, 16)
+
+
+def test_output_writer_keeps_a_bounded_queue(tmp_path):
     in_flight, peak, lock = [0], [0], threading.Lock()
 
     def slow_write(path, pixels, **kw):
@@ -167,9 +191,8 @@ def test_output_writer_keeps_a_bounded_queue(monkeypatch, tmp_path):
             in_flight[0] -= 1
         return path
 
-    monkeypatch.setattr(images, "write_image", slow_write)
     outcome = ops.Outcome()
-    with ops.OutputWriter(lambda *a: None, outcome, workers=2, max_pending=4) as writer:
+    with ops.OutputWriter(lambda *a: None, outcome, workers=2, max_pending=4, write=slow_write) as writer:
         for i in range(40):
             writer.submit(tmp_path / f"{i}.png", torch.zeros(3, 2, 2))
             assert len(writer.pending) <= 5

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as futures
+import functools
+import io
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from . import images
 from .checkpoint import Checkpoint
@@ -37,18 +42,63 @@ class Outcome:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
+def quantize(pixels: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8, rounded as `images.write_image` does (NaN -> 0); any shape."""
+    return (pixels.detach().float().nan_to_num(0.0).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=32)
+def _format(suffix: str) -> str:
+    return images.format_for_path(Path("image" + suffix))
+
+
+def write_output(path: Path, pixels: torch.Tensor, *, force: bool = False) -> Path:
+    """Write (C, H, W) pixels (float in [0, 1], or uint8 from `quantize`) as an 8-bit image, format from the
+    extension, renamed into place.
+
+    Atomic like `images.write_image` (a crash never leaves a partial file under the final name) but not
+    fsynced per file: for thousands of small images the fsync costs more CPU than the model itself. A
+    power cut can leave empty files, which `--skip-existing` writes again.
+    """
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists; pass --force to overwrite it (or --skip-existing to resume)")
+    try:
+        fmt = _format(path.suffix.lower())
+    except OutputError:
+        raise OutputError(f"{path}: cannot tell an image format from the extension; use .png, .jpg, .tif or .webp") \
+            from None
+    u8 = pixels if pixels.dtype == torch.uint8 else quantize(pixels)  # (C, H, W)
+    image = Image.fromarray(u8[0].numpy() if u8.shape[0] == 1 else u8.permute(1, 2, 0).contiguous().numpy())
+    encoded = io.BytesIO()
+    try:
+        image.save(encoded, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    except (ValueError, KeyError, OSError) as exc:
+        raise OutputError(f"{path}: cannot write a {image.mode} image as {fmt} ({exc}); use a .png output") from None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(encoded.getbuffer())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 class OutputWriter:
     """Writes images on background threads, reporting each in submission order as it completes."""
 
     def __init__(self, callback: Callback, outcome: Outcome, *, force: bool = False, workers: int = 2,
-                 max_pending: int = 256) -> None:
-        self.callback, self.outcome, self.force = callback, outcome, force
+                 max_pending: int = 256, write: Callable[..., Path] = write_output) -> None:
+        self.callback, self.outcome, self.force, self.write = callback, outcome, force, write
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vaetool-write")
         self.pending: collections.deque = collections.deque()
-        self.max_pending = max_pending
+        self.max_pending = max_pending  # bounds the decoded images held while the disk catches up
 
-    def submit(self, path: Path, pixels: torch.Tensor, **options: Any) -> None:
-        future = self.pool.submit(images.write_image, path, pixels, force=self.force, **options)
+    def submit(self, path: Path, pixels: torch.Tensor, *, redo: bool = False) -> None:
+        """Queue one image; `redo` replaces an empty leftover that --skip-existing chose to write again."""
+        future = self.pool.submit(self.write, path, pixels, force=self.force or redo)
         self.pending.append((path, future))
         self._collect(block=len(self.pending) > self.max_pending)
 
@@ -127,16 +177,19 @@ def encode_to_file(checkpoint: Checkpoint, found: Sequence[images.FoundImage], o
 
     if output.exists() and not force:  # fail before the work, not after it
         raise OutputError(f"{output} already exists; pass --force to overwrite it")
-    parts: dict[str, list[torch.Tensor]] = {}
+    # One (N, D) table per key, allocated before the first batch: many small tensors kept while large
+    # activations come and go would fragment the heap, and RSS would grow with the folder.
+    keys = ("mu", "logvar", "z") if sample else ("mu", "logvar")
+    table = {key: torch.empty(len(found), checkpoint.config.latent_dim) for key in keys}
     done: list[images.FoundImage] = []
     for items, rows in encode_rows(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed,
                                    callback=callback):
-        done += items
         for key, value in rows.items():
-            parts.setdefault(key, []).append(value)  # N x D floats: small beside the images
+            table[key][len(done):len(done) + len(items)] = value
+        done += items
     if not done:
         return None, 0
-    path = save_latents(output, {k: torch.cat(v) for k, v in parts.items()}, paths=[str(i.path) for i in done],
+    path = save_latents(output, {k: v[:len(done)] for k, v in table.items()}, paths=[str(i.path) for i in done],
                         relative=[str(i.relative) for i in done], identity=checkpoint.identity,
                         config=checkpoint.config.to_dict(), force=force)
     return path, len(done)
@@ -178,7 +231,7 @@ def _check_width(checkpoint: Checkpoint, z: torch.Tensor, source: str) -> None:
 
 def _target(path: Path, *, skip_existing: bool, outcome: Outcome, callback: Callback) -> bool:
     """Whether to write `path`: False (and noted) when it exists and --skip-existing resumes."""
-    if skip_existing and path.exists():
+    if skip_existing and path.exists() and path.stat().st_size > 0:  # empty: cut off by a crash, redo it
         outcome.skipped.append(path)
         callback("skipped", {"path": str(path)})
         return False
@@ -196,8 +249,8 @@ def write_decoded(checkpoint: Checkpoint, z: torch.Tensor, paths: Sequence[Path]
             rows = [i for i in range(start, min(start + batch_size, len(z)))
                     if _target(paths[i], skip_existing=skip_existing, outcome=outcome, callback=callback)]
             if rows:
-                for i, pixels in zip(rows, decode_images(checkpoint, z[rows])):
-                    writer.submit(paths[i], pixels)
+                for i, pixels in zip(rows, quantize(decode_images(checkpoint, z[rows]))):  # one op per batch
+                    writer.submit(paths[i], pixels, redo=skip_existing)
             callback("progress", {"done": min(start + batch_size, len(z)), "total": len(z)})
     return outcome
 
@@ -232,8 +285,8 @@ def reconstruct_folder(checkpoint: Checkpoint, found: Sequence[images.FoundImage
     with OutputWriter(callback, outcome, force=force) as writer:
         for items, batch, mu, _ in stream_posteriors(checkpoint, todo, batch_size=batch_size, callback=sink):
             pixels = decode_images(checkpoint, mu)
-            for item, image in zip(items, pixels):
-                writer.submit(targets[item.path], image)
+            for item, image in zip(items, quantize(pixels)):
+                writer.submit(targets[item.path], image, redo=skip_existing)
             if grid is not None and sum(len(o) for o in originals) < grid_count:
                 originals.append(batch.float() / 255.0)
                 recons.append(pixels)
