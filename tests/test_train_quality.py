@@ -1,0 +1,136 @@
+"""Training's quality bookkeeping: per-epoch validation metrics, best vs last checkpoint, early stopping, EMA."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vaetool.checkpoint import load_model
+from vaetool.config import ModelConfig, TrainConfig
+from vaetool.evaluate import evaluate
+from vaetool.model import VAE
+from vaetool import train as train_module
+from vaetool.train import train
+
+SEED, VAL_FRACTION = 3, 0.25  # 12 images: 9 to train (4 steps of 2 per epoch), 3 to validate
+TINY = ModelConfig(image_size=16, latent_dim=4, widths=(8, 16))
+
+
+def run(data: Path, out: Path, *, model_config: ModelConfig = TINY, **train_kw):
+    config = TrainConfig(batch_size=2, val_fraction=VAL_FRACTION, seed=SEED, log_every=1, **train_kw)
+    return train([data], out, model_config=model_config, train_config=config, device="cpu", cache_dir=None)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def validation_files(folder: Path) -> list[Path]:
+    """The files train() holds out: its split is a seeded permutation of the sorted file list."""
+    files = sorted(folder.glob("*.png"))
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(SEED))
+    return [files[i] for i in order[: int(len(files) * VAL_FRACTION)]]
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path).model.state_dict()
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_jsonl_has_validation_elbo_and_psnr_per_epoch(blob_folder, tmp_path):
+    result = run(blob_folder, tmp_path / "run", model_config=TINY, epochs=3, lr=0.01, patience=1)
+    lines = metrics(tmp_path / "run")
+    assert result.stopped == "budget"  # every epoch improved, so patience 1 never fired
+    assert [line["epoch"] for line in lines] == [1, 2, 3] and all(line["best"] for line in lines)
+    assert [line["step"] for line in lines] == [4, 8, 12]
+    for line in lines:
+        for key in ("train_loss", "train_recon", "train_kl", "train_neg_elbo", "val_neg_elbo", "val_recon",
+                    "val_kl", "val_psnr", "best", "elapsed", "decoder_log_scale"):
+            assert key in line, key
+        assert not line["partial"] and math.isfinite(line["val_neg_elbo"]) and line["val_psnr"] > 0
+        assert line["val_neg_elbo"] == pytest.approx(line["val_recon"] + line["val_kl"])
+    # The deterministic parts agree with an independent evaluation of the saved weights on the held-out files.
+    last = lines[-1]
+    result = evaluate(tmp_path / "run" / "last.safetensors", validation_files(blob_folder), iw_samples=1,
+                      device="cpu")
+    assert result.images == 3
+    assert result.kl == pytest.approx(last["val_kl"], rel=1e-4)
+    assert result.psnr == pytest.approx(last["val_psnr"], rel=1e-4)
+
+
+def script_validation(monkeypatch, scores: list[float]) -> None:
+    """Make epoch i's validation -ELBO scores[i] (the other metrics stay real), so best and worse epochs are known."""
+    real = train_module._Trainer._validate
+
+    def scripted(self):
+        metrics = real(self)
+        metrics["val_neg_elbo"] = scores[self.progress.epoch - 1]  # epochs completed, this one included
+        return metrics
+
+    monkeypatch.setattr(train_module._Trainer, "_validate", scripted)
+
+
+def test_best_checkpoint_is_the_best_validation_epoch_and_last_is_the_last(blob_folder, tmp_path, monkeypatch):
+    script_validation(monkeypatch, [50.0, 30.0, 40.0, 35.0])
+    run(blob_folder, tmp_path / "run", model_config=TINY, epochs=4, lr=0.01)
+    lines = metrics(tmp_path / "run")
+    assert [line["best"] for line in lines] == [True, True, False, False]
+    best = load_model(tmp_path / "run" / "model.safetensors").training["metrics"]
+    last = load_model(tmp_path / "run" / "last.safetensors").training["metrics"]
+    assert best["epoch"] == 2 and best["val_neg_elbo"] == 30.0
+    assert last["epoch"] == 4 and last == lines[-1]
+    best_weights = state_dict(tmp_path / "run" / "model.safetensors")
+    assert not same_weights(best_weights, state_dict(tmp_path / "run" / "last.safetensors"))
+    # The same seed stopped after epoch 2 reaches exactly the weights kept as the best.
+    run(blob_folder, tmp_path / "short", model_config=TINY, epochs=2, lr=0.01)
+    assert same_weights(best_weights, state_dict(tmp_path / "short" / "last.safetensors"))
+
+
+def test_patience_stops_after_that_many_epochs_without_improvement(blob_folder, tmp_path, monkeypatch):
+    script_validation(monkeypatch, [50.0, 40.0, 45.0, 39.0, 39.0, 41.0] + [1.0] * 10)
+    result = run(blob_folder, tmp_path / "run", model_config=TINY, epochs=16, lr=0.01, patience=2)
+    lines = metrics(tmp_path / "run")
+    # epoch 3 is worse (1 bad), 4 improves (reset), 5 only ties and 6 is worse: 2 bad epochs, stop
+    assert result.stopped == "early-stop" and result.epoch == len(lines) == 6
+    assert load_model(tmp_path / "run").training["metrics"]["epoch"] == 4
+
+
+def test_ema_weights_are_saved_and_follow_the_update_rule(blob_folder, tmp_path):
+    run(blob_folder, tmp_path / "run", model_config=TINY, steps=1, lr=0.01, ema=0.5)
+    state = load_file(str(tmp_path / "run" / "state.safetensors"))
+    raw = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
+    torch.manual_seed(SEED)  # train() builds its initial weights right after this seed
+    init = VAE(TINY).state_dict()
+    params = {name for name, _ in VAE(TINY).named_parameters()}
+    for name, value in ema.items():
+        # after one step: ema = decay * init + (1 - decay) * raw for parameters; buffers are copied
+        want = 0.5 * init[name] + 0.5 * raw[name] if name in params else raw[name]
+        torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-7)
+    assert not same_weights(raw, ema)
+    for saved in ("model.safetensors", "last.safetensors"):
+        assert same_weights(state_dict(tmp_path / "run" / saved), ema), saved
+
+
+def test_ema_weights_are_the_ones_validated(blob_folder, tmp_path):
+    run(blob_folder, tmp_path / "run", model_config=TINY, epochs=3, lr=0.05, ema=0.9)
+    last = metrics(tmp_path / "run")[-1]
+    files = validation_files(blob_folder)
+    ema_eval = evaluate(tmp_path / "run" / "last.safetensors", files, iw_samples=1, device="cpu")
+    assert ema_eval.psnr == pytest.approx(last["val_psnr"], rel=1e-4)
+    assert ema_eval.kl == pytest.approx(last["val_kl"], rel=1e-4)
+    saved_scale = float(load_model(tmp_path / "run").model.log_scale.detach())
+    assert last["decoder_log_scale"] == pytest.approx(saved_scale, abs=1e-6)
+    model = VAE(TINY)
+    state = load_file(str(tmp_path / "run" / "state.safetensors"))
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    raw_eval = evaluate(model, files, iw_samples=1, device="cpu")
+    assert abs(raw_eval.kl - last["val_kl"]) > 1e-3 * abs(last["val_kl"])  # the raw weights would score differently
