@@ -308,7 +308,9 @@ def latent_map(checkpoint: str | Path, data: Sequence[str | Path], output: str |
     placed = grid_pick(projection.points, bounds, cells=cells) if show else []
     canvas = _canvas(loaded.config, means, projection, placed, bounds, cells=cells) if placed else None
     if title is None:
-        title = f"{len(means.found)} images in the latent space of {Path(checkpoint).name}"
+        name = Path(checkpoint)
+        name = f"{name.parent.name}/{name.name}" if name.is_file() and name.parent.name else name.name
+        title = f"{len(means.found)} images in the latent space of {name}"
     fig, ax = render_map(projection, bounds, canvas=canvas, labels=labels, label_name=label_name, title=title,
                          size=size)
     with atomic_path(output, force=force) as tmp:
