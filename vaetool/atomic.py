@@ -3,12 +3,71 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, StorageError
+
+# Errors that will hit every later write too: stop the batch instead of failing file after file.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def output_error(target: str | os.PathLike, exc: OSError, *, what: str | None = None) -> OutputError:
+    """One line for a failed write of `target` (described as `what`): what went wrong and what to do."""
+    target = Path(target)
+    what = what or str(target)
+    blocker = _file_in_the_way(target.parent)
+    if blocker is not None:
+        return OutputError(f"cannot write {what}: {blocker} is a file, not a folder; choose another output path")
+    reason = exc.strerror or str(exc)
+    if exc.errno in STORAGE_ERRNOS:
+        advice = "free some space" if exc.errno != errno.EROFS else "the disk is mounted read-only"
+        return StorageError(f"cannot write {what}: {reason} ({advice}, or choose another output folder)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(f"cannot write {what}: {reason}; check the folder's permissions or choose another "
+                           f"output folder")
+    return OutputError(f"cannot write {what}: {reason}")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of `folder` when it is not a folder (mkdir would fail on it)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def remove_quietly(path: Path) -> None:
+    """Delete a leftover temporary file; a cleanup failure must not hide the error that caused it."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and prove a file can be made in it, before any work is spent.
+
+    A probe, not `os.access`: root passes every permission check, and a read-only mount or a
+    full disk only shows when something is actually created.
+    """
+    folder = Path(folder)
+    probe = folder / ".vaetool-write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".vaetool-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise output_error(probe, exc, what=f"in {folder}") from exc
+    return folder
+
+
+def check_writable_dirs(targets: Iterable[str | os.PathLike]) -> None:
+    """`check_writable_dir` for the folder of each target file, each folder once."""
+    for folder in dict.fromkeys(Path(t).parent for t in targets):
+        check_writable_dir(folder)
 
 
 @contextlib.contextmanager
@@ -26,17 +85,17 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         os.close(fd)
     except OSError as exc:
-        raise OutputError(f"cannot write in {target.parent}: {exc.strerror or exc}") from exc
+        raise output_error(target, exc) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         _fsync_file(tmp_path)
         os.replace(tmp_path, target)
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        remove_quietly(tmp_path)
+        raise output_error(target, exc) from exc
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        remove_quietly(tmp_path)
         raise
 
 

@@ -5,8 +5,11 @@ Nothing here unpickles: `torch.load` is never called, so a checkpoint cannot run
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +92,23 @@ def save_model(path: str | Path, model: VAE, *, train_config: TrainConfig | None
         "training": json.dumps(training or {}),
     }
     with atomic_path(path, force=force) as tmp:
-        save_file(_plain_state(model), str(tmp), metadata=metadata)
+        write_safetensors(tmp, _plain_state(model), metadata)
     return Path(path)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with its I/O failures (a full disk) raised as OSError.
+
+    The library reports them as SafetensorError with the OS error number in the text; as OSError
+    they reach `atomic_path`, which removes the temporary file and names the target.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        found = re.search(r"os error (\d+)", text)
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code) if found else text, str(path)) from exc
 
 
 def _sniff(path: Path) -> None:
@@ -102,9 +120,19 @@ def _sniff(path: Path) -> None:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not head:
         raise CheckpointError(f"{path} is empty; expected a vaetool .safetensors checkpoint")
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix.lower() in _PICKLE_SUFFIXES:
         raise CheckpointError(f"{path} is a PyTorch pickle (.pt/.pth); vaetool never unpickles files, "
                               f"give a .safetensors checkpoint written by `vaetool train`")
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; give a .safetensors checkpoint written by "
+                              f"`vaetool train` (or its run folder)")
+
+
+_PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+# File signatures of things people pass by mistake where a checkpoint belongs.
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip archive"))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -115,8 +143,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         _sniff(path)
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
-                              f"it may be damaged or truncated") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it may be "
+                              f"damaged or truncated: give a vaetool .safetensors checkpoint") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vaetool checkpoint "
                               f"(no vaetool metadata); give a file written by `vaetool train`")
@@ -125,6 +153,35 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{path} has checkpoint format {version}, newer than this vaetool "
                               f"({__version__}, format {FORMAT_VERSION}); upgrade vaetool")
     return metadata
+
+
+def _check_is_model(path: Path, metadata: dict[str, str]) -> None:
+    """A vaetool file that is not a model (training state, latents) gets its own message."""
+    kind = metadata.get("kind")
+    if kind == "train-state":
+        raise CheckpointError(f"{path} is a vaetool training state (for --resume), not a model; give "
+                              f"{MODEL_FILE} or {LAST_FILE} from the same run folder, or the folder itself")
+    if kind == "latents":
+        raise CheckpointError(f"{path} is a vaetool latents file (from `vaetool encode`), not a model; "
+                              f"give the checkpoint that encoded it")
+    if kind is not None:
+        raise CheckpointError(f"{path} is a vaetool file of kind {kind!r}, not a model checkpoint")
+
+
+def _state_mismatch(model: VAE, state: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between stored tensors and the model's, in one short phrase (None: they fit)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing:
+        return f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"
+    if extra:
+        return f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}"
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            return (f"tensor {name} has shape {tuple(state[name].shape)} where the config needs "
+                    f"{tuple(tensor.shape)}")
+    return None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -140,6 +197,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Check
     """Load a vaetool checkpoint (file or run folder) onto `device`, in eval mode."""
     path = resolve_checkpoint(path)
     metadata = read_metadata(path)
+    _check_is_model(path, metadata)
     try:
         config = ModelConfig.from_dict(json.loads(metadata["model_config"]))
         train_raw = json.loads(metadata.get("train_config") or "null")
@@ -149,11 +207,15 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Check
         raise CheckpointError(f"{path} has an unreadable vaetool config ({exc}); it may be damaged") from None
     model = VAE(config)
     state = _read_tensors(path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise CheckpointError(f"{path} does not match its own config ({first}); it is damaged") from None
+    problem = _state_mismatch(model, state)
+    if problem is None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # a dtype the parameter cannot take, say
+            problem = next((line.strip() for line in str(exc).splitlines() if line.strip()), str(exc))[:200]
+    if problem is not None:
+        raise CheckpointError(f"{path} does not match its own config ({problem}); it is damaged or was edited, "
+                              f"use another checkpoint or retrain") from None
     model.to(device).eval()
     return Checkpoint(model, config, train_config, training, path, metadata)
 
@@ -184,7 +246,7 @@ def save_state(path: str | Path, tensors: dict[str, torch.Tensor], info: dict[st
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": "train-state",
                 "vaetool_version": __version__, "info": json.dumps(info)}
     with atomic_path(path, force=True) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write_safetensors(tmp, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata)
     return Path(path)
 
 

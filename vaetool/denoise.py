@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import deque
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from . import images
+from .atomic import check_writable_dirs
 from .checkpoint import Checkpoint, load_model
-from .errors import ConfigError, OutputError, VaetoolError
+from .errors import ConfigError, OutputError, StorageError, VaetoolError
 from .model import VAE
 from .runtime import autocast, prepare, resolve_device, resolve_precision
 from .tiling import TilePlan, auto_tile, blend_tiles, extract_tiles, plan_tiles
@@ -169,6 +171,7 @@ class Task:
 
     source: images.FoundImage
     output: Path
+    redo: bool = False  # an empty leftover under the output name (a crash mid-write): write it again
 
 
 def output_path(relative: Path, out_dir: Path, *, ext: str | None = None, suffix: str = "") -> Path:
@@ -227,13 +230,21 @@ def _split_existing(tasks: list[Task], *, skip_existing: bool, force: bool) -> t
     if not existing:
         return tasks, 0
     if skip_existing:
-        done = {id(t) for t in existing}
-        return [t for t in tasks if id(t) not in done], len(existing)
+        done = {id(t) for t in existing if _has_content(t.output)}
+        todo = [dataclasses.replace(t, redo=True) if t.output.exists() else t for t in tasks if id(t) not in done]
+        return todo, len(done)
     if not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise OutputError(f"{existing[0].output} already exists{more}; pass --skip-existing to resume "
                           f"or --force to overwrite")
     return tasks, 0
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _check_ext(ext: str | None) -> None:
@@ -352,6 +363,7 @@ class _Pipeline:
         self.min_images = 2 * workers + 2  # always enough images in flight to keep every thread busy
         self.tiles_seen, self.images_seen = 0, 0
         self.write_tiles = 0
+        self.storage_error: StorageError | None = None  # a full or read-only disk stops the batch
 
     def process(self, tasks: Sequence[Task]) -> None:
         """Denoise every task, reporting each written or failed file in input order."""
@@ -365,8 +377,13 @@ class _Pipeline:
                 if job is not None:
                     self._submit(writes, writers, batcher.add(job))
                 self._harvest(writes, final=False)
-            self._submit(writes, writers, batcher.flush())
+                if self.storage_error is not None:
+                    break  # no new work; the writes already running still finish and are reported
+            if self.storage_error is None:
+                self._submit(writes, writers, batcher.flush())
             self._harvest(writes, final=True)
+            if self.storage_error is not None:
+                raise self.storage_error
         finally:
             # On Ctrl-C: decodes and writes already started finish (writes are atomic), queued ones are dropped.
             readers.shutdown(wait=True, cancel_futures=True)
@@ -418,7 +435,7 @@ class _Pipeline:
         job.outputs = []
         result = mix(denoised, job.image.pixels, self.strength)
         return images.write_image(job.task.output, result, alpha=job.image.alpha, bit_depth=job.image.bit_depth,
-                                  force=self.force)
+                                  force=self.force or job.task.redo)
 
     def _harvest(self, writes: deque[tuple[_Job, Future]], *, final: bool) -> None:
         """Report finished writes in order; wait for the oldest while too many tiles await writing (or at the end)."""
@@ -427,6 +444,9 @@ class _Pipeline:
             self.write_tiles -= job.layout.count
             try:
                 path = future.result()
+            except StorageError as exc:
+                self.storage_error = self.storage_error or exc
+                continue
             except (VaetoolError, OSError) as exc:
                 self._fail(job.task, exc)
                 continue
@@ -513,6 +533,7 @@ def denoise_files(checkpoint: str | os.PathLike | Checkpoint | VAE, inputs: Sequ
                                         f"their old extension is kept in the name (a_jpg.png)"})
     _check_no_input_overwritten(tasks)
     todo, skipped = _split_existing(tasks, skip_existing=skip_existing, force=force)
+    check_writable_dirs(t.output for t in todo)  # a read-only or misplaced -o is one error, before any work
     run, corruptions = _prepare_model(checkpoint, device=device, precision=precision)
     tile_side = resolve_tile(tile, run.size)
     callback("start", {"images": len(tasks), "todo": len(todo), "skipped": skipped, "device": str(run.device),

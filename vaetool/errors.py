@@ -23,3 +23,7 @@ class DivergenceError(VaetoolError):
 
 class OutputError(VaetoolError):
     """An output that cannot be written, or would destroy something."""
+
+
+class StorageError(OutputError):
+    """The output location takes no more writes (disk full, read-only): the whole batch stops, not one file."""

@@ -490,7 +490,12 @@ def write_image(path: str | os.PathLike, pixels: torch.Tensor, *, alpha: torch.T
     with atomic_path(path, force=force) as tmp:
         try:
             image.save(tmp, format=fmt, **options)
-        except (ValueError, KeyError, OSError) as exc:
+        except OSError as exc:
+            if exc.errno is not None:  # the disk's complaint (full, read-only): atomic_path words it
+                raise
+            raise OutputError(f"{path}: cannot write a {image.mode} image as {fmt} ({exc}); "
+                              f"use a .png output") from None
+        except (ValueError, KeyError) as exc:
             raise OutputError(f"{path}: cannot write a {image.mode} image as {fmt} ({exc}); "
                               f"use a .png output") from None
     return path

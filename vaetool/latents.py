@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_path
+from .checkpoint import write_safetensors
 from .errors import DataError
 
 KIND = "latents"
@@ -25,8 +25,7 @@ def save_latents(path: str | Path, tensors: dict[str, torch.Tensor], *, paths: l
     metadata = {"format": "vaetool", "kind": KIND, "vaetool_version": __version__, "paths": json.dumps(paths),
                 "relative": json.dumps(relative), "checkpoint": identity, "model_config": json.dumps(config)}
     with atomic_path(path, force=force) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+        write_safetensors(tmp, {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, metadata)
     return Path(path)
 
 

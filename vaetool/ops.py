@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as futures
+import contextlib
 import functools
 import io
 import os
@@ -23,7 +24,8 @@ from PIL import Image
 
 from . import images
 from .checkpoint import Checkpoint
-from .errors import DataError, OutputError, VaetoolError
+from .atomic import check_writable_dirs, output_error, remove_quietly
+from .errors import DataError, OutputError, StorageError, VaetoolError
 from .latents import lerp, slerp
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -81,8 +83,11 @@ def write_output(path: Path, pixels: torch.Tensor, *, force: bool = False) -> Pa
             handle.write(encoded.getbuffer())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        remove_quietly(tmp)  # may fail too (no folder to hold it); the write's error is the one to tell
+        raise output_error(path, exc) from None
+    except BaseException:
+        remove_quietly(tmp)
+        raise
     return path
 
 
@@ -95,9 +100,12 @@ class OutputWriter:
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vaetool-write")
         self.pending: collections.deque = collections.deque()
         self.max_pending = max_pending  # bounds the decoded images held while the disk catches up
+        self.storage_error: StorageError | None = None  # a full or read-only disk stops the whole batch
 
     def submit(self, path: Path, pixels: torch.Tensor, *, redo: bool = False) -> None:
         """Queue one image; `redo` replaces an empty leftover that --skip-existing chose to write again."""
+        if self.storage_error is not None:
+            raise self.storage_error
         future = self.pool.submit(self.write, path, pixels, force=self.force or redo)
         self.pending.append((path, future))
         self._collect(block=len(self.pending) > self.max_pending)
@@ -108,6 +116,9 @@ class OutputWriter:
             block = False
             try:
                 future.result()
+            except StorageError as exc:
+                self.storage_error = self.storage_error or exc
+                continue
             except VaetoolError as exc:
                 self.outcome.failed.append((str(path), str(exc)))
                 self.callback("failed", {"path": str(path), "reason": str(exc)})
@@ -116,15 +127,24 @@ class OutputWriter:
             self.callback("written", {"path": str(path)})
 
     def close(self) -> None:
-        while self.pending:
-            self._collect(block=True)
-        self.pool.shutdown()
+        """Wait for every queued write (reporting each); then raise a storage error if one stopped the batch."""
+        try:
+            while self.pending:
+                self._collect(block=True)
+        finally:
+            self.pool.shutdown()
+        if self.storage_error is not None:
+            raise self.storage_error
 
     def __enter__(self) -> OutputWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(VaetoolError):  # the exception already on its way is the one to report
+            self.close()
 
 
 def _model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
@@ -177,6 +197,7 @@ def encode_to_file(checkpoint: Checkpoint, found: Sequence[images.FoundImage], o
 
     if output.exists() and not force:  # fail before the work, not after it
         raise OutputError(f"{output} already exists; pass --force to overwrite it")
+    check_writable_dirs([output])
     # One (N, D) table per key, allocated before the first batch: many small tensors kept while large
     # activations come and go would fragment the heap, and RSS would grow with the folder.
     keys = ("mu", "logvar", "z") if sample else ("mu", "logvar")
@@ -243,6 +264,7 @@ def write_decoded(checkpoint: Checkpoint, z: torch.Tensor, paths: Sequence[Path]
                   source: str = "latents") -> Outcome:
     """Decode each row of z to the matching path (written on background threads)."""
     _check_width(checkpoint, z, source)
+    check_writable_dirs(paths)  # a read-only or misplaced output folder is one error, before any work
     outcome = Outcome()
     with OutputWriter(callback, outcome, force=force) as writer:
         for start in range(0, len(z), batch_size):
@@ -279,6 +301,7 @@ def reconstruct_folder(checkpoint: Checkpoint, found: Sequence[images.FoundImage
     originals: list[torch.Tensor] = []
     recons: list[torch.Tensor] = []
     targets = {item.path: output_path(out_dir, item, ext) for item in found}
+    check_writable_dirs(targets.values())  # a read-only or misplaced output folder is one error, before any work
     todo = [item for item in found if _target(targets[item.path], skip_existing=skip_existing, outcome=outcome,
                                               callback=callback)]
     sink = _counting(callback, outcome)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import images
+from .atomic import check_writable_dir
 from .config import ModelConfig, TrainConfig
 from .corrupt import corrupt, global_rand, global_randn, step_generator
 from .distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, shutdown
@@ -114,11 +118,8 @@ class _Trainer:
             raise OutputError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                               f"or --force to start over")
         if self.world.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "grids").mkdir(exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"cannot create {self.run_dir}: {exc.strerror or exc}") from exc
+            # A read-only or full disk must show now, not after the first epoch of training.
+            check_writable_dir(self.run_dir / "grids")
             if existing and force and not resume:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -214,14 +215,15 @@ class _Trainer:
         self._session_start = time.monotonic()  # --time limits this invocation, also when resuming
         stopped = "budget"
         try:
-            while True:
-                finished_epoch = self._run_epoch(total)
-                metrics = self._end_epoch(partial=not finished_epoch)
-                if self._out_of_budget(total):
-                    break
-                if self.config.patience and p.bad_epochs >= self.config.patience:
-                    stopped = "early-stop"
-                    break
+            with self._interrupts_between_steps():
+                while True:
+                    finished_epoch = self._run_epoch(total)
+                    metrics = self._end_epoch(partial=not finished_epoch)
+                    if self._out_of_budget(total):
+                        break
+                    if self.config.patience and p.bad_epochs >= self.config.patience:
+                        stopped = "early-stop"
+                        break
         except KeyboardInterrupt:
             self._save_state()
             self.callback("saved", {"path": str(self.run_dir / ckpt.STATE_FILE), "reason": "interrupted"})
@@ -231,6 +233,43 @@ class _Trainer:
         barrier(self.world)
         return TrainResult(self.run_dir / ckpt.MODEL_FILE, self.run_dir, p.step, p.epoch, stopped, metrics,
                            [(str(a), b) for a, b in self.cache.skipped])
+
+    @contextlib.contextmanager
+    def _interrupts_between_steps(self):
+        """Hold a Ctrl-C that arrives inside a training step until the step is counted.
+
+        A KeyboardInterrupt between `optimizer.step()` and `step += 1` would save weights one update
+        ahead of the counter, and the resumed run would apply that update twice.
+        """
+        self._in_step, self._held = False, False
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield  # a thread, or a caller with its own handler: leave signals alone
+            return
+
+        def on_sigint(signum: int, frame: object) -> None:
+            if self._in_step:
+                self._held = True
+            else:
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def _step_section(self):
+        """One step, indivisible by Ctrl-C: a held interrupt is raised once the counters are updated."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+        if self._held:
+            self._held = False
+            raise KeyboardInterrupt
 
     def _write_report(self) -> None:
         """report.png and report.html; a failure here costs the pictures, never the trained run."""
@@ -267,9 +306,10 @@ class _Trainer:
         check_every = cfg.log_every if (self.world.distributed or self.device.type != "cpu") else 1
         while p.step_in_epoch < self.steps_per_epoch:
             start = p.step_in_epoch * self.global_batch + self.world.rank * self.batch
-            self._train_step(order[start: start + self.batch])
-            p.step += 1
-            p.step_in_epoch += 1
+            with self._step_section():
+                self._train_step(order[start: start + self.batch])
+                p.step += 1
+                p.step_in_epoch += 1
             if p.step % cfg.log_every == 0 or p.step_in_epoch == self.steps_per_epoch:
                 self._report_steps(total)
             elif p.step % check_every == 0:

@@ -142,7 +142,9 @@ Checkpoint = Annotated[Path, typer.Argument(help="A run folder (its model.safete
 
 
 def positive(value: float | None) -> float | None:
-    """Option callback: the value must be > 0 (Typer's `min` is inclusive)."""
-    if value is not None and value <= 0:
-        raise typer.BadParameter(f"must be > 0, not {value}")
+    """Option callback: the value must be finite and > 0 (Typer's `min` is inclusive and lets inf through)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, not {value}")
     return value

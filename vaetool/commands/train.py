@@ -47,6 +47,7 @@ class _TrainDisplay:
         self.task = None
         self.cache_task = None
         self.skipped = 0
+        self.state_saved = False  # set when an interrupted run has written its resume state
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         getattr(self, f"on_{event}", lambda d: None)(data)
@@ -63,6 +64,9 @@ class _TrainDisplay:
 
     def on_warning(self, d: dict[str, Any]) -> None:
         warn(d["message"])
+
+    def on_saved(self, d: dict[str, Any]) -> None:
+        self.state_saved = self.state_saved or d.get("reason") == "interrupted"
 
     def on_start(self, d: dict[str, Any]) -> None:
         cfg = d["config"]
@@ -194,7 +198,11 @@ def _run_train(o: dict[str, Any]) -> None:
                      callback=callback)
     except KeyboardInterrupt:
         display.close()
-        warn(f"interrupted; resumable state saved in {o['output']} (continue with --resume)")
+        if display.state_saved:
+            warn(f"interrupted; resumable state saved in {o['output']} (continue with --resume)")
+        else:
+            warn("interrupted before the first training step; nothing to resume, start again without --resume"
+                 if not o["resume"] else f"interrupted before training went on; {o['output']} is as it was")
         raise
     finally:
         display.close()
