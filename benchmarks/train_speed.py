@@ -1,9 +1,11 @@
 """Steady-state training speed of the default 64x64 model on CPU, against this machine's own peaks.
 
-    python benchmarks/train_speed.py [--batch-size 64] [--seconds 20] [--threads 2]
+    python benchmarks/train_speed.py [--batch-size 64] [--seconds 10] [--rounds 3] [--threads 2] [--compile]
 
 Prints images/s, model FLOPs per image (torch.utils.flop_counter), achieved GFLOP/s, and the
-float32 matmul and 3x3-conv GFLOP/s measured in the same run.
+float32 matmul and 3x3-conv GFLOP/s measured in the same run, in interleaved windows (peak, training,
+peak, training, ...) so that each figure shares the machine's load with its neighbours; with
+`--compile`, torch.compile'd training is timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 import torch
 
-from common import conv_gflops, matmul_gflops, training_flops_per_image
+from common import conv_gflops, matmul_gflops, median, training_flops_per_image
 from vaetool.config import ModelConfig
 from vaetool.model import VAE, elbo_loss
 from vaetool.runtime import tune_cpu_allocator
@@ -23,8 +25,8 @@ def _loss(model: VAE, x: torch.Tensor) -> torch.Tensor:
     return elbo_loss(model, x, model(x)).loss
 
 
-def measure_training(config: ModelConfig, *, batch: int, seconds: float, compile: bool = False) -> tuple[float, float]:
-    """(images/s, FLOPs per image) of the same step vaetool's trainer runs, on in-memory tensors."""
+def training_step(config: ModelConfig, *, batch: int, compile: bool = False):
+    """(step function, FLOPs per image): the same step vaetool's trainer runs, on one in-memory batch."""
     torch.manual_seed(0)
     model = VAE(config).to(memory_format=torch.channels_last)
     x = torch.rand(batch, config.channels, config.image_size, config.image_size).contiguous(
@@ -44,36 +46,65 @@ def measure_training(config: ModelConfig, *, batch: int, seconds: float, compile
 
     for _ in range(3):  # warm-up: allocator, kernels, compilation
         step()
+    return step, flops
+
+
+def rate(step, *, batch: int, seconds: float) -> float:
+    """Images/s of `step` over about `seconds`."""
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         step()
         count += 1
-    return count * batch / (time.perf_counter() - start), flops
+    return count * batch / (time.perf_counter() - start)
+
+
+def measure_training(config: ModelConfig, *, batch: int, seconds: float, compile: bool = False) -> tuple[float, float]:
+    """(images/s, FLOPs per image) of the trainer's step on in-memory tensors."""
+    step, flops = training_step(config, batch=batch, compile=compile)
+    return rate(step, batch=batch, seconds=seconds), flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed window")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of peak and training windows")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd training, interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     config = ModelConfig()
-    matmul = matmul_gflops()
-    conv = conv_gflops()
-    rate, flops = measure_training(config, batch=args.batch_size, seconds=args.seconds, compile=args.compile)
-    achieved = rate * flops / 1e9
-    print(f"threads                 {args.threads}")
+    steps = {"eager": training_step(config, batch=args.batch_size)}
+    if args.compile:
+        compile_start = time.perf_counter()
+        steps["compiled"] = training_step(config, batch=args.batch_size, compile=True)
+        compile_seconds = time.perf_counter() - compile_start
+    flops = steps["eager"][1]
+    results: dict[str, list[float]] = {"matmul": [], "conv": [], **{name: [] for name in steps}}
+    for _ in range(args.rounds):  # A B A B: each window shares the machine's load with its neighbours
+        results["matmul"].append(matmul_gflops())
+        results["conv"].append(conv_gflops())
+        for name, (step, _) in steps.items():
+            results[name].append(rate(step, batch=args.batch_size, seconds=args.seconds))
+    med = {name: median(values) for name, values in results.items()}
+    conv, matmul = med["conv"], med["matmul"]
+    print(f"threads                 {args.threads}; {args.rounds} interleaved rounds, medians (min-max)")
     print(f"model                   {config.image_size}px x{config.channels}, widths {config.widths}, "
-          f"blocks {config.blocks}, latent {config.latent_dim}")
+          f"blocks {config.blocks}, patch {config.patch}, latent {config.latent_dim}")
     print(f"batch                   {args.batch_size}")
     print(f"training FLOPs/image    {flops / 1e6:.1f} MFLOP (forward + backward)")
-    print(f"training speed          {rate:.1f} images/s")
-    print(f"achieved                {achieved:.1f} GFLOP/s")
-    print(f"float32 matmul peak     {matmul:.1f} GFLOP/s  -> {100 * achieved / matmul:.0f}% of it")
-    print(f"float32 3x3 conv peak   {conv:.1f} GFLOP/s  -> {100 * achieved / conv:.0f}% of it")
+    print(f"float32 matmul peak     {matmul:.1f} GFLOP/s ({min(results['matmul']):.1f}-{max(results['matmul']):.1f})")
+    print(f"float32 3x3 conv peak   {conv:.1f} GFLOP/s ({min(results['conv']):.1f}-{max(results['conv']):.1f})")
+    for name in steps:
+        speed = med[name]
+        achieved = speed * flops / 1e9
+        print(f"training, {name:9s}     {speed:.1f} images/s ({min(results[name]):.1f}-{max(results[name]):.1f}) = "
+              f"{achieved:.1f} GFLOP/s = {100 * achieved / conv:.0f}% of the conv peak, "
+              f"{100 * achieved / matmul:.0f}% of the matmul peak")
+    if args.compile:
+        print(f"torch.compile           {compile_seconds:.0f} s to compile; compiled / eager = "
+              f"{median([c / e for c, e in zip(results['compiled'], results['eager'])]):.2f}")
 
 
 if __name__ == "__main__":

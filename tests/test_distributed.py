@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,9 +24,12 @@ def _env():
     return env
 
 
-def _torchrun(tmp_path, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vaetool", *args]
+def _torchrun(tmp_path, *args, installed: bool = False):
+    """`torchrun -m vaetool ...`, or with `installed` the installed torchrun running the installed `vaetool` script."""
+    bin_dir = Path(sys.executable).parent
+    launcher = [str(bin_dir / "torchrun")] if installed else [sys.executable, "-m", "torch.distributed.run"]
+    program = [str(bin_dir / "vaetool")] if installed else ["-m", "vaetool"]
+    cmd = [*launcher, "--standalone", "--nproc-per-node", "2", *program, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
 
 
@@ -45,9 +49,10 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     b = load_model(tmp_path / "one" / "last.safetensors").model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-3, rtol=1e-3, msg=key)
-    # resume under torchrun continues the distributed run
+    # resume under torchrun continues the distributed run (here the installed torchrun and vaetool commands)
     more = _torchrun(tmp_path, "train", str(data), "-o", str(tmp_path / "ddp"), "--batch-size", "2",
-                     "--cache-dir", str(tmp_path / "cache"), *COMMON[:1], "6", *COMMON[2:], "--resume")
+                     "--cache-dir", str(tmp_path / "cache"), *COMMON[:1], "6", *COMMON[2:], "--resume",
+                     installed=True)
     assert more.returncode == 0, more.stderr
     assert load_model(tmp_path / "ddp" / "last.safetensors").training["step"] == 6
 

@@ -89,3 +89,36 @@ def prepare(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+class BatchGatherer:
+    """Gathers rows of a uint8 CPU tensor into a batch on `device`.
+
+    On CUDA the rows are gathered into one of two pinned (page-locked) host buffers, so the copy to
+    the GPU runs asynchronously (`non_blocking`) while the host prepares the next step; an event per
+    buffer makes sure a buffer's previous copy has finished before it is refilled. Elsewhere it is a
+    plain index and move.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._buffers: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event] = []
+        self._turn = 0
+
+    def __call__(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if not self.pinned:
+            return source[index].to(self.device)
+        shape = (len(index), *source.shape[1:])
+        if not self._buffers or self._buffers[0].shape != shape:
+            self._buffers = [torch.empty(shape, dtype=source.dtype).pin_memory() for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
+            self._turn = 0
+        buffer, event = self._buffers[self._turn], self._events[self._turn]
+        self._turn = 1 - self._turn
+        event.synchronize()  # the copy that last read this buffer is done (a no-op before the first record)
+        torch.index_select(source, 0, index, out=buffer)
+        batch = buffer.to(self.device, non_blocking=True)
+        event.record()
+        return batch

@@ -27,7 +27,7 @@ from .corrupt import corrupt, global_rand, global_randn, step_generator
 from .distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, shutdown
 from .errors import DataError, DivergenceError, OutputError
 from .model import VAE, elbo_loss
-from .runtime import autocast, prepare, resolve_device, resolve_precision
+from .runtime import BatchGatherer, autocast, prepare, resolve_device, resolve_precision
 
 DEFAULT_EPOCHS = 30
 LR_WARMUP_STEPS = 20
@@ -107,6 +107,7 @@ class _Trainer:
         self.world: World = init_world(self.device.type)
         self.callback = callback if self.world.is_main else _noop
         self.amp_dtype = resolve_precision(precision, self.device)
+        self.gather = BatchGatherer(self.device)  # pinned, asynchronous host-to-GPU copies on CUDA
         prepare(self.device)
 
     # ----- set-up -------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class _Trainer:
         cfg, p = self.config, self.progress
         rows = slice(self.world.rank * self.batch, (self.world.rank + 1) * self.batch)
         generator = step_generator(cfg.seed, p.step, self.device)
-        x = images.to_float(self.cache.images[index], self.device).contiguous(memory_format=torch.channels_last)
+        x = images.to_float(self.gather(self.cache.images, index)).contiguous(memory_format=torch.channels_last)
         if cfg.augment_flip:
             flip = global_rand((self.global_batch,), generator=generator, rows=rows, device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -1,0 +1,41 @@
+"""Device plumbing: device and precision choice, and the batch gatherer the training loop feeds from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vaetool.errors import ConfigError
+from vaetool.runtime import BatchGatherer, resolve_device, resolve_precision
+
+
+def test_gatherer_gives_the_indexed_rows_on_the_device():
+    source = torch.arange(5 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(5, 3, 4, 4)
+    gather = BatchGatherer(torch.device("cpu"))
+    for index in (torch.tensor([4, 0, 2]), torch.tensor([1]), torch.tensor([3, 3])):
+        batch = gather(source, index)
+        assert batch.dtype == torch.uint8 and torch.equal(batch, source[index])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gatherer_double_buffers_pinned_copies_on_cuda():
+    source = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    gather = BatchGatherer(torch.device("cuda"))
+    batches = [(index, gather(source, index)) for index in torch.randperm(64).view(8, 8)]
+    for index, batch in batches:  # each batch is still right after its buffer was reused
+        assert torch.equal(batch.cpu(), source[index])
+
+
+def test_device_and_precision_choices():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_precision("fp32", torch.device("cpu")) is None
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
