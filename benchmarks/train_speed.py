@@ -19,6 +19,7 @@ from common import conv_gflops, matmul_gflops, median, training_flops_per_image
 from vaetool.config import ModelConfig
 from vaetool.model import VAE, elbo_loss
 from vaetool.runtime import tune_cpu_allocator
+from vaetool.train import make_optimizer
 
 
 def _loss(model: VAE, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ def training_step(config: ModelConfig, *, batch: int, compile: bool = False):
         memory_format=torch.channels_last)
     flops = training_flops_per_image(model, _loss, x)
     net = torch.compile(model) if compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
 
     def step() -> torch.Tensor:
         out = net(x)

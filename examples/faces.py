@@ -119,23 +119,28 @@ def _relative_path(index: int, subfolders: int) -> str:
 
 
 def make_faces(out_dir: str | Path, *, count: int = 2000, size: int = 64, seed: int = 0,
-               subfolders: int = 0) -> list[Path]:
+               subfolders: int = 0, hold: dict[str, float] | None = None) -> list[Path]:
     """Write `count` face PNGs and `attributes.csv` (path relative to `out_dir`, then ATTRIBUTES) into `out_dir`.
 
     With `subfolders` > 0 the images are spread over `part_0/` ... `part_{subfolders-1}/`.
+    `hold` fixes attributes at one value for every face (the others are drawn exactly as without it).
     Existing files of the same names are replaced; other files in `out_dir` are left alone.
     Returns the image paths, in index order.
     """
     if count < 0 or size < 8 or seed < 0 or subfolders < 0:
         raise ValueError(f"need count >= 0, size >= 8, seed >= 0 and subfolders >= 0; "
                          f"got {count}, {size}, {seed}, {subfolders}")
+    hold = dict(hold or {})
+    unknown = sorted(set(hold) - set(ATTRIBUTES))
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(ATTRIBUTES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for k in range(subfolders):
         (out / f"part_{k}").mkdir(exist_ok=True)
     paths, rows = [], []
     for index in range(count):
-        attributes = face_attributes(seed, index)
+        attributes = {**face_attributes(seed, index), **hold}
         relative = _relative_path(index, subfolders)
         path = out / relative
         _write_atomic(path, _png_bytes(draw_face(attributes, size)))
@@ -163,9 +168,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--subfolders", type=int, default=0, help="spread images over K part_* folders")
+    parser.add_argument("--hold", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"give every face this attribute value (repeatable); attributes: {', '.join(ATTRIBUTES)}")
     args = parser.parse_args(argv)
     try:
-        make_faces(args.out_dir, count=args.count, size=args.size, seed=args.seed, subfolders=args.subfolders)
+        hold = {}
+        for item in args.hold:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--hold {item!r}: write NAME=VALUE, e.g. face_x=0")
+            try:
+                hold[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--hold {item!r}: {value!r} is not a number") from None
+        make_faces(args.out_dir, count=args.count, size=args.size, seed=args.seed, subfolders=args.subfolders,
+                   hold=hold)
     except ValueError as exc:
         parser.error(str(exc))
     except OSError as exc:

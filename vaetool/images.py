@@ -474,6 +474,18 @@ def _to_pil(pixels: torch.Tensor, alpha: torch.Tensor | None, *, sixteen: bool) 
     return Image.frombytes(mode, (width, height), u8.numpy().tobytes())
 
 
+# zlib level 1, as OpenCV's imwrite does by default: 3x faster than PIL's default level 6 for files about
+# 10% larger. At level 6 the PNG encoder cost a quarter as much CPU as the default model's forward pass.
+PNG_COMPRESS_LEVEL = 1
+
+
+def save_options(fmt: str, *, quality: int = 95) -> dict[str, int]:
+    """Keyword arguments for `PIL.Image.save` in format `fmt`: the JPEG/WebP quality, the PNG zlib level."""
+    if fmt in ("JPEG", "WEBP"):
+        return {"quality": quality}
+    return {"compress_level": PNG_COMPRESS_LEVEL} if fmt == "PNG" else {}
+
+
 def write_image(path: str | os.PathLike, pixels: torch.Tensor, *, alpha: torch.Tensor | None = None,
                 bit_depth: int = 8, format: str | None = None, force: bool = False, quality: int = 95) -> Path:
     """Write (C, H, W) float pixels in [0, 1] atomically; the format comes from the extension by default.
@@ -486,7 +498,7 @@ def write_image(path: str | os.PathLike, pixels: torch.Tensor, *, alpha: torch.T
     keep_alpha = alpha is not None and supports_alpha(fmt)
     sixteen = bit_depth == 16 and can_write_16bit(fmt, int(pixels.shape[0]), has_alpha=keep_alpha)
     image = _to_pil(pixels, alpha if keep_alpha else None, sixteen=sixteen)
-    options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    options = save_options(fmt, quality=quality)
     with atomic_path(path, force=force) as tmp:
         try:
             image.save(tmp, format=fmt, **options)
@@ -537,6 +549,6 @@ from .imagecache import ImageCache, build_cache, iter_batches  # noqa: E402
 __all__ = [
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "FoundImage", "DecodedImage", "ImageCache", "UnreadableImageError",
     "find_images", "load_image", "detect_channels", "read_image", "write_image", "supports_alpha",
-    "can_write_16bit", "format_for_path", "normalize_format", "make_grid", "save_grid", "build_cache",
+    "can_write_16bit", "save_options", "format_for_path", "normalize_format", "make_grid", "save_grid", "build_cache",
     "iter_batches", "to_float", "default_workers",
 ]

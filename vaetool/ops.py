@@ -73,7 +73,7 @@ def write_output(path: Path, pixels: torch.Tensor, *, force: bool = False) -> Pa
     image = Image.fromarray(u8[0].numpy() if u8.shape[0] == 1 else u8.permute(1, 2, 0).contiguous().numpy())
     encoded = io.BytesIO()
     try:
-        image.save(encoded, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+        image.save(encoded, format=fmt, **images.save_options(fmt))
     except (ValueError, KeyError, OSError) as exc:
         raise OutputError(f"{path}: cannot write a {image.mode} image as {fmt} ({exc}); use a .png output") from None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")

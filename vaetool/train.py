@@ -77,6 +77,16 @@ def _noop(event: str, data: dict[str, Any]) -> None:
     return None
 
 
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW: fused into one kernel on CUDA, the multi-tensor (foreach) version elsewhere.
+
+    On a CPU the fused version was measured about 10 ms faster per step of the default model (1-2%),
+    but it did not resume bit-exactly from a saved state here, and exact resume is worth more.
+    """
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kind)
+
+
 def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: ModelConfig | None = None,
           train_config: TrainConfig | None = None, device: str = "auto", precision: str = "auto",
           detect_channels: bool = True, resume: bool = False, force: bool = False, strict: bool = False,
@@ -168,8 +178,7 @@ class _Trainer:
         self.ema = copy.deepcopy(self.model).eval() if config.ema > 0 else None
         if self.ema is not None and resume:
             self.ema.load_state_dict({k[4:]: v for k, v in state_tensors.items() if k.startswith("ema.")})
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
+        self.optimizer = make_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay, device=self.device)
         if resume:
             ckpt.restore_optimizer(self.optimizer, state_tensors, info["optimizer_groups"])
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
