@@ -15,6 +15,17 @@ from .errors import OutputError, StorageError
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes its file private (0600); a finished output gets the mode any new file would get (0644 under
+# the usual umask). Read once at import: changing the umask is process-wide, so not safe on worker threads.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def output_error(target: str | os.PathLike, exc: OSError, *, what: str | None = None) -> OutputError:
     """One line for a failed write of `target` (described as `what`): what went wrong and what to do."""
     target = Path(target)
@@ -89,6 +100,7 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         _fsync_file(tmp_path)
         os.replace(tmp_path, target)
     except OSError as exc:

@@ -140,7 +140,7 @@ def correlate_attributes(mu: torch.Tensor, table: Mapping[str, torch.Tensor]) ->
     for name, values in table.items():
         keep = ~torch.isnan(values)
         a, z = values[keep], x[keep]
-        if len(a) < 3 or float(a.std()) == 0.0:
+        if len(a) < 3 or bool(a.max() == a.min()):  # constant: std can round to a tiny nonzero value
             continue
         a = (a - a.mean()) / a.std()
         zc = z - z.mean(0)
