@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PLAIN_LOOP = r'''
-import sys, time, torch
+import resource, sys, time, torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from vaetool.config import ModelConfig
@@ -50,8 +51,11 @@ while done < steps:
         done += 1
         if done == 5:
             start = time.perf_counter()    # after warm-up
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         if done >= steps:
             break
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps - 5)
+print(faults)
 print((steps - 5) * batch / (time.perf_counter() - start))
 '''
 
@@ -85,6 +89,7 @@ def run_vaetool(data: Path, run_dir: Path, cache_dir: Path, *, epochs: int) -> d
             marks["first_step"] = now
         elif event == "epoch":
             marks["epochs"].append(now)
+            marks.setdefault("faults", []).append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt, info["step"]))
 
     train([data], run_dir, model_config=ModelConfig(), train_config=TrainConfig(epochs=epochs, log_every=25),
           device="cpu", cache_dir=cache_dir, force=True, callback=callback)
@@ -105,10 +110,14 @@ def main() -> None:
     from train_speed import measure_training
     from vaetool.config import ModelConfig
 
+    plain_faults: list[float] = []
+
     def plain_loop() -> float:
         plain = subprocess.run([sys.executable, "-c", PLAIN_LOOP, str(data), str(args.plain_steps), "64"],
                                capture_output=True, text=True, check=True)
-        return float(plain.stdout.strip().splitlines()[-1])
+        *_, faults, rate = plain.stdout.strip().splitlines()
+        plain_faults.append(float(faults))
+        return float(rate)
 
     # Compute-only and the plain loop are measured before and after the vaetool runs: A B A on a noisy machine.
     compute_before, _ = measure_training(ModelConfig(), batch=64, seconds=args.compute_seconds)
@@ -132,6 +141,9 @@ def main() -> None:
     print(f"second run: training starts after   {second['start']:.1f} s (cache reused: {second['reused']})")
     print(f"plain pytorch/examples-style loop   {plain_rate:.1f} images/s (before {plain_before:.1f}, after "
           f"{plain_after:.1f}) -> vaetool is {e2e / plain_rate:.2f}x")
+    (f1, s1), (f2, s2) = first["faults"][:2]
+    print(f"minor page faults per step          vaetool {(f2 - f1) / max(s2 - s1, 1):.0f} (second epoch), "
+          f"plain loop {sum(plain_faults) / len(plain_faults):.0f}")
     shutil.rmtree(work, ignore_errors=True)
 
 

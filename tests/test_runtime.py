@@ -39,3 +39,19 @@ def test_device_and_precision_choices():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_streaming_commands_let_openmp_threads_sleep_and_training_does_not(monkeypatch):
+    import os
+
+    from typer.testing import CliRunner
+
+    from vaetool.cli import app
+
+    for command, expected in (("sample", "PASSIVE"), ("denoise", "PASSIVE"), ("train", None)):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        assert CliRunner().invoke(app, [command, "--help"]).exit_code == 0
+        assert os.environ.get("OMP_WAIT_POLICY") == expected, command
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own setting wins
+    CliRunner().invoke(app, ["sample", "--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

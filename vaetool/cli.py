@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -26,16 +27,24 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Commands whose model runs while worker threads decode and write images. There OpenMP's threads must
+# sleep between operations instead of spin-waiting (its default), or they take the cores those workers need:
+# measured 2x the throughput for `sample`. Training is pure arithmetic between steps and keeps the default.
+STREAMING_COMMANDS = frozenset({"encode", "decode", "sample", "interpolate", "reconstruct", "traverse", "denoise",
+                                "eval", "latent-map", "correlate"})
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also VAETOOL_DEBUG=1).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """Variational autoencoders on folders of images."""
     if debug:
-        import os
-
         os.environ["VAETOOL_DEBUG"] = "1"
+    if ctx.invoked_subcommand in STREAMING_COMMANDS:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts OpenMP: torch is not loaded yet
 
 
 app.command("train")(train_commands.train)
