@@ -25,6 +25,7 @@ do not change the amount of arithmetic).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -108,6 +109,20 @@ def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def no_file_writes():
+    """The engine with its image writer doing nothing: what is left is decoding, the model and the plumbing."""
+    from vaetool import ops
+
+    defaults = ops.OutputWriter.__init__.__kwdefaults__
+    real = defaults["write"]
+    defaults["write"] = lambda path, pixels, force=False: path
+    try:
+        yield
+    finally:
+        defaults["write"] = real
+
+
 def forward_pass(command: str, model, x: torch.Tensor, count: int) -> float:
     """Seconds for the bare model over `count` images, one in-memory batch reused: compute only."""
     batch = len(x)
@@ -143,7 +158,7 @@ def interleaved(command: str, ckpt, found: list, work: Path, batch: int, rounds:
     count = -(-len(found) // batch) * batch  # the bare model runs whole batches
     engine_pass(command, ckpt, found[:batch], work / "warm", batch)  # warm-up: threads, allocator
     forward_pass(command, model, x, batch)
-    ratios, engine_rates, bare_rates, engine_cpu, bare_cpu = [], [], [], [], []
+    ratios, engine_rates, bare_rates, engine_cpu, bare_cpu, unwritten = [], [], [], [], [], []
     for _ in range(rounds):
         start = cpu_seconds()
         engine = len(found) / engine_pass(command, ckpt, found, work / f"{command}-engine", batch)
@@ -154,10 +169,14 @@ def interleaved(command: str, ckpt, found: list, work: Path, batch: int, rounds:
         ratios.append(engine / bare)
         engine_rates.append(engine)
         bare_rates.append(bare)
+        if command != "encode":  # encode writes one file at the end: nothing to leave out
+            with no_file_writes():
+                unwritten.append(len(found) / engine_pass(command, ckpt, found, work / f"{command}-dry", batch) / bare)
     shutil.rmtree(work / f"{command}-engine", ignore_errors=True)
     med = statistics.median
     return {"engine": med(engine_rates), "bare": med(bare_rates), "ratio": med(ratios), "lo": min(ratios),
-            "hi": max(ratios), "engine_cpu": med(engine_cpu), "bare_cpu": med(bare_cpu)}
+            "hi": max(ratios), "engine_cpu": med(engine_cpu), "bare_cpu": med(bare_cpu),
+            "unwritten": med(unwritten) if unwritten else float("nan")}
 
 
 def main() -> None:
@@ -187,16 +206,17 @@ def main() -> None:
     print(f"{'':12s} {'installed command':^55s} | {f'in process, {args.rounds} rounds of {args.small} images':^76s}")
     print(f"{'command':12s} {'steady img/s':>12s} {'whole img/s':>11s} {f'RSS MiB @{args.small}':>14s} "
           f"{f'RSS MiB @{args.count}':>14s} | {'engine img/s':>12s} {'forward img/s':>13s} {'ratio (min-max)':>17s} "
-          f"{'CPU ms/img':>10s} {'fwd CPU':>8s} {'ratio':>6s}")
+          f"{'CPU ms/img':>10s} {'fwd CPU':>8s} {'ratio':>6s} {'no-write ratio':>14s}")
     for command in args.commands.split(","):
         cli = cli_runs(command, path, folders, work, args.batch_size)
         mix = interleaved(command, ckpt, found, work, args.batch_size, args.rounds)
         print(f"{command:12s} {cli['steady']:12.1f} {cli['whole']:11.1f} {cli['rss_small']:14.0f} "
               f"{cli['rss_full']:14.0f} | {mix['engine']:12.1f} {mix['bare']:13.1f} "
               f"{mix['ratio']:6.2f} ({mix['lo']:.2f}-{mix['hi']:.2f}) {mix['engine_cpu']:10.2f} {mix['bare_cpu']:8.2f} "
-              f"{mix['bare_cpu'] / mix['engine_cpu']:6.2f}", flush=True)
+              f"{mix['bare_cpu'] / mix['engine_cpu']:6.2f} {mix['unwritten']:14.2f}", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
-          f"ratios: engine / forward-only throughput (median of rounds), forward / engine CPU per image")
+          f"ratios: engine / forward-only throughput (median of rounds), forward / engine CPU per image, "
+          f"engine with its file writes left out / forward-only")
     shutil.rmtree(work, ignore_errors=True)
 
 
