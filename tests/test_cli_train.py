@@ -39,6 +39,12 @@ def test_installed_command_trains_and_info_reads_it(tmp_path):
     assert summary["parameters"] > 0
     text = _run("info", str(tmp_path / "run" / "last.safetensors"))
     assert "parameters" in text.stdout and text.returncode == 0
+    # one column of names, however long, then the values: "model.image_size  16", not "model.image_size16"
+    rows = [line.split(None, 1) for line in text.stdout.splitlines()]
+    assert all(len(row) == 2 for row in rows), text.stdout
+    assert dict(rows)["model.image_size"] == "16" and dict(rows)["training.train_images"].isdigit()
+    starts = {len(line) - len(line.split(None, 1)[1]) for line in text.stdout.splitlines()}
+    assert len(starts) == 1, text.stdout
 
 
 def test_paths_from_stdin_and_json_summary(tmp_path):

@@ -245,16 +245,18 @@ def info_command(
 
 
 def _print_info(s: dict[str, Any]) -> None:
-    lines = [f"checkpoint     {s['path']}",
-             f"format         vaetool checkpoint v{s['format_version']} (vaetool {s['vaetool_version']}, {s['created']})",
-             f"parameters     {s['parameters']:,}", f"identity       {s['identity']}"]
-    lines += [f"model.{k:<9}{v}" for k, v in s["model"].items()]
+    rows: list[tuple[str, Any]] = [
+        ("checkpoint", s["path"]),
+        ("format", f"vaetool checkpoint v{s['format_version']} (vaetool {s['vaetool_version']}, {s['created']})"),
+        ("parameters", f"{s['parameters']:,}"), ("identity", s["identity"])]
+    rows += [(f"model.{k}", v) for k, v in s["model"].items()]
     training = s["training"] or {}
-    for key in ("step", "epoch", "images", "train_images", "val_images", "world_size", "global_batch"):
-        if key in training:
-            lines.append(f"training.{key:<6}{training[key]}" if len(key) <= 6 else f"training.{key} {training[key]}")
+    rows += [(f"training.{k}", training[k]) for k in ("step", "epoch", "images", "train_images", "val_images",
+                                                      "world_size", "global_batch") if k in training]
     metrics = training.get("metrics") or {}
-    lines += [f"metric.{k:<8}{v:.4g}" if isinstance(v, float) else f"metric.{k:<8}{v}" for k, v in metrics.items()]
+    rows += [(f"metric.{k}", f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()]
     if s["train"]:
-        lines += [f"train.{k:<9}{v}" for k, v in s["train"].items() if v not in (None, [], ())]
+        rows += [(f"train.{k}", v) for k, v in s["train"].items() if v not in (None, [], ())]
+    width = max(len(name) for name, _ in rows) + 2  # one column of names, however long
+    lines = [f"{name:<{width}}{value}" for name, value in rows]
     emit("\n".join(lines))
