@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY_ARGS, make_blobs
+from conftest import make_blobs
 from vaetool.checkpoint import load_model
 from vaetool.config import ModelConfig, TrainConfig
 from vaetool.train import train

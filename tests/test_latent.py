@@ -84,6 +84,7 @@ def test_sample_count_seed_and_no_overwrite(ckpt, tmp_path):
     assert a.exit_code == 0 and len(a.stdout.splitlines()) == 6 and (tmp_path / "g.png").is_file()
     b = invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "b", "--seed", 3, "-q")
     c = invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "c", "--seed", 4, "-q", "-t", "2")
+    assert b.exit_code == 0 and c.exit_code == 0, (b.output, c.output)
     for name in os.listdir(tmp_path / "a"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert any((tmp_path / "a" / n).read_bytes() != (tmp_path / "c" / n).read_bytes() for n in os.listdir(tmp_path / "a"))

@@ -25,7 +25,7 @@ from .atomic import check_writable_dir
 from .config import ModelConfig, TrainConfig
 from .corrupt import corrupt, global_rand, global_randn, step_generator
 from .distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, shutdown
-from .errors import DataError, DivergenceError, OutputError
+from .errors import DivergenceError, OutputError
 from .model import VAE, elbo_loss
 from .runtime import BatchGatherer, autocast, prepare, resolve_device, resolve_precision
 

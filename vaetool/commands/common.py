@@ -102,6 +102,32 @@ def make_progress(quiet: bool):
                     disable=not show_progress(quiet), transient=False)
 
 
+class ImageProgress:
+    """Progress over a folder's images (engine events "start", "batch", "skip", "warning") on stderr.
+
+    A skipped file is named even with --quiet: the exit status 3 points at these lines.
+    """
+
+    def __init__(self, quiet: bool, label: str) -> None:
+        self.quiet, self.label = quiet, label
+        self.progress = make_progress(quiet)
+        self.task = None
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "start":
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=data["images"], status="")
+        elif event == "batch" and self.task is not None:
+            self.progress.update(self.task, completed=data["done"])
+        elif event == "skip":
+            warn(f"{data['path']}: {data['reason']}; skipped")
+        elif event == "warning" and not self.quiet:
+            warn(data["message"])
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 def parse_duration(text: str | None) -> float | None:
     """`90`, `90s`, `10m`, `1.5h`, `1h30m` -> seconds."""
     if text is None:

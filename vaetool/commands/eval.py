@@ -6,31 +6,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, Json, Quiet, Seed, emit, fail, handle_errors,
-                     make_progress, warn)
-
-
-class _EvalDisplay:
-    """Turns the engine's events into a progress bar and warnings on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.progress = make_progress(quiet)
-        self.task = None
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "start":
-            self.progress.start()
-            self.task = self.progress.add_task("eval", total=data["images"], status="")
-        elif event == "batch" and self.task is not None:
-            self.progress.update(self.task, completed=data["done"])
-        elif event == "skip":  # named even with --quiet: the exit status 3 points at these lines
-            warn(f"{data['path']}: {data['reason']}; skipped")
-        elif event == "warning" and not self.quiet:
-            warn(data["message"])
-
-    def close(self) -> None:
-        self.progress.stop()
+from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, ImageProgress, Json, Quiet, Seed, emit, fail,
+                     handle_errors)
 
 
 def _table(r: dict[str, Any]) -> str:
@@ -90,7 +67,7 @@ def eval_command(
     Prints a table on stdout (one JSON object with --json). Unreadable files
     are skipped with a warning each and make the exit status 3.
     """
-    display = _EvalDisplay(quiet)
+    display = ImageProgress(quiet, "eval")
     with handle_errors():
         result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
                       workers=workers, display=display)
@@ -102,7 +79,7 @@ def eval_command(
 
 
 def _run(checkpoint, data: list[str], *, iw_samples: int, batch_size: int, seed: int, device: str,
-         workers: int | None, display: _EvalDisplay):
+         workers: int | None, display: ImageProgress):
     from ..evaluate import evaluate
 
     try:  # `-` among the inputs reads paths from stdin (find_images does it)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (BatchSize, Checkpoint, Device, Json, Quiet, Seed, console, emit, handle_errors, info,
+from .common import (BatchSize, Checkpoint, Device, Json, Quiet, Seed, emit, handle_errors, info,
                      make_progress, parse_duration, positive, warn)
 
 

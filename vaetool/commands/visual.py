@@ -7,35 +7,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, Force, Json, Quiet, emit, fail, handle_errors,
-                     info, make_progress, warn)
+from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, Force, ImageProgress, Json, Quiet, emit, fail,
+                     handle_errors, info, warn)
 
 Data = Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
                                            show_default=False)]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images (default: all cores).")]
-
-
-class _EncodeDisplay:
-    """Progress of the posterior means on stderr; skipped files named as they come."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.progress = make_progress(quiet)
-        self.task = None
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "start":
-            self.progress.start()
-            self.task = self.progress.add_task("encode", total=data["images"], status="")
-        elif event == "batch" and self.task is not None:
-            self.progress.update(self.task, completed=data["done"])
-        elif event == "skip":
-            warn(f"skipped {data['path']}: {data['reason']}")
-        elif event == "warning":
-            warn(data["message"])
-
-    def close(self) -> None:
-        self.progress.stop()
 
 
 def _parse_dims(text: Optional[str]) -> Optional[list[int]]:
@@ -116,7 +93,7 @@ def latent_map(
     dim_list = _parse_dims(dims)
     if extent is not None and extent <= 0:
         raise typer.BadParameter("must be > 0", param_hint="--extent")
-    display = _EncodeDisplay(quiet)
+    display = ImageProgress(quiet, "encode")
     with handle_errors():
         from ..latentmap import latent_map as draw
 
@@ -157,7 +134,7 @@ def correlate(
     (Pearson r over the images). Prints one tab-separated line per (attribute, dimension):
     attribute, dimension, r; strongest |r| first.
     """
-    display = _EncodeDisplay(quiet)
+    display = ImageProgress(quiet, "encode")
     with handle_errors():
         from ..latentmap import correlate_folder
 
