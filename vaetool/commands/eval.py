@@ -41,7 +41,7 @@ def eval_command(
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     device: Device = "auto",
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images [default: all cores].")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images (default: all cores).")] = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (BatchSize, Checkpoint, Device, Json, Quiet, Seed, emit, handle_errors, info,
+from .common import (Checkpoint, Device, Json, Quiet, Seed, emit, handle_errors, info,
                      make_progress, parse_duration, positive, warn)
 
 
@@ -111,7 +111,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the data (default 30 when no budget is given).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps in total.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget for this invocation, e.g. 90s, 10m, 2h.")] = None,
-    batch_size: BatchSize = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per optimiser step per process; under torchrun the global batch is this x the number of processes.")] = 64,
     lr: Annotated[float, typer.Option(callback=positive, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
     seed: Seed = 0,
     device: Device = "auto",
@@ -125,7 +125,7 @@ def train(
     likelihood: Annotated[str, typer.Option(help="Decoder distribution: gaussian, laplace or bernoulli.")] = "gaussian",
     decoder_scale: Annotated[str, typer.Option(help="Gaussian/Laplace scale: optimal (its closed-form maximum-likelihood value per batch, sigma-VAE), learned, or fixed.")] = "optimal",
     fixed_scale: Annotated[float, typer.Option(callback=positive, help="Decoder std with --decoder-scale fixed (0.1 = MSE weighted by 50).")] = 0.1,
-    beta: Annotated[float, typer.Option(min=0.0, help="KL weight; 1 is the true ELBO (no tuning needed with a learned decoder scale); 0 trains a plain autoencoder.")] = 1.0,
+    beta: Annotated[float, typer.Option(min=0.0, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder.")] = 1.0,
     kl_warmup: Annotated[int, typer.Option(min=0, help="Steps over which beta rises linearly from 0.")] = 0,
     free_bits: Annotated[float, typer.Option(min=0.0, help="Minimum KL per latent dimension, nats (batch average).")] = 0.0,
     corrupt: Annotated[Optional[list[str]], typer.Option(help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
@@ -137,10 +137,10 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT exactly where it stopped.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Start over in an OUTPUT that already holds a run.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded images are cached for the next run [default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool].")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded images are cached for the next run (default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool).")] = None,
     no_disk_cache: Annotated[bool, typer.Option("--no-disk-cache", help="Keep the decoded images in memory only.")] = False,
-    cache_memory: Annotated[Optional[str], typer.Option(help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk [default: half the available RAM].")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images [default: all cores].")] = None,
+    cache_memory: Annotated[Optional[str], typer.Option(help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images (default: all cores).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start, maybe faster steps).")] = False,
     log_every: Annotated[int, typer.Option(min=1, help="Steps between progress updates (and host syncs).")] = 25,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not draw report.png and report.html at the end.")] = False,
