@@ -48,7 +48,7 @@ def test_streaming_commands_let_openmp_threads_sleep_and_training_does_not(monke
 
     from vaetool.cli import app
 
-    for command, expected in (("sample", "PASSIVE"), ("denoise", "PASSIVE"), ("train", None)):
+    for command, expected in (("sample", "PASSIVE"), ("denoise", "PASSIVE"), ("train", None), ("eval", None)):
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         assert CliRunner().invoke(app, [command, "--help"]).exit_code == 0
         assert os.environ.get("OMP_WAIT_POLICY") == expected, command
