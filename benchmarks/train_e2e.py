@@ -76,13 +76,17 @@ def run_vaetool(data: Path, run_dir: Path, cache_dir: Path, *, epochs: int) -> d
     from vaetool.train import train
 
     marks: dict = {"epochs": []}
-    start, cpu_start = time.perf_counter(), time.process_time()
+    def cpu() -> float:  # this process and its finished children (the decoding workers)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+
+    start, cpu_start = time.perf_counter(), cpu()
 
     def callback(event: str, info: dict) -> None:
         now = time.perf_counter() - start
         if event == "start":
             marks["start"] = now
-            marks["start_cpu"] = time.process_time() - cpu_start  # all threads: cores busy while decoding
+            marks["start_cpu"] = cpu() - cpu_start  # all threads and worker processes: cores busy while decoding
             marks["train_images"] = info["train"]
             marks["reused"] = info["cache_reused"]
         elif event == "step" and "first_step" not in marks:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from vaetool import images
+from vaetool import imagecache, images
 from vaetool.errors import ConfigError, DataError, OutputError
 from vaetool.images import (
     FoundImage,
@@ -389,6 +389,28 @@ def test_build_cache_strict_and_all_bad(tmp_path: Path) -> None:
         build_cache(_found(files), image_size=8, channels=3, strict=True)
     with pytest.raises(DataError, match="none of the 1 images"):
         build_cache(_found([files[-1]]), image_size=8, channels=3)
+
+
+@pytest.mark.skipif(not imagecache.use_processes(10**6, 2), reason="decoding in forked processes needs Linux")
+def test_build_cache_in_worker_processes_equals_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = _good_set(tmp_path, 40)
+    files = good[:5] + [_bad(tmp_path)] + good[5:] + [tmp_path / "missing.png"]
+    found = _found(files)
+    threaded = build_cache(found, image_size=8, channels=3, workers=2)
+    monkeypatch.setattr(imagecache, "PROCESS_MIN_IMAGES", 1)  # these few images through the worker processes
+    assert imagecache.use_processes(len(found), 2)
+    seen: list[tuple[int, int]] = []
+    for limit in (None, 1):  # in shared memory, and memory-mapped from a file
+        forked = build_cache(found, image_size=8, channels=3, workers=2, memory_limit=limit,
+                             progress=lambda done, total: seen.append((done, total)))
+        assert forked.on_disk == (limit == 1)
+        assert torch.equal(forked.images, threaded.images) and forked.paths == threaded.paths
+        assert forked.skipped == threaded.skipped and len(forked.skipped) == 2
+    assert seen[-1] == (len(found), len(found))
+    with pytest.raises(DataError, match="bad.png"):
+        build_cache(found, image_size=8, channels=3, workers=2, strict=True)
+    with pytest.raises(DataError, match="none of the 2 images"):
+        build_cache(_found(files[5:6] + files[-1:]), image_size=8, channels=3, workers=2)
 
 
 def test_build_cache_reuses_the_disk_cache(tmp_path: Path) -> None:

@@ -7,7 +7,11 @@ import errno
 import functools
 import hashlib
 import json
+import mmap
+import multiprocessing
 import os
+import signal
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -121,10 +125,12 @@ def build_cache(found: Sequence[FoundImage], *, image_size: int, channels: int,
             if progress:
                 progress(len(found), len(found))
             return cache
-    fill = functools.partial(_fill, found, decode, workers=workers, strict=strict, progress=progress)
+    processes = use_processes(len(found), workers)
+    fill = functools.partial(_fill, found, decode, workers=workers, strict=strict, progress=progress,
+                             processes=processes)
     if memory_limit is not None and len(found) * _row_bytes(shape) > memory_limit:
         return _build_mapped(found, shape, fill, cache_dir=cache_dir, key=key)
-    images = torch.empty((len(found), *shape), dtype=torch.uint8)  # (N, C, S, S)
+    images = _shared_empty(len(found), shape) if processes else torch.empty((len(found), *shape), dtype=torch.uint8)
     good, skipped = fill(images)
     cache = ImageCache(images[:len(good)], [found[i].path for i in good],
                        [(found[i].path, r) for i, r in skipped], on_disk=False, reused=False)
@@ -142,11 +148,14 @@ def _row_bytes(shape: tuple[int, int, int]) -> int:
 
 
 def _fill(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], target: torch.Tensor, *,
-          workers: int | None, strict: bool,
-          progress: Callable[[int, int], None] | None) -> tuple[list[int], list[tuple[int, str]]]:
+          workers: int | None, strict: bool, progress: Callable[[int, int], None] | None,
+          processes: bool = False) -> tuple[list[int], list[tuple[int, str]]]:
     """Decode into consecutive rows of `target`; return (indices decoded, (index, reason) skipped)."""
     from .images import default_workers
 
+    if processes:
+        return _fill_in_processes(found, decode, target, workers=workers or default_workers(), strict=strict,
+                                  progress=progress)
     good: list[int] = []
     skipped: list[tuple[int, str]] = []
     first_error: DataError | None = None
@@ -166,6 +175,76 @@ def _fill(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], t
     if not good:
         raise DataError(f"none of the {len(found)} images could be read; the first: {first_error}")
     return good, skipped
+
+
+# Building the training cache decodes every image once, with nothing else to overlap: processes, not
+# threads. PIL's per-image Python holds the GIL, so for small images two threads decoded *slower* than one
+# (5,335 against 6,361 images/s at 64x64 on 2 cores); forked processes each decode at the one-thread rate.
+PROCESS_MIN_IMAGES = 512  # below this, starting the workers costs more than it saves
+_JOB: tuple | None = None  # (paths, decode, target) for forked workers: inherited, never pickled
+
+
+def use_processes(count: int, workers: int | None) -> bool:
+    """Whether `build_cache` decodes in forked worker processes (Linux, several workers, enough images)."""
+    from .images import default_workers
+
+    forkable = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    return forkable and (workers or default_workers()) > 1 and count >= PROCESS_MIN_IMAGES
+
+
+def _shared_empty(count: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """An uninitialised uint8 (N, C, S, S) tensor in anonymous shared memory: forked workers write into it.
+    (Not /dev/shm, which containers often cap at 64 MB.)"""
+    buffer = mmap.mmap(-1, max(1, count * _row_bytes(shape)))
+    return torch.frombuffer(buffer, dtype=torch.uint8)[: count * _row_bytes(shape)].view(count, *shape)
+
+
+def _worker_start() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    torch.set_num_threads(1)  # as torch's DataLoader workers do: no OpenMP in a forked child
+
+
+def _decode_rows(bounds: tuple[int, int]) -> list[tuple[int, str, str]]:
+    """In a worker: decode rows [start, stop) into the shared target; return (index, reason, message) failures."""
+    paths, decode, target = _JOB
+    failures = []
+    for index in range(*bounds):
+        try:
+            target[index] = decode(paths[index])
+        except DataError as exc:
+            failures.append((index, _reason(exc), str(exc)))
+    return failures
+
+
+def _fill_in_processes(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], target: torch.Tensor,
+                       *, workers: int, strict: bool, progress: Callable[[int, int], None] | None,
+                       ) -> tuple[list[int], list[tuple[int, str]]]:
+    """`_fill` on forked workers, each decoding runs of rows in place; then the rows are closed up."""
+    global _JOB
+    chunk = max(16, min(256, len(found) // (8 * workers) or 16))
+    bounds = [(start, min(start + chunk, len(found))) for start in range(0, len(found), chunk)]
+    failed: dict[int, str] = {}
+    first_error: str | None = None
+    _JOB = ([item.path for item in found], decode, target)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
+            for (_, stop), failures in zip(bounds, pool.imap(_decode_rows, bounds)):  # in order: strict stops first
+                if failures and strict:
+                    raise DataError(failures[0][2])
+                for index, reason, message in failures:
+                    failed[index] = reason
+                    first_error = first_error or message
+                if progress:
+                    progress(stop, len(found))
+    finally:
+        _JOB = None
+    good = [i for i in range(len(found)) if i not in failed]
+    if not good:
+        raise DataError(f"none of the {len(found)} images could be read; the first: {first_error}")
+    for row, index in enumerate(good):  # close the gaps of skipped files; rows keep input order
+        if row != index:
+            target[row] = target[index]
+    return good, sorted(failed.items())
 
 
 def _allocate(path: str | os.PathLike, size: int) -> None:
