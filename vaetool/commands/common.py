@@ -77,6 +77,22 @@ def handle_errors() -> Iterator[None]:
             raise
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         raise fail(f"{exc.strerror or exc}{where}") from None
+    except Exception as exc:
+        # Ctrl-C inside a library's import or class set-up can surface as another error raised from the
+        # KeyboardInterrupt (seen: a RuntimeError from a dataclass in torch's lazy imports): still an interrupt.
+        if _caused_by_interrupt(exc) and not debug_enabled():
+            raise fail("interrupted", EXIT_INTERRUPTED) from None
+        raise
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def emit(value: Any, *, as_json: bool = False) -> None:
