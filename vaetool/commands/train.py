@@ -140,7 +140,7 @@ def train(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded images are cached for the next run (default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool).")] = None,
     no_disk_cache: Annotated[bool, typer.Option("--no-disk-cache", help="Keep the decoded images in memory only.")] = False,
     cache_memory: Annotated[Optional[str], typer.Option(help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Workers decoding images: processes on Linux from 512 images on, else threads (default: all cores).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start, maybe faster steps).")] = False,
     log_every: Annotated[int, typer.Option(min=1, help="Steps between progress updates (and host syncs).")] = 25,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not draw report.png and report.html at the end.")] = False,
