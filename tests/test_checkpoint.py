@@ -100,10 +100,10 @@ def test_missing_path(tmp_path):
 def test_atomic_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
     import os
 
-    from vaetool.atomic import FILE_MODE, atomic_write_bytes
+    from vaetool.atomic import atomic_write_bytes, file_mode
 
     mask = os.umask(0o022)
     os.umask(mask)
     target = atomic_write_bytes(tmp_path / "out.bin", b"data")
-    assert FILE_MODE == 0o666 & ~mask
-    assert target.stat().st_mode & 0o777 == FILE_MODE  # not mkstemp's 0600
+    assert file_mode() == 0o666 & ~mask
+    assert target.stat().st_mode & 0o777 == file_mode()  # not mkstemp's 0600

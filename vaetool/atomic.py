@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -15,15 +16,21 @@ from .errors import OutputError, StorageError
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 usually).
 
-
-# mkstemp makes its file private (0600); a finished output gets the mode any new file would get (0644 under
-# the usual umask). Read once at import: changing the umask is process-wide, so not safe on worker threads.
-FILE_MODE = 0o666 & ~_umask()
+    mkstemp makes its file private (0600); finished outputs get this mode instead. Linux reports the
+    umask in /proc; elsewhere it is read by setting it, which is process-wide, so only once.
+    """
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as handle:
+            mask = next((int(line.split()[1], 8) for line in handle if line.startswith("Umask:")), None)
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def output_error(target: str | os.PathLike, exc: OSError, *, what: str | None = None) -> OutputError:
@@ -100,7 +107,7 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, FILE_MODE)
+        os.chmod(tmp_path, file_mode())
         _fsync_file(tmp_path)
         os.replace(tmp_path, target)
     except OSError as exc:
