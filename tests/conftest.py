@@ -34,6 +34,24 @@ def make_blobs(folder: Path, count: int = 12, size: int = 16, seed: int = 0, mod
     return paths
 
 
+def save_tiny_checkpoint(path: Path) -> Path:
+    """An untrained, seeded 16 px model (widths 8,16, latent 4) saved as a checkpoint."""
+    import torch
+
+    from vaetool.checkpoint import save_model
+    from vaetool.config import ModelConfig
+    from vaetool.model import VAE
+
+    torch.manual_seed(0)
+    return save_model(path, VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4)))
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """The tiny checkpoint, shared by the command tests (a module may define its own `ckpt`)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors")
+
+
 @pytest.fixture
 def blob_folder(tmp_path: Path) -> Path:
     make_blobs(tmp_path / "data", count=12)

@@ -14,21 +14,10 @@ from typer.testing import CliRunner
 
 import vaetool
 from conftest import make_blobs
-from vaetool.checkpoint import save_model
 from vaetool.cli import app
-from vaetool.config import ModelConfig
 from vaetool.latents import load_latents, slerp, lerp
-from vaetool.model import VAE
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_model(path, VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4)))
-    return path
 
 
 @pytest.fixture

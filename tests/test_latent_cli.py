@@ -15,25 +15,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import make_blobs
-from vaetool.checkpoint import save_model
 from vaetool.cli import app
-from vaetool.config import ModelConfig
 from vaetool.latents import load_latents
-from vaetool.model import VAE
 
 runner = CliRunner()
 
 
 def invoke(*args, stdin: str | None = None):
     return runner.invoke(app, [str(a) for a in args], input=stdin)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_model(path, VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4)))
-    return path
 
 
 @pytest.fixture

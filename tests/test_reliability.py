@@ -100,14 +100,6 @@ def assert_valid_image(path: Path) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_model(path, VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("hostile") / "h"
     return root, make_hostile_folder(root)
