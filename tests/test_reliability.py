@@ -683,28 +683,17 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
     assert len(_assert_no_partial_outputs(out)) == 10 and snapshot(data) == before
 
 
-class _FullDisk:
-    """A file object whose writes stop half way with ENOSPC."""
-
-    def __init__(self, path, mode="r", *args, **kwargs):
-        self.handle = open(path, mode, *args, **kwargs)
-
-    def write(self, data):
-        self.handle.write(bytes(data)[: len(data) // 2])
-        raise _disk_full()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
-
-
 def test_disk_full_in_the_latent_commands_and_training(ckpt, blob_folder, tmp_path, monkeypatch):
     import vaetool.ops
 
     before = snapshot(blob_folder)
-    monkeypatch.setattr(vaetool.ops, "open", _FullDisk, raising=False)  # per-image writes of reconstruct
+
+    def write_half_then_fill_up(path, data):
+        with open(path, "wb") as handle:
+            handle.write(bytes(data)[: len(data) // 2])
+        raise _disk_full()
+
+    monkeypatch.setattr(vaetool.ops, "write_file", write_half_then_fill_up)  # per-image writes of reconstruct
     rec = invoke("reconstruct", ckpt, blob_folder, "-o", tmp_path / "rec", "-q")
     assert rec.exit_code == 1 and rec.stdout == ""
     one_error_line(rec, "No space left on device")

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from vaetool.errors import ConfigError
-from vaetool.runtime import BatchGatherer, resolve_device, resolve_precision
+from vaetool.config import ModelConfig
+from vaetool.model import VAE
+from vaetool.runtime import BatchGatherer, cpu_has_native_bf16, resolve_device, resolve_precision
 
 
 def test_gatherer_gives_the_indexed_rows_on_the_device():
@@ -30,7 +32,10 @@ def test_device_and_precision_choices():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     assert resolve_precision("fp32", torch.device("cpu")) is None
-    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("auto", torch.device("cpu")) is None  # inference: float32 on any CPU
+    native = torch.bfloat16 if cpu_has_native_bf16() else None  # training: bf16 where the CPU has it
+    assert resolve_precision("auto", torch.device("cpu"), training=True) == native
+    assert resolve_precision("fp32", torch.device("cpu"), training=True) is None
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", torch.device("cpu"))
@@ -75,3 +80,19 @@ def test_an_error_raised_from_a_ctrl_c_is_reported_as_an_interrupt():
     with pytest.raises(ValueError):  # any other unexpected error is still a bug with its traceback
         with handle_errors():
             raise ValueError("a bug")
+
+
+def test_bf16_autocast_keeps_the_layers_at_the_ends_in_float32():
+    model = VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4, blocks=1))
+    seen = {}
+    layers = {"first conv": model.encoder.stages[0][0], "second conv": model.encoder.stages[1][0],
+              "encoder head": model.encoder.head, "decoder head": model.decoder.head, "last conv": model.decoder.out}
+    for name, layer in layers.items():
+        layer.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 3, 16, 16))
+    assert seen == {"first conv": torch.float32, "second conv": torch.bfloat16, "encoder head": torch.float32,
+                    "decoder head": torch.float32, "last conv": torch.float32}
+    assert out.logits.dtype == out.posterior.mu.dtype == torch.float32
+    plain = model(torch.rand(2, 3, 16, 16))  # without autocast everything is float32, as before
+    assert plain.logits.dtype == torch.float32

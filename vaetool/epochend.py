@@ -16,7 +16,6 @@ from . import images
 from .corrupt import step_generator
 from .distributed import all_reduce_sum, barrier
 from .model import VAE
-from .runtime import autocast
 
 GRID_SAMPLES = 64
 GRID_RECONSTRUCTIONS = 16
@@ -54,7 +53,7 @@ class EpochEnd:
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
-        """Validation -ELBO (beta = 1, fixed noise) and PSNR of posterior-mean reconstructions."""
+        """Validation -ELBO (beta = 1, fixed noise) and PSNR of posterior-mean reconstructions, in float32."""
         if len(self.val_index) == 0:
             return {}
         model = self._eval_model().eval()
@@ -64,11 +63,11 @@ class EpochEnd:
             index = shard[start: start + self.batch]
             x = images.to_float(self.cache.images[index], self.device).contiguous(memory_format=torch.channels_last)
             generator = step_generator(self.config.seed, k, self.device, stream=1)
-            with autocast(self.device, self.amp_dtype):
-                posterior = model.encode(x)
-                z = posterior.sample(generator)
-                logits = model.decode(z)
-                mean_logits = model.decode(posterior.mode())
+            # float32 even when training in bf16: the figures must agree with `vaetool eval`.
+            posterior = model.encode(x)
+            z = posterior.sample(generator)
+            logits = model.decode(z)
+            mean_logits = model.decode(posterior.mode())
             recon = -model.log_likelihood(x, logits)
             kl = posterior.kl()
             mse = (model.mean_image(mean_logits) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)

@@ -303,7 +303,8 @@ def _flatten(image: Image.Image, channels: int, background: tuple[int, int, int]
     if image.mode in ("LA", "RGBA"):
         canvas = Image.new("RGBA", image.size, (*background, 255))
         image = Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
-    return image.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    return image if image.mode == mode else image.convert(mode)  # convert() copies even to the same mode
 
 
 def _draft_size(image_size: int, fit: str) -> Callable[[tuple[int, int]], tuple[int, int]]:
@@ -318,6 +319,8 @@ def _draft_size(image_size: int, fit: str) -> Callable[[tuple[int, int]], tuple[
 def _fit(image: Image.Image, image_size: int, fit: str, background: tuple[int, int, int]) -> Image.Image:
     """Crop: shorter side to `image_size`, centre crop. Pad: longer side, centred on `background`."""
     w, h = image.size
+    if w == h == image_size:  # already the size: nothing to resample (resize() would copy)
+        return image
     if fit == "crop":
         side = min(w, h)
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)

@@ -62,6 +62,17 @@ def global_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` in float32 even under bf16/fp16 autocast.
+
+    Used for the layers that touch pixels or the latent (the first and last convolution, the two
+    linear heads): measured on CPU, a bf16 first convolution alone made a 400-step run end 2,000 nats
+    worse, while these four layers cost a few percent of the step.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 def _groups(width: int) -> int:
     return math.gcd(width, 8)
 
@@ -107,8 +118,12 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> DiagonalGaussian:
         if self.patch > 1:
             x = F.pixel_unshuffle(x, self.patch)  # (B, 4C, H/2, W/2)
-        h = self.stages(x)  # (B, W_last, s, s)
-        mu, logvar = self.head(h.flatten(1)).float().chunk(2, dim=1)  # (B, D) each
+        first, *rest = self.stages[0]
+        h = _full_precision(first, x)
+        for layer in rest:
+            h = layer(h)
+        h = self.stages[1:](h)  # (B, W_last, s, s)
+        mu, logvar = _full_precision(self.head, h.flatten(1)).chunk(2, dim=1)  # (B, D) each, float32
         return DiagonalGaussian(mu, logvar)
 
 
@@ -136,8 +151,8 @@ class Decoder(nn.Module):
             _icnr_(self.out, config.patch**2)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.head(z)).view(-1, *self.shape)  # (B, W_last, s, s)
-        out = self.out(self.stages(h))  # (B, C * patch^2, H/patch, W/patch)
+        h = F.silu(_full_precision(self.head, z)).view(-1, *self.shape)  # (B, W_last, s, s)
+        out = _full_precision(self.out, self.stages(h))  # (B, C * patch^2, H/patch, W/patch), float32
         return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out  # (B, C, H, W) logits
 
 

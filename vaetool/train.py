@@ -114,7 +114,7 @@ class _Trainer(EpochEnd):
         self.device = resolve_device(device)
         self.world: World = init_world(self.device.type)
         self.callback = callback if self.world.is_main else _noop
-        self.amp_dtype = resolve_precision(precision, self.device)
+        self.amp_dtype = resolve_precision(precision, self.device, training=True)
         self.gather = BatchGatherer(self.device)  # pinned, asynchronous host-to-GPU copies on CUDA
         prepare(self.device)
 
