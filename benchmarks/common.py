@@ -21,10 +21,11 @@ def matmul_gflops(size: int = 1024, seconds: float = 2.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def conv_gflops(batch: int = 64, channels: int = 64, size: int = 32, seconds: float = 2.0) -> float:
-    """float32 3x3 convolution throughput (forward), channels_last, GFLOP/s."""
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+def conv_gflops(batch: int = 64, channels: int = 64, size: int = 32, seconds: float = 2.0,
+                dtype: torch.dtype = torch.float32) -> float:
+    """3x3 convolution throughput (forward), channels_last, GFLOP/s, in float32 or bf16."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     flops = 2 * batch * channels * channels * 9 * size * size
     with torch.inference_mode():
         for _ in range(3):

@@ -89,6 +89,7 @@ def run_vaetool(data: Path, run_dir: Path, cache_dir: Path, *, epochs: int) -> d
             marks["start_cpu"] = cpu() - cpu_start  # all threads and worker processes: cores busy while decoding
             marks["train_images"] = info["train"]
             marks["reused"] = info["cache_reused"]
+            marks["precision"] = info["precision"]
         elif event == "step" and "first_step" not in marks:
             marks["first_step"] = now
         elif event == "epoch":
@@ -141,7 +142,7 @@ def main() -> None:
     print(f"first epoch (incl. decode)          {first['epochs'][0]:.1f} s")
     print(f"second epoch end to end             {epoch2:.1f} s = {e2e:.1f} images/s")
     print(f"compute only (in-memory tensors)    {compute:.1f} images/s (before {compute_before:.1f}, after "
-          f"{compute_after:.1f}) -> end to end is {100 * e2e / compute:.1f}%")
+          f"{compute_after:.1f}; {first['precision']}, as vaetool trained) -> end to end is {100 * e2e / compute:.1f}%")
     print(f"second run: training starts after   {second['start']:.1f} s (cache reused: {second['reused']})")
     print(f"plain pytorch/examples-style loop   {plain_rate:.1f} images/s (before {plain_before:.1f}, after "
           f"{plain_after:.1f}) -> vaetool is {e2e / plain_rate:.2f}x")

@@ -3,9 +3,11 @@
     python benchmarks/train_speed.py [--batch-size 64] [--seconds 10] [--rounds 3] [--threads 2] [--compile]
 
 Prints images/s, model FLOPs per image (torch.utils.flop_counter), achieved GFLOP/s, and the
-float32 matmul and 3x3-conv GFLOP/s measured in the same run, in interleaved windows (peak, training,
-peak, training, ...) so that each figure shares the machine's load with its neighbours; with
-`--compile`, torch.compile'd training is timed in the same rounds.
+float32 matmul and float32 and bf16 3x3-conv GFLOP/s measured in the same run, in interleaved
+windows (peak, training, peak, training, ...) so that each figure shares the machine's load with its
+neighbours. Training is timed in float32 and, where `vaetool train` defaults to it (CPUs with native
+bf16), in bf16 autocast as the trainer runs it; with `--compile`, torch.compile'd training (at the
+default precision) is timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ import torch
 from common import conv_gflops, matmul_gflops, median, training_flops_per_image
 from vaetool.config import ModelConfig
 from vaetool.model import VAE, elbo_loss
-from vaetool.runtime import tune_cpu_allocator
+from vaetool.runtime import autocast, resolve_precision, tune_cpu_allocator
 from vaetool.train import make_optimizer
+
+CPU = torch.device("cpu")
 
 
 def _loss(model: VAE, x: torch.Tensor) -> torch.Tensor:
     return elbo_loss(model, x, model(x)).loss
 
 
-def training_step(config: ModelConfig, *, batch: int, compile: bool = False):
-    """(step function, FLOPs per image): the same step vaetool's trainer runs, on one in-memory batch."""
+def training_step(config: ModelConfig, *, batch: int, compile: bool = False, precision: str = "auto"):
+    """(step function, FLOPs per image): the same step vaetool's trainer runs, on one in-memory batch, at
+    `precision` ("auto": what `vaetool train` picks on this CPU)."""
+    amp_dtype = resolve_precision(precision, CPU, training=True)
     torch.manual_seed(0)
     model = VAE(config).to(memory_format=torch.channels_last)
     x = torch.rand(batch, config.channels, config.image_size, config.image_size).contiguous(
@@ -37,7 +43,8 @@ def training_step(config: ModelConfig, *, batch: int, compile: bool = False):
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
 
     def step() -> torch.Tensor:
-        out = net(x)
+        with autocast(CPU, amp_dtype):
+            out = net(x)
         terms = elbo_loss(model, x, out)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
@@ -59,9 +66,10 @@ def rate(step, *, batch: int, seconds: float) -> float:
     return count * batch / (time.perf_counter() - start)
 
 
-def measure_training(config: ModelConfig, *, batch: int, seconds: float, compile: bool = False) -> tuple[float, float]:
+def measure_training(config: ModelConfig, *, batch: int, seconds: float, compile: bool = False,
+                     precision: str = "auto") -> tuple[float, float]:
     """(images/s, FLOPs per image) of the trainer's step on in-memory tensors."""
-    step, flops = training_step(config, batch=batch, compile=compile)
+    step, flops = training_step(config, batch=batch, compile=compile, precision=precision)
     return rate(step, batch=batch, seconds=seconds), flops
 
 
@@ -76,37 +84,48 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     config = ModelConfig()
-    steps = {"eager": training_step(config, batch=args.batch_size)}
+    default = "bf16" if resolve_precision("auto", CPU, training=True) == torch.bfloat16 else "fp32"
+    steps = {"fp32": training_step(config, batch=args.batch_size, precision="fp32")}
+    if default == "bf16":
+        steps["bf16"] = training_step(config, batch=args.batch_size, precision="bf16")
     if args.compile:
         compile_start = time.perf_counter()
         steps["compiled"] = training_step(config, batch=args.batch_size, compile=True)
         compile_seconds = time.perf_counter() - compile_start
-    flops = steps["eager"][1]
-    results: dict[str, list[float]] = {"matmul": [], "conv": [], **{name: [] for name in steps}}
+    flops = steps["fp32"][1]
+    results: dict[str, list[float]] = {"matmul": [], "conv": [], "conv_bf16": [], **{name: [] for name in steps}}
     for _ in range(args.rounds):  # A B A B: each window shares the machine's load with its neighbours
         results["matmul"].append(matmul_gflops())
         results["conv"].append(conv_gflops())
+        results["conv_bf16"].append(conv_gflops(dtype=torch.bfloat16))
         for name, (step, _) in steps.items():
             results[name].append(rate(step, batch=args.batch_size, seconds=args.seconds))
     med = {name: median(values) for name, values in results.items()}
-    conv, matmul = med["conv"], med["matmul"]
+    conv, matmul, conv_bf16 = med["conv"], med["matmul"], med["conv_bf16"]
+
+    def spread(name: str) -> str:
+        return f"{min(results[name]):.1f}-{max(results[name]):.1f}"
+
     print(f"threads                 {args.threads}; {args.rounds} interleaved rounds, medians (min-max)")
     print(f"model                   {config.image_size}px x{config.channels}, widths {config.widths}, "
           f"blocks {config.blocks}, patch {config.patch}, latent {config.latent_dim}")
-    print(f"batch                   {args.batch_size}")
+    print(f"batch                   {args.batch_size}; vaetool train's default precision here: {default}")
     print(f"training FLOPs/image    {flops / 1e6:.1f} MFLOP (forward + backward)")
-    print(f"float32 matmul peak     {matmul:.1f} GFLOP/s ({min(results['matmul']):.1f}-{max(results['matmul']):.1f})")
-    print(f"float32 3x3 conv peak   {conv:.1f} GFLOP/s ({min(results['conv']):.1f}-{max(results['conv']):.1f})")
+    print(f"float32 matmul peak     {matmul:.1f} GFLOP/s ({spread('matmul')})")
+    print(f"float32 3x3 conv peak   {conv:.1f} GFLOP/s ({spread('conv')})")
+    print(f"bf16 3x3 conv peak      {conv_bf16:.1f} GFLOP/s ({spread('conv_bf16')})")
     for name in steps:
         speed = med[name]
         achieved = speed * flops / 1e9
-        print(f"training, {name:9s}     {speed:.1f} images/s ({min(results[name]):.1f}-{max(results[name]):.1f}) = "
-              f"{achieved:.1f} GFLOP/s = {100 * achieved / conv:.0f}% of the conv peak, "
-              f"{100 * achieved / matmul:.0f}% of the matmul peak")
+        peak = conv_bf16 if name == "bf16" or (name == "compiled" and default == "bf16") else conv
+        print(f"training, {name:9s}     {speed:.1f} images/s ({spread(name)}) = {achieved:.1f} GFLOP/s = "
+              f"{100 * achieved / conv:.0f}% of the float32 conv peak"
+              + (f", {100 * achieved / peak:.0f}% of the bf16 conv peak" if peak is not conv else ""))
+    if default == "bf16":
+        print(f"bf16 / fp32             {median([b / f for b, f in zip(results['bf16'], results['fp32'])]):.2f}")
     if args.compile:
-        print(f"torch.compile           {compile_seconds:.0f} s to compile; compiled / eager = "
-              f"{median([c / e for c, e in zip(results['compiled'], results['eager'])]):.2f}")
-
+        print(f"torch.compile           {compile_seconds:.0f} s to compile; compiled / {default} = "
+              f"{median([c / e for c, e in zip(results['compiled'], results[default])]):.2f}")
 
 if __name__ == "__main__":
     main()
