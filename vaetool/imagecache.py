@@ -71,18 +71,31 @@ def ordered_map(fn: Callable[[T], object], items: Iterable[T], *, workers: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+DECODE_CHUNK = 16  # most images per thread task: one task per image cost more in hand-offs than a small PNG's decode
+
+
 def _decoded(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], *, workers: int | None,
              window: int) -> Iterator[tuple[FoundImage, torch.Tensor | None, DataError | None]]:
     """(item, uint8 image, None) or (item, None, the DataError) for each item, in order."""
     from .images import default_workers
 
-    futures = ordered_map(lambda f: decode(f.path), found, workers=workers or default_workers(), window=window)
-    with contextlib.closing(futures):  # stopping early cancels the decodes not yet started
-        for item, future in futures:
+    def decode_all(items: Sequence[FoundImage]) -> list[tuple[torch.Tensor | None, DataError | None]]:
+        results: list[tuple[torch.Tensor | None, DataError | None]] = []
+        for item in items:
             try:
-                yield item, future.result(), None
+                results.append((decode(item.path), None))
             except DataError as exc:
-                yield item, None, exc
+                results.append((None, exc))
+        return results
+
+    workers = workers or default_workers()
+    size = max(1, min(DECODE_CHUNK, window // (2 * workers)))  # at least two tasks per thread in the window
+    chunks = (found[start:start + size] for start in range(0, len(found), size))
+    futures = ordered_map(decode_all, chunks, workers=workers, window=max(2 * workers, window // size))
+    with contextlib.closing(futures):  # stopping early cancels the decodes not yet started
+        for items, future in futures:
+            for item, (image, error) in zip(items, future.result()):
+                yield item, image, error
 
 
 def _reason(exc: DataError) -> str:

@@ -115,7 +115,7 @@ def train(
     lr: Annotated[float, typer.Option(callback=positive, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
     seed: Seed = 0,
     device: Device = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it and on CPUs with native bf16, else fp32), fp32, bf16, fp16.")] = "auto",
     image_size: Annotated[int, typer.Option(min=1, help="Images are resized and centre-cropped to this square size.")] = 64,
     channels: Annotated[str, typer.Option(help="auto (1 if every image is grayscale, else 3), 1 or 3.")] = "auto",
     latent_dim: Annotated[int, typer.Option(min=1, help="Size of the latent vector z.")] = 64,
