@@ -8,7 +8,8 @@ Two measurements per command:
 1. The installed `vaetool` in a fresh process, on a small folder and on the full one. The steady rate
    is (count - small) / (t_full - t_small), which cancels the start-up (Python, torch, checkpoint) that
    any command pays once. Peak RSS is each child's own (wait4): small vs full shows whether memory
-   stays flat in folder size.
+   stays flat in folder size. The child's user and kernel CPU per image (same difference) show how much
+   of the work is the operating system's: creating, writing and renaming thousands of small files.
 2. How close end to end comes to compute only: in this process, rounds that alternate the engine's
    streaming pass (decode on worker threads, model, background writes) over `--small` images with the
    bare model over the same number of images held in memory. Each round gives a ratio of rates;
@@ -68,15 +69,16 @@ def trained_model(folder: Path, run_dir: Path, seconds: float) -> Path:
 # ------------------------------------------------------------------------------- the installed command
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one child process: its own peak, not the max over all children."""
+def timed(cmd: list[str]) -> tuple[float, float, float, float]:
+    """(wall seconds, peak RSS in MiB, user CPU s, kernel CPU s) of one child process: its own peak, not the
+    max over all children."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime, usage.ru_stime  # ru_maxrss is KiB on Linux
 
 
 def command_line(command: str, ckpt: Path, folder: Path, count: int, out: Path, batch: int) -> list[str]:
@@ -98,7 +100,9 @@ def cli_runs(command: str, ckpt: Path, folders: dict[int, Path], work: Path, bat
         shutil.rmtree(out, ignore_errors=True)
         Path(f"{out}.safetensors").unlink(missing_ok=True)
     steady = (full - small) / max(runs[full][0] - runs[small][0], 1e-9)
-    return {"steady": steady, "whole": full / runs[full][0], "rss_small": runs[small][1], "rss_full": runs[full][1]}
+    per_image = lambda k: 1000 * (runs[full][k] - runs[small][k]) / (full - small)  # noqa: E731  steady CPU ms
+    return {"steady": steady, "whole": full / runs[full][0], "rss_small": runs[small][1], "rss_full": runs[full][1],
+            "user": per_image(2), "sys": per_image(3)}
 
 
 # ----------------------------------------------------------------------- engine vs bare model, in process
@@ -214,15 +218,15 @@ def main() -> None:
     found = find_images([folders[args.small]])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, 64x64 RGB, "
           f"default model; load average at start {os.getloadavg()[0]:.1f}")
-    print(f"{'':12s} {'installed command':^55s} | {f'in process, {args.rounds} rounds of {args.small} images':^76s}")
+    print(f"{'':12s} {'installed command':^81s} | {f'in process, {args.rounds} rounds of {args.small} images':^76s}")
     print(f"{'command':12s} {'steady img/s':>12s} {'whole img/s':>11s} {f'RSS MiB @{args.small}':>14s} "
-          f"{f'RSS MiB @{args.count}':>14s} | {'engine img/s':>12s} {'forward img/s':>13s} {'ratio (min-max)':>17s} "
+          f"{f'RSS MiB @{args.count}':>14s} {'user ms/img':>11s} {'kernel ms/img':>13s} | {'engine img/s':>12s} {'forward img/s':>13s} {'ratio (min-max)':>17s} "
           f"{'CPU ms/img':>10s} {'fwd CPU':>8s} {'ratio':>6s} {'no-write ratio':>14s}")
     for command in args.commands.split(","):
         cli = cli_runs(command, path, folders, work, args.batch_size)
         mix = interleaved(command, ckpt, found, work, args.batch_size, args.rounds)
         print(f"{command:12s} {cli['steady']:12.1f} {cli['whole']:11.1f} {cli['rss_small']:14.0f} "
-              f"{cli['rss_full']:14.0f} | {mix['engine']:12.1f} {mix['bare']:13.1f} "
+              f"{cli['rss_full']:14.0f} {cli['user']:11.3f} {cli['sys']:13.3f} | {mix['engine']:12.1f} {mix['bare']:13.1f} "
               f"{mix['ratio']:6.2f} ({mix['lo']:.2f}-{mix['hi']:.2f}) {mix['engine_cpu']:10.2f} {mix['bare_cpu']:8.2f} "
               f"{mix['bare_cpu'] / mix['engine_cpu']:6.2f} {mix['unwritten']:14.2f}", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
