@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where the face folders are kept")
     parser.add_argument("--checkpoint", type=Path, help="a trained default-architecture model (else one is trained)")
     parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--out-dir", type=Path, help="where the commands write (default: a temporary folder); "
+                        "/dev/shm takes the disk out of the measurement")
     args = parser.parse_args()
     from vaetool import ops, runtime
     from vaetool.checkpoint import load_model
@@ -223,12 +225,16 @@ def main() -> None:
           f"{f'RSS MiB @{args.count}':>14s} {'user ms/img':>11s} {'kernel ms/img':>13s} | {'engine img/s':>12s} {'forward img/s':>13s} {'ratio (min-max)':>17s} "
           f"{'CPU ms/img':>10s} {'fwd CPU':>8s} {'ratio':>6s} {'no-write ratio':>14s}")
     for command in args.commands.split(","):
-        cli = cli_runs(command, path, folders, work, args.batch_size)
-        mix = interleaved(command, ckpt, found, work, args.batch_size, args.rounds)
+        outputs = Path(tempfile.mkdtemp(prefix="vaetool-infer-out-", dir=args.out_dir)) if args.out_dir else work
+        cli = cli_runs(command, path, folders, outputs, args.batch_size)
+        mix = interleaved(command, ckpt, found, outputs, args.batch_size, args.rounds)
+        if outputs != work:
+            shutil.rmtree(outputs, ignore_errors=True)
         print(f"{command:12s} {cli['steady']:12.1f} {cli['whole']:11.1f} {cli['rss_small']:14.0f} "
               f"{cli['rss_full']:14.0f} {cli['user']:11.3f} {cli['sys']:13.3f} | {mix['engine']:12.1f} {mix['bare']:13.1f} "
               f"{mix['ratio']:6.2f} ({mix['lo']:.2f}-{mix['hi']:.2f}) {mix['engine_cpu']:10.2f} {mix['bare_cpu']:8.2f} "
               f"{mix['bare_cpu'] / mix['engine_cpu']:6.2f} {mix['unwritten']:14.2f}", flush=True)
+    print(f"outputs written under {args.out_dir or tempfile.gettempdir()}")
     print(f"load average at end {os.getloadavg()[0]:.1f}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"ratios: engine / forward-only throughput (median of rounds), forward / engine CPU per image, "
           f"engine with its file writes left out / forward-only")

@@ -66,3 +66,17 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_write_image_png_fast_path_matches_the_pil_path(tmp_path):
+    from vaetool.images import write_image
+
+    pixels = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(1))
+    pixels[0, 0, 0] = float("nan")  # written as 0, as the PIL path does
+    for channels in (1, 3):
+        x = pixels[:channels]
+        fast = write_image(tmp_path / f"fast{channels}.png", x, durable=False)
+        slow = write_image(tmp_path / f"slow{channels}.tif", x)  # TIFF goes through PIL
+        np.testing.assert_array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(slow)))
+    alpha = write_image(tmp_path / "alpha.png", pixels, alpha=torch.ones(1, 6, 5))  # alpha: PIL's writer
+    assert Image.open(alpha).mode == "RGBA"

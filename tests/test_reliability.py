@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_ARGS, make_blobs
 from hostile import BAD, make_hostile_folder
+import vaetool.imagewrite
 from vaetool import checkpoint as ckpt_module
 from vaetool.checkpoint import FORMAT_VERSION, load_model, read_metadata, save_model
 from vaetool.cli import app
@@ -661,19 +662,19 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
     make_blobs(data, count=10, size=24)
     before = snapshot(data)
     out = tmp_path / "out"
-    real_save = Image.Image.save
+    real_write = vaetool.imagewrite.write_file
     calls = []
 
-    def save_until_full(self, fp, *args, **kwargs):
-        calls.append(fp)
+    def write_until_full(path, data):
+        calls.append(path)
         if len(calls) <= 4:
-            return real_save(self, fp, *args, **kwargs)
-        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n partial")  # the disk fills up mid-file
+            return real_write(path, data)
+        Path(path).write_bytes(bytes(data)[: len(data) // 2])  # the disk fills up mid-file
         raise _disk_full()
 
-    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    monkeypatch.setattr(vaetool.imagewrite, "write_file", write_until_full)
     full = invoke("denoise", ckpt, data, "-o", out, "--workers", 1, "--batch-size", 4, "--device", "cpu", "-q")
-    monkeypatch.setattr(Image.Image, "save", real_save)
+    monkeypatch.undo()
     assert full.exit_code == 1, full.output
     one_error_line(full, "No space left on device", "free some space")
     written = _assert_no_partial_outputs(out)

@@ -89,11 +89,12 @@ def check_writable_dirs(targets: Iterable[str | os.PathLike]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, force: bool = False, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` on success.
 
     The temporary file lives in the same folder so the final `os.replace` is atomic; a crash
     leaves at most a hidden `.name.tmp-*` file, never a half-written file under the final name.
+    `durable` fsyncs the file before the rename, so that not even a power cut leaves it empty.
     """
     target = Path(target)
     if target.exists() and not force:
@@ -108,7 +109,8 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
     try:
         yield tmp_path
         os.chmod(tmp_path, file_mode())
-        _fsync_file(tmp_path)
+        if durable:
+            _fsync_file(tmp_path)
         os.replace(tmp_path, target)
     except OSError as exc:
         remove_quietly(tmp_path)
@@ -116,6 +118,17 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
     except BaseException:
         remove_quietly(tmp_path)
         raise
+
+
+def write_file(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Create or truncate `path` and write all of `data`: three system calls, no Python file object."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes, *, force: bool = False) -> Path:

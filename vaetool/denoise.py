@@ -299,8 +299,9 @@ class _Pipeline:
         denoised = join_outputs(torch.cat(job.outputs), job.layout)  # (C, H, W)
         job.outputs = []
         result = mix(denoised, job.image.pixels, self.strength)
+        # Not fsynced, like the other folder commands: --skip-existing rewrites the empty files a power cut can leave.
         return images.write_image(job.task.output, result, alpha=job.image.alpha, bit_depth=job.image.bit_depth,
-                                  force=self.force or job.task.redo)
+                                  force=self.force or job.task.redo, durable=False)
 
     def _harvest(self, writes: deque[tuple[_Job, Future]], *, final: bool) -> None:
         """Report finished writes in order; wait for the oldest while too many tiles await writing (or at the end)."""

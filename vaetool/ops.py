@@ -24,9 +24,10 @@ from PIL import Image
 
 from . import images
 from .checkpoint import Checkpoint
-from .atomic import check_writable_dirs, output_error, remove_quietly
+from .atomic import check_writable_dirs, output_error, remove_quietly, write_file
 from .errors import DataError, OutputError, StorageError, VaetoolError
 from .latents import lerp, slerp
+from .imagewrite import quantize
 from .pngwrite import encode_png
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -45,9 +46,6 @@ class Outcome:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def quantize(pixels: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> uint8, rounded as `images.write_image` does (NaN -> 0); any shape."""
-    return (pixels.detach().float().nan_to_num(0.0).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=32)
@@ -87,17 +85,6 @@ def write_output(path: Path, pixels: torch.Tensor, *, force: bool = False) -> Pa
         remove_quietly(tmp)
         raise
     return path
-
-
-def write_file(path: Path, data: bytes | memoryview) -> None:
-    """Create or truncate `path` and write all of `data`: three system calls, no Python file object."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
 
 
 def _encode(path: Path, u8: torch.Tensor, fmt: str) -> bytes | memoryview:

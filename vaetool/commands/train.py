@@ -141,7 +141,7 @@ def train(
     no_disk_cache: Annotated[bool, typer.Option("--no-disk-cache", help="Keep the decoded images in memory only.")] = False,
     cache_memory: Annotated[Optional[str], typer.Option(help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Workers decoding images: processes on Linux from 512 images on, else threads (default: all cores).")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start; on a 2-core CPU it ran at half the eager speed, see BENCHMARKS.md).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start; on a 2-core CPU it ran slower than eager, see BENCHMARKS.md).")] = False,
     log_every: Annotated[int, typer.Option(min=1, help="Steps between progress updates (and host syncs).")] = 25,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not draw report.png and report.html at the end.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log scalars and grids to OUTPUT/tensorboard (needs: pip install tensorboard).")] = False,
