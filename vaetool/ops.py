@@ -26,8 +26,8 @@ from . import images
 from .checkpoint import Checkpoint
 from .atomic import check_writable_dirs, output_error, remove_quietly, write_file
 from .errors import DataError, OutputError, StorageError, VaetoolError
-from .latents import lerp, slerp
 from .imagewrite import quantize
+from .latents import lerp, slerp
 from .pngwrite import encode_png
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -44,8 +44,6 @@ class Outcome:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-
-
 
 
 @functools.lru_cache(maxsize=32)
