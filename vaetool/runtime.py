@@ -76,6 +76,11 @@ def resolve_precision(name: str, device: torch.device, *, training: bool = False
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The --precision name of an autocast dtype: bf16, fp16, or fp32 for None."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed precision when `dtype` is set, a no-op otherwise."""
     if dtype is None:

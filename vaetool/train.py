@@ -27,7 +27,7 @@ from .distributed import World, all_reduce_sum, barrier, broadcast_flag, init_wo
 from .epochend import EpochEnd
 from .errors import DivergenceError, OutputError
 from .model import VAE, elbo_loss
-from .runtime import BatchGatherer, autocast, prepare, resolve_device, resolve_precision
+from .runtime import BatchGatherer, autocast, precision_name, prepare, resolve_device, resolve_precision
 
 DEFAULT_EPOCHS = 30
 LR_WARMUP_STEPS = 20
@@ -216,7 +216,7 @@ class _Trainer(EpochEnd):
             "images": len(self.cache.paths), "train": len(self.train_index), "val": len(self.val_index),
             "skipped": len(self.cache.skipped), "batch": self.batch, "global_batch": self.global_batch,
             "world": self.world.size, "steps_per_epoch": self.steps_per_epoch, "total_steps": total,
-            "start_step": p.step, "device": str(self.device), "precision": str(self.amp_dtype or "fp32"),
+            "start_step": p.step, "device": str(self.device), "precision": precision_name(self.amp_dtype),
             "config": self.model_config.to_dict(), "time_limit": self.config.time_limit,
             "cache_on_disk": self.cache.on_disk, "cache_reused": self.cache.reused})
         self._clock = time.monotonic() - p.elapsed
