@@ -117,10 +117,10 @@ def main() -> None:
     for name in steps:
         speed = med[name]
         achieved = speed * flops / 1e9
-        peak = conv_bf16 if name == "bf16" or (name == "compiled" and default == "bf16") else conv
+        in_bf16 = name == "bf16" or (name == "compiled" and default == "bf16")
         print(f"training, {name:9s}     {speed:.1f} images/s ({spread(name)}) = {achieved:.1f} GFLOP/s = "
               f"{100 * achieved / conv:.0f}% of the float32 conv peak"
-              + (f", {100 * achieved / peak:.0f}% of the bf16 conv peak" if peak is not conv else ""))
+              + (f", {100 * achieved / conv_bf16:.0f}% of the bf16 conv peak" if in_bf16 else ""))
     if default == "bf16":
         print(f"bf16 / fp32             {median([b / f for b, f in zip(results['bf16'], results['fp32'])]):.2f}")
     if args.compile:

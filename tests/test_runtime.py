@@ -96,3 +96,23 @@ def test_bf16_autocast_keeps_the_layers_at_the_ends_in_float32():
     assert out.logits.dtype == out.posterior.mu.dtype == torch.float32
     plain = model(torch.rand(2, 3, 16, 16))  # without autocast everything is float32, as before
     assert plain.logits.dtype == torch.float32
+
+
+def test_group_norm_statistics_are_float32_under_bf16_autocast(monkeypatch):
+    model = VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4, blocks=1))
+    inputs, real = [], torch.nn.functional.group_norm
+
+    def recording(x, *args, **kwargs):
+        inputs.append(x.dtype)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "group_norm", recording)
+    norm_outputs = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_hook(lambda m, args, out: norm_outputs.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.rand(2, 3, 16, 16))
+    assert inputs and set(inputs) == {torch.float32}  # the statistics: never computed in bf16
+    assert any(given == torch.bfloat16 for given, _ in norm_outputs)  # bf16 activations do reach the norms
+    assert all(given == returned for given, returned in norm_outputs)  # and leave in the dtype they came in
