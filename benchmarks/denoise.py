@@ -140,7 +140,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_vaetool(checkpoint: Path, pairs: list[tuple[Path, Path]], out: Path) -> tuple[list[np.ndarray], float]:
     """Denoise the noisy files with the engine; seconds from the first file read to the last file written."""
-    from vaetool.denoise import denoise_files
+    from vaetool.inference.denoise import denoise_files
 
     shutil.rmtree(out, ignore_errors=True)
     marks: dict[str, float] = {}
@@ -230,8 +230,8 @@ def pipeline_efficiency(checkpoint: Path, folder: Path, work: Path, *, batch_siz
     of the pipeline's wall time spent in the model's forward passes: the rest is decode/write not hidden.
     """
     from vaetool.checkpoint import load_model
-    from vaetool.denoise import ModelRunner, denoise_files, split_image
-    from vaetool.images import read_image
+    from vaetool.inference.denoise import ModelRunner, denoise_files, split_image
+    from vaetool.io.images import read_image
     from vaetool.runtime import prepare
 
     default_threads = torch.get_num_threads()

@@ -59,7 +59,7 @@ def faces(folder: Path, count: int) -> Path:
 def trained_model(folder: Path, run_dir: Path, seconds: float) -> Path:
     """The default model trained for `seconds` on `folder`: outputs that look like what users write."""
     from vaetool.config import ModelConfig, TrainConfig
-    from vaetool.train import train
+    from vaetool.training.trainer import train
 
     train([folder], run_dir, model_config=ModelConfig(), train_config=TrainConfig(time_limit=seconds),
           device="cpu", force=True, cache_dir=run_dir.parent / "cache", report=False)
@@ -110,7 +110,7 @@ def cli_runs(command: str, ckpt: Path, folders: dict[int, Path], work: Path, bat
 
 def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float:
     """Seconds for the engine's streaming pass over `found` (what the command does after start-up)."""
-    from vaetool import ops
+    from vaetool.inference import latent_ops as ops
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float
 @contextlib.contextmanager
 def no_file_writes():
     """The engine with its image writer doing nothing: what is left is decoding, the model and the plumbing."""
-    from vaetool import ops
+    from vaetool.inference import latent_ops as ops
 
     defaults = ops.OutputWriter.__init__.__kwdefaults__
     real = defaults["write"]
@@ -156,7 +156,7 @@ def forward_pass(command: str, model, x: torch.Tensor, count: int) -> float:
 def in_memory_batch(found: list, model, batch: int) -> torch.Tensor:
     """The folder's first images as one float batch (B, C, S, S), channels_last: the same pixels the engine
     sees (random noise would not do: an untrained model's speed depends on its activations' values)."""
-    from vaetool.images import load_image
+    from vaetool.io.images import load_image
 
     cfg = model.config
     x = torch.stack([load_image(f.path, image_size=cfg.image_size, channels=cfg.channels) for f in found[:batch]])
@@ -208,9 +208,10 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, help="where the commands write (default: a temporary folder); "
                         "/dev/shm takes the disk out of the measurement")
     args = parser.parse_args()
-    from vaetool import ops, runtime
+    from vaetool import runtime
+    from vaetool.inference import latent_ops as ops
     from vaetool.checkpoint import load_model
-    from vaetool.images import find_images
+    from vaetool.io.images import find_images
 
     work = Path(tempfile.mkdtemp(prefix="vaetool-infer-"))
     folders = {n: faces(args.data / f"faces{n}", n) for n in (args.small, args.count)}

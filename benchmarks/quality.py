@@ -6,7 +6,7 @@
 Every configuration trains in its own process on one thread until it has used `--budget` seconds
 of CPU time (training only: the clock starts after the images are decoded), keeps its best
 checkpoint by validation -ELBO, and is then evaluated on a held-out test split with
-`vaetool.evaluate` (IWAE with K = `--iw-samples`). Prints a Markdown table and writes
+`vaetool.inference.evaluate` (IWAE with K = `--iw-samples`). Prints a Markdown table and writes
 OUT/results.json and, per configuration, OUT/NAME/samples.png (64 prior samples) and
 OUT/NAME/reconstructions.png (test images over their reconstructions).
 
@@ -115,11 +115,11 @@ def run_one(name: str, *, budget: float, data_root: Path, out: Path, iw_samples:
     """Train one configuration for `budget` CPU seconds on one thread, then evaluate it on the test split."""
     import torch
 
-    import vaetool.train as train_module
+    import vaetool.training.trainer as train_module
     from vaetool.checkpoint import load_model
     from vaetool.config import ModelConfig, TrainConfig
-    from vaetool.evaluate import evaluate
-    from vaetool.images import save_grid
+    from vaetool.inference.evaluate import evaluate
+    from vaetool.io.images import save_grid
 
     torch.set_num_threads(1)
     # The trainer's --time budget reads time.monotonic; give it this process's CPU clock instead,

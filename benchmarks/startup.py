@@ -30,7 +30,7 @@ def wall(cmd: list[str]) -> float:
 
 
 def help_imports_torch() -> bool:
-    probe = ("import sys; sys.argv = ['vaetool', '--help']\nfrom vaetool.cli import app\n"
+    probe = ("import sys; sys.argv = ['vaetool', '--help']\nfrom vaetool.cli.app import app\n"
              "try:\n    app()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     return result.stderr.strip().splitlines()[-1] == "True"
@@ -44,7 +44,7 @@ def main() -> None:
 
     from vaetool.checkpoint import save_model
     from vaetool.config import ModelConfig
-    from vaetool.model import VAE
+    from vaetool.models.vector import VAE
 
     work = Path(tempfile.mkdtemp(prefix="vaetool-startup-"))
     ckpt = save_model(work / "model.safetensors", VAE(ModelConfig()))

@@ -32,7 +32,8 @@ import resource, sys, time, torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from vaetool.config import ModelConfig
-from vaetool.model import VAE, elbo_loss
+from vaetool.models.base import elbo_loss
+from vaetool.models.vector import VAE
 root, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 data = datasets.ImageFolder(root, transform=transforms.ToTensor())   # needs a class subfolder
@@ -73,7 +74,7 @@ def make_data(folder: Path, count: int) -> Path:
 
 def run_vaetool(data: Path, run_dir: Path, cache_dir: Path, *, epochs: int) -> dict:
     from vaetool.config import ModelConfig, TrainConfig
-    from vaetool.train import train
+    from vaetool.training.trainer import train
 
     marks: dict = {"epochs": []}
     def cpu() -> float:  # this process and its finished children (the decoding workers)

@@ -19,9 +19,10 @@ import torch
 
 from common import conv_gflops, matmul_gflops, median, training_flops_per_image
 from vaetool.config import ModelConfig
-from vaetool.model import VAE, elbo_loss
+from vaetool.models.base import elbo_loss
+from vaetool.models.vector import VAE
 from vaetool.runtime import autocast, resolve_precision, tune_cpu_allocator
-from vaetool.train import make_optimizer
+from vaetool.training.trainer import make_optimizer
 
 CPU = torch.device("cpu")
 

@@ -40,7 +40,7 @@ def save_tiny_checkpoint(path: Path) -> Path:
 
     from vaetool.checkpoint import save_model
     from vaetool.config import ModelConfig
-    from vaetool.model import VAE
+    from vaetool.models.vector import VAE
 
     torch.manual_seed(0)
     return save_model(path, VAE(ModelConfig(image_size=16, widths=(8, 16), latent_dim=4)))

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from vaetool.checkpoint import load_model, resolve_checkpoint, save_model, read_metadata, FORMAT_VERSION
 from vaetool.config import ModelConfig, TrainConfig
 from vaetool.errors import CheckpointError, OutputError
-from vaetool.model import VAE
+from vaetool.models.vector import VAE
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_missing_path(tmp_path):
 def test_atomic_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
     import os
 
-    from vaetool.atomic import atomic_write_bytes, file_mode
+    from vaetool.io.atomic import atomic_write_bytes, file_mode
 
     mask = os.umask(0o022)
     os.umask(mask)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from conftest import TINY_ARGS, make_blobs
-from vaetool.cli import app
+from vaetool.cli.app import app
 
 VAETOOL = str(Path(sys.executable).with_name("vaetool"))
 
@@ -78,7 +78,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom vaetool.cli import app\n"
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom vaetool.cli.app import app\n"
             "r = CliRunner().invoke(app, ['--help']); r2 = CliRunner().invoke(app, ['train', '--help'])\n"
             "assert r.exit_code == 0 and r2.exit_code == 0, (r.output, r2.output)\n"
             "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")

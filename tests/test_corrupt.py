@@ -3,7 +3,7 @@
 import torch
 
 from vaetool.config import Corruption
-from vaetool.corrupt import corrupt, step_generator
+from vaetool.training.corrupt import corrupt, step_generator
 
 
 def _apply(x, spec, rows, global_batch):

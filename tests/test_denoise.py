@@ -13,16 +13,16 @@ from PIL import Image
 from conftest import make_blobs
 from vaetool.checkpoint import load_model, save_model
 from vaetool.config import Corruption, ModelConfig, TrainConfig
-from vaetool.corrupt import add_gaussian_noise
-from vaetool.denoise import (ModelRunner, denoise_files, denoise_image, join_outputs, mix, plan_outputs,
+from vaetool.training.corrupt import add_gaussian_noise
+from vaetool.inference.denoise import (ModelRunner, denoise_files, denoise_image, join_outputs, mix, plan_outputs,
                              resolve_tile, split_image)
 from vaetool.errors import ConfigError
-from vaetool.images import FoundImage, read_image
-from vaetool.tiling import plan_tiles
+from vaetool.io.images import FoundImage, read_image
+from vaetool.inference.tiling import plan_tiles
 
 
 def _tiny(channels: int = 3, seed: int = 0) -> torch.nn.Module:
-    from vaetool.model import VAE
+    from vaetool.models.vector import VAE
 
     torch.manual_seed(seed)
     return VAE(ModelConfig(image_size=16, channels=channels, widths=(8, 16), latent_dim=4)).eval()
@@ -203,7 +203,7 @@ def test_sixteen_bit_keeps_its_depth_or_warns_once(tmp_path, tiny_ckpt):
 @pytest.fixture(scope="module")
 def denoiser(tmp_path_factory) -> torch.nn.Module:
     """A tiny denoising VAE trained for 200 steps on smooth blobs (about 10 s on 2 busy cores)."""
-    from vaetool.train import train
+    from vaetool.training.trainer import train
 
     root = tmp_path_factory.mktemp("denoiser")
     make_blobs(root / "train", count=800, size=16, seed=1)  # 50 steps an epoch: few end-of-epoch saves
@@ -269,7 +269,7 @@ def test_no_seams_across_tile_boundaries(denoiser, tmp_path):
 
 def test_corrupted_training_is_scored_on_the_clean_image(tmp_path):
     """With every pixel masked the input is black; only a loss on the clean image can teach the colour back."""
-    from vaetool.train import train
+    from vaetool.training.trainer import train
 
     colour = (200, 150, 100)
     (tmp_path / "data").mkdir()

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from conftest import make_blobs
 from vaetool.checkpoint import save_model
-from vaetool.cli import app
+from vaetool.cli.app import app
 from vaetool.config import ModelConfig
-from vaetool.model import VAE
+from vaetool.models.vector import VAE
 
 VAETOOL = str(Path(sys.executable).with_name("vaetool"))
 

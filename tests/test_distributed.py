@@ -12,7 +12,7 @@ import torch
 from conftest import make_blobs
 from vaetool.checkpoint import load_model
 from vaetool.config import ModelConfig, TrainConfig
-from vaetool.train import train
+from vaetool.training.trainer import train
 
 COMMON = ["--steps", "4", "--val-fraction", "0.2", "--log-every", "1", "--image-size", "16", "--widths", "8,16",
           "--latent-dim", "4", "--device", "cpu", "-q"]

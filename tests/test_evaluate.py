@@ -12,11 +12,11 @@ from torch import distributions as D
 from typer.testing import CliRunner
 
 from vaetool.checkpoint import save_model
-from vaetool.cli import app
+from vaetool.cli.app import app
 from vaetool.config import ModelConfig
 from vaetool.errors import DataError
-from vaetool.evaluate import _Moments, active_units, bits_per_dim, evaluate, iwae_bound, psnr, ssim
-from vaetool.model import VAE
+from vaetool.inference.evaluate import _Moments, active_units, bits_per_dim, evaluate, iwae_bound, psnr, ssim
+from vaetool.models.vector import VAE
 
 LN2, LN256 = math.log(2), math.log(256)
 

@@ -18,9 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from vaetool import imagecache, images
+from vaetool.io import cache as imagecache
+from vaetool.io import images
 from vaetool.errors import ConfigError, DataError, OutputError
-from vaetool.images import (
+from vaetool.io.images import (
     FoundImage,
     build_cache,
     can_write_16bit,

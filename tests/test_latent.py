@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import vaetool
 from conftest import make_blobs
-from vaetool.cli import app
-from vaetool.latents import load_latents, slerp, lerp
+from vaetool.cli.app import app
+from vaetool.io.latents import load_latents, slerp, lerp
 
 runner = CliRunner()
 

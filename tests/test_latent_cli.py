@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import make_blobs
-from vaetool.cli import app
-from vaetool.latents import load_latents
+from vaetool.cli.app import app
+from vaetool.io.latents import load_latents
 
 runner = CliRunner()
 

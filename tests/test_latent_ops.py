@@ -1,4 +1,4 @@
-"""The latent-space engine (vaetool.ops, vaetool.latents) and the Python API, without the CLI."""
+"""The latent-space engine (vaetool.inference.latent_ops, vaetool.io.latents) and the Python API, without the CLI."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from PIL import Image
 
 import vaetool
 from conftest import make_blobs
-from vaetool import images, ops
+from vaetool.io import images
+from vaetool.inference import latent_ops as ops
 from vaetool.checkpoint import load_model, save_model
 from vaetool.config import ModelConfig
 from vaetool.errors import DataError, OutputError
-from vaetool.latents import lerp, load_latents, slerp, split_row_reference
-from vaetool.model import VAE
+from vaetool.io.latents import lerp, load_latents, slerp, split_row_reference
+from vaetool.models.vector import VAE
 
 TINY = dict(image_size=16, widths=(8, 16), latent_dim=4)
 

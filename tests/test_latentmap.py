@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vaetool import images
-from vaetool.attributes import attribute_table, correlate_attributes, match_rows, read_labels, read_table
+from vaetool.io import images
+from vaetool.inference.attributes import attribute_table, correlate_attributes, match_rows, read_labels, read_table
 from vaetool.checkpoint import save_model
-from vaetool.cli import app
+from vaetool.cli.app import app
 from vaetool.config import ModelConfig
 from vaetool.errors import ConfigError, DataError, OutputError
-from vaetool.latentmap import (grid_pick, latent_map, map_bounds, pca, project, render_map, thumbnail_canvas)
-from vaetool.model import VAE
+from vaetool.inference.latentmap import (grid_pick, latent_map, map_bounds, pca, project, render_map, thumbnail_canvas)
+from vaetool.models.vector import VAE
 
 COLOURS = [(230, 30, 30), (30, 200, 30), (30, 30, 230), (240, 220, 20), (200, 30, 200), (20, 210, 210),
            (250, 140, 0), (120, 60, 20)]

@@ -8,7 +8,8 @@ from torch import distributions as D
 
 from vaetool.config import ModelConfig, TrainConfig, Corruption
 from vaetool.errors import ConfigError
-from vaetool.model import VAE, DiagonalGaussian, elbo_loss
+from vaetool.models.base import DiagonalGaussian, elbo_loss
+from vaetool.models.vector import VAE
 
 
 def tiny(**kw):
@@ -24,7 +25,7 @@ def test_shapes_and_every_parameter_gets_a_gradient(size, channels, widths):
     x = torch.rand(2, channels, size, size)
     out = model(x)
     assert out.logits.shape == x.shape
-    assert out.z.shape == (2, 4)
+    assert out.latents["z"].shape == (2, 4)
     terms = elbo_loss(model, x, out)
     assert terms.recon.shape == (2,) and terms.kl.shape == (2,)
     assert torch.isfinite(terms.loss)
@@ -109,7 +110,7 @@ def test_beta_zero_is_plain_autoencoder_and_free_bits_floor():
     model = VAE(tiny())
     x = torch.rand(2, 3, 16, 16)
     out = model(x, sample=False)
-    assert torch.equal(out.z, out.posterior.mu)
+    assert torch.equal(out.latents["z"], out.posterior.mu)
     t0 = elbo_loss(model, x, out, beta=0.0)
     torch.testing.assert_close(t0.loss, t0.recon.mean())
     t_fb = elbo_loss(model, x, out, beta=1.0, free_bits=100.0)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vaetool import ops
-from vaetool.pngwrite import encode_png
+from vaetool.inference import latent_ops as ops
+from vaetool.io.png import encode_png
 
 
 def decoded(data: bytes) -> np.ndarray:
@@ -69,7 +69,7 @@ def _umask() -> int:
 
 
 def test_write_image_png_fast_path_matches_the_pil_path(tmp_path):
-    from vaetool.images import write_image
+    from vaetool.io.images import write_image
 
     pixels = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(1))
     pixels[0, 0, 0] = float("nan")  # written as 0, as the PIL path does

@@ -33,16 +33,17 @@ from typer.testing import CliRunner
 
 from conftest import TINY_ARGS, make_blobs
 from hostile import BAD, make_hostile_folder
-import vaetool.imagewrite
+import vaetool.io.write
+from vaetool.io import atomic as atomic_module
 from vaetool import checkpoint as ckpt_module
 from vaetool.checkpoint import FORMAT_VERSION, load_model, read_metadata, save_model
-from vaetool.cli import app
+from vaetool.cli.app import app
 from vaetool.config import ModelConfig
-from vaetool.denoise import join_outputs, split_image
-from vaetool.images import load_image, read_image
-from vaetool.latents import load_latents
-from vaetool.model import VAE
-from vaetool.tiling import blend_tiles, extract_tiles, plan_tiles
+from vaetool.inference.denoise import join_outputs, split_image
+from vaetool.io.images import load_image, read_image
+from vaetool.io.latents import load_latents
+from vaetool.models.vector import VAE
+from vaetool.inference.tiling import blend_tiles, extract_tiles, plan_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 VAETOOL = str(Path(sys.executable).with_name("vaetool"))
@@ -491,7 +492,7 @@ SAVER = """
 import sys, torch
 from vaetool.checkpoint import save_model
 from vaetool.config import ModelConfig
-from vaetool.model import VAE
+from vaetool.models.vector import VAE
 torch.manual_seed(0)
 model = VAE(ModelConfig(image_size=32, widths=(16, 32, 64), latent_dim=16))
 k = 0
@@ -539,7 +540,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 def test_sigint_mid_step_saves_a_state_that_resumes_to_the_same_weights(blob_folder, tmp_path, monkeypatch):
     """Ctrl-C landing right after the optimizer update, before the step is counted (the worst moment)."""
-    from vaetool.train import _Trainer
+    from vaetool.training.trainer import _Trainer
 
     args = [*TINY_ARGS, "--no-report", "--ema", "0.9", "--seed", "4"]
     whole = invoke("train", blob_folder, "-o", tmp_path / "whole", "--steps", 8, *args)
@@ -563,12 +564,12 @@ def test_sigint_mid_step_saves_a_state_that_resumes_to_the_same_weights(blob_fol
 
 
 def test_sigint_before_training_starts_claims_no_saved_state(blob_folder, tmp_path, monkeypatch):
-    import vaetool.images
+    import vaetool.io.images
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vaetool.images, "build_cache", interrupted)
+    monkeypatch.setattr(vaetool.io.images, "build_cache", interrupted)
     result = invoke("train", blob_folder, "-o", tmp_path / "run", "--steps", 3, *TINY_ARGS)
     assert result.exit_code == 130 and result.stdout == ""
     assert "nothing to resume" in result.stderr and "resumable state saved" not in result.stderr
@@ -662,7 +663,7 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
     make_blobs(data, count=10, size=24)
     before = snapshot(data)
     out = tmp_path / "out"
-    real_write = vaetool.imagewrite.write_file
+    real_write = vaetool.io.write.write_file
     calls = []
 
     def write_until_full(path, data):
@@ -672,7 +673,7 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
         Path(path).write_bytes(bytes(data)[: len(data) // 2])  # the disk fills up mid-file
         raise _disk_full()
 
-    monkeypatch.setattr(vaetool.imagewrite, "write_file", write_until_full)
+    monkeypatch.setattr(vaetool.io.write, "write_file", write_until_full)
     full = invoke("denoise", ckpt, data, "-o", out, "--workers", 1, "--batch-size", 4, "--device", "cpu", "-q")
     monkeypatch.undo()
     assert full.exit_code == 1, full.output
@@ -685,7 +686,7 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
 
 
 def test_disk_full_in_the_latent_commands_and_training(ckpt, blob_folder, tmp_path, monkeypatch):
-    import vaetool.ops
+    import vaetool.inference.latent_ops
 
     before = snapshot(blob_folder)
 
@@ -694,7 +695,7 @@ def test_disk_full_in_the_latent_commands_and_training(ckpt, blob_folder, tmp_pa
             handle.write(bytes(data)[: len(data) // 2])
         raise _disk_full()
 
-    monkeypatch.setattr(vaetool.ops, "write_file", write_half_then_fill_up)  # per-image writes of reconstruct
+    monkeypatch.setattr(vaetool.inference.latent_ops, "write_file", write_half_then_fill_up)  # per-image writes of reconstruct
     rec = invoke("reconstruct", ckpt, blob_folder, "-o", tmp_path / "rec", "-q")
     assert rec.exit_code == 1 and rec.stdout == ""
     one_error_line(rec, "No space left on device")
@@ -710,7 +711,7 @@ def test_disk_full_in_the_latent_commands_and_training(ckpt, blob_folder, tmp_pa
         Path(filename).write_bytes(b"partial")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(ckpt_module, "save_file", save_file_on_a_full_disk)  # how safetensors reports ENOSPC
+    monkeypatch.setattr(atomic_module, "save_file", save_file_on_a_full_disk)  # how safetensors reports ENOSPC
     more = invoke("train", blob_folder, "-o", run_dir, "--steps", 10, "--resume", *TINY_ARGS, "--no-report")
     assert more.exit_code == 1 and more.stdout == ""
     one_error_line(more, "No space left on device", str(run_dir))

@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vaetool import images, tboard
+from vaetool.io import images
+from vaetool.training import tboard
 from vaetool.checkpoint import save_model
-from vaetool.cli import app
+from vaetool.cli.app import app
 from vaetool.config import ModelConfig, TrainConfig
 from vaetool.errors import ConfigError, DataError
-from vaetool.model import VAE
-from vaetool.report import REPORT_DPI, REPORT_INCHES, read_metrics, report_figure, write_report
+from vaetool.models.vector import VAE
+from vaetool.training.report import REPORT_DPI, REPORT_INCHES, read_metrics, report_figure, write_report
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
@@ -126,7 +127,7 @@ def test_report_command_prints_both_paths_and_fails_cleanly(tmp_path):
 
 
 def test_report_of_a_real_training_run(blob_folder, tmp_path):
-    from vaetool.train import train
+    from vaetool.training.trainer import train
 
     run = tmp_path / "run"
     train([blob_folder], run, model_config=ModelConfig(image_size=16, latent_dim=4, widths=(8, 16)),

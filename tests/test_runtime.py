@@ -7,7 +7,7 @@ import torch
 
 from vaetool.errors import ConfigError
 from vaetool.config import ModelConfig
-from vaetool.model import VAE
+from vaetool.models.vector import VAE
 from vaetool.runtime import BatchGatherer, cpu_has_native_bf16, resolve_device, resolve_precision
 
 
@@ -51,7 +51,7 @@ def test_streaming_commands_let_openmp_threads_sleep_and_training_does_not(monke
 
     from typer.testing import CliRunner
 
-    from vaetool.cli import app
+    from vaetool.cli.app import app
 
     for command, expected in (("sample", "PASSIVE"), ("denoise", "PASSIVE"), ("train", None), ("eval", None)):
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -65,7 +65,7 @@ def test_streaming_commands_let_openmp_threads_sleep_and_training_does_not(monke
 def test_an_error_raised_from_a_ctrl_c_is_reported_as_an_interrupt():
     import typer
 
-    from vaetool.commands.common import EXIT_INTERRUPTED, handle_errors
+    from vaetool.cli.common import EXIT_INTERRUPTED, handle_errors
 
     def interrupted_import():
         try:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaetool.errors import ConfigError
-from vaetool.tiling import (
+from vaetool.inference.tiling import (
     TilePlan,
     auto_tile,
     blend_tiles,

@@ -10,7 +10,7 @@ import torch
 from vaetool.checkpoint import load_model
 from vaetool.config import ModelConfig, TrainConfig
 from vaetool.errors import DivergenceError, OutputError
-from vaetool.train import train
+from vaetool.training.trainer import train
 
 TINY = ModelConfig(image_size=16, latent_dim=4, widths=(8, 16))
 

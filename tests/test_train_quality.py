@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from vaetool.checkpoint import load_model
 from vaetool.config import ModelConfig, TrainConfig
-from vaetool.evaluate import evaluate
-from vaetool.model import VAE
-from vaetool import train as train_module
-from vaetool.train import train
+from vaetool.inference.evaluate import evaluate
+from vaetool.models.vector import VAE
+from vaetool.training import trainer as train_module
+from vaetool.training.trainer import train
 
 SEED, VAL_FRACTION = 3, 0.25  # 12 images: 9 to train (4 steps of 2 per epoch), 3 to validate
 TINY = ModelConfig(image_size=16, latent_dim=4, widths=(8, 16))

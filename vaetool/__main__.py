@@ -1,5 +1,5 @@
 """`python -m vaetool` (also what `torchrun -m vaetool` runs)."""
 
-from .cli import run
+from .cli.app import run
 
 run()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from . import images
+from .io import images
 from .checkpoint import Checkpoint, load_model
 from .errors import DataError
-from .model import DiagonalGaussian
-from .ops import decode_images, path_segments, prepare, prior_latents
+from .models.base import DiagonalGaussian
+from .inference.latent_ops import decode_images, path_segments, prepare, prior_latents
 from .runtime import resolve_device
 
 ImageInput = torch.Tensor | str | Path | Sequence[str | Path]

@@ -20,10 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import atomic_path
+from .io.atomic import atomic_path, write_safetensors
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
-from .model import VAE
+from .models.base import VAEFamily, build_model
 
 FORMAT = "vaetool"
 FORMAT_VERSION = 1
@@ -36,7 +36,7 @@ STATE_FILE = "state.safetensors"
 class Checkpoint:
     """A loaded model with what was stored beside it."""
 
-    model: VAE
+    model: VAEFamily
     config: ModelConfig
     train_config: TrainConfig | None
     training: dict[str, Any] = field(default_factory=dict)  # step, epoch, metrics, data summary
@@ -62,14 +62,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _plain_state(model: VAE) -> dict[str, torch.Tensor]:
+def _plain_state(model: VAEFamily) -> dict[str, torch.Tensor]:
     # Unwrap DDP / compiled modules; CPU, contiguous, no shared storage (safetensors refuses aliasing).
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in inner.state_dict().items()}
 
 
-def weights_hash(model: VAE) -> str:
+def weights_hash(model: VAEFamily) -> str:
     """A short SHA-256 of the weights: the checkpoint's identity in latents files."""
     digest = hashlib.sha256()
     for name, tensor in sorted(_plain_state(model).items()):
@@ -78,7 +78,7 @@ def weights_hash(model: VAE) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_model(path: str | Path, model: VAE, *, train_config: TrainConfig | None = None,
+def save_model(path: str | Path, model: VAEFamily, *, train_config: TrainConfig | None = None,
                training: dict[str, Any] | None = None, force: bool = True) -> Path:
     """Write the model's weights and config to `path` atomically."""
     inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
@@ -94,21 +94,6 @@ def save_model(path: str | Path, model: VAE, *, train_config: TrainConfig | None
     with atomic_path(path, force=force) as tmp:
         write_safetensors(tmp, _plain_state(model), metadata)
     return Path(path)
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file`, with its I/O failures (a full disk) raised as OSError.
-
-    The library reports them as SafetensorError with the OS error number in the text; as OSError
-    they reach `atomic_path`, which removes the temporary file and names the target.
-    """
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        found = re.search(r"os error (\d+)", text)
-        code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, os.strerror(code) if found else text, str(path)) from exc
 
 
 def _sniff(path: Path) -> None:
@@ -168,7 +153,7 @@ def _check_is_model(path: Path, metadata: dict[str, str]) -> None:
         raise CheckpointError(f"{path} is a vaetool file of kind {kind!r}, not a model checkpoint")
 
 
-def _state_mismatch(model: VAE, state: dict[str, torch.Tensor]) -> str | None:
+def _state_mismatch(model: VAEFamily, state: dict[str, torch.Tensor]) -> str | None:
     """The first difference between stored tensors and the model's, in one short phrase (None: they fit)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -205,7 +190,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Check
         training = json.loads(metadata.get("training") or "{}")
     except (KeyError, json.JSONDecodeError, ConfigError) as exc:
         raise CheckpointError(f"{path} has an unreadable vaetool config ({exc}); it may be damaged") from None
-    model = VAE(config)
+    model = build_model(config)
     state = _read_tensors(path)
     problem = _state_mismatch(model, state)
     if problem is None:

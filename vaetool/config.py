@@ -25,6 +25,7 @@ def _check(condition: bool, message: str) -> None:
 class ModelConfig:
     """Architecture and likelihood of a convolutional VAE; stored in every checkpoint."""
 
+    kind: str = "vector"  # the model family (models/base.py registry); checkpoints without it are vector
     image_size: int = 64
     channels: int = 3
     latent_dim: int = 64

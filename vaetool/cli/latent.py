@@ -1,0 +1,293 @@
+"""`vaetool encode`, `decode`, `sample`, `interpolate`, `reconstruct` and `traverse`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, Force, Json, Quiet, Seed, check_not_inside, emit,
+                     fail, handle_errors, info, make_progress, positive, warn)
+
+Inputs = Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
+                                             show_default=False)]
+OutDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
+SkipExisting = Annotated[bool, typer.Option("--skip-existing", help="Leave outputs that already exist (resume a batch).")]
+
+
+class _Batch:
+    """Progress bar, written paths on stdout as they land, failures on stderr, and the exit code."""
+
+    def __init__(self, quiet: bool, as_json: bool, label: str) -> None:
+        self.quiet, self.as_json, self.label = quiet, as_json, label
+        self.progress = make_progress(quiet)
+        self.task = None
+        self.failed = 0
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "progress":
+            if self.task is None:
+                self.progress.start()
+                self.task = self.progress.add_task(self.label, total=data["total"], status="")
+            self.progress.update(self.task, completed=data["done"])
+        elif event == "written":
+            emit({"path": data["path"]} if self.as_json else data["path"], as_json=self.as_json)
+        elif event == "failed":
+            self.failed += 1
+            reason = data["reason"]
+            warn(reason if data["path"] in reason else f"{data['path']}: {reason}")
+
+    def finish(self, outcome: Any = None) -> None:
+        self.progress.stop()
+        if outcome is not None and not self.quiet:
+            info(f"{self.label}: {len(outcome.written)} written, {len(outcome.skipped)} skipped (existing), "
+                 f"{self.failed} failed")
+        if self.failed:
+            raise fail(f"{self.failed} file(s) failed; see the warnings above", EXIT_PARTIAL)
+
+
+def _open(checkpoint: Path, device: str):
+    from .. import runtime
+    from ..checkpoint import load_model
+    from ..inference.latent_ops import prepare
+
+    where = runtime.resolve_device(device)
+    runtime.prepare(where)  # allocator and TF32 settings, as in training
+    return prepare(load_model(checkpoint, device=where))
+
+
+def _find(inputs: list[str]):
+    from ..io.images import find_images
+
+    return find_images(inputs, stdin=sys.stdin, on_warning=warn)
+
+
+def encode(
+    checkpoint: Checkpoint,
+    inputs: Inputs,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Latents file (.safetensors), or - for JSON lines on stdout.", show_default=False)] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Also store a z drawn from each posterior.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per image on stdout ({"path", "mu", "logvar"}).')] = False,
+    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
+    quiet: Quiet = False, as_json: Json = False,
+) -> None:
+    """Encode images to their posterior means and log-variances (N x D) in a safetensors file."""
+    if output is None and not jsonl:
+        raise typer.BadParameter("give -o FILE.safetensors, or -o - / --jsonl for JSON lines", param_hint="--output")
+    with handle_errors():
+        from ..inference.latent_ops import encode_rows, encode_to_file
+
+        ckpt = _open(checkpoint, device)
+        found = _find(inputs)
+        batch = _Batch(quiet, as_json, "encode")
+        if jsonl or output == "-":
+            for items, rows in encode_rows(ckpt, found, batch_size=batch_size, sample=sample, seed=seed,
+                                           callback=batch):
+                for i, item in enumerate(items):
+                    emit({"path": str(item.path)} | {k: v[i].tolist() for k, v in rows.items()}, as_json=True)
+        else:
+            path, count = encode_to_file(ckpt, found, Path(output), batch_size=batch_size, sample=sample, seed=seed,
+                                         force=force, callback=batch)
+            if path is not None:
+                emit({"path": str(path), "count": count} if as_json else path, as_json=as_json)
+        batch.finish()
+
+
+def decode(
+    checkpoint: Checkpoint,
+    latents: Annotated[Path, typer.Argument(help="A latents file from `vaetool encode`, or a .npy / .safetensors holding one N x D tensor.", show_default=False)],
+    output: OutDir,
+    key: Annotated[Optional[str], typer.Option("--key", help="Tensor to decode: mu (default), z or logvar; or the name in a plain file.")] = None,
+    ext: Annotated[str, typer.Option("--ext", help="Output image format (extension).")] = "png",
+    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
+    skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+) -> None:
+    """Decode latent vectors to images, named after the encoded images' paths (or an index)."""
+    with handle_errors():
+        from ..io.latents import load_latents
+        from ..inference.latent_ops import decoded_paths, write_decoded
+
+        ckpt = _open(checkpoint, device)
+        table = load_latents(latents, key=key)
+        made_by = table.metadata.get("checkpoint")
+        if made_by and made_by != ckpt.identity:
+            warn(f"{latents} was encoded by another checkpoint ({made_by}, this one is {ckpt.identity}); "
+                 f"the images will not match the encoded ones")
+        paths = decoded_paths(output, table.names, len(table.values), ext=ext)
+        batch = _Batch(quiet, as_json, "decode")
+        outcome = write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force,
+                                skip_existing=skip_existing, callback=batch, source=str(latents))
+        batch.finish(outcome)
+
+
+def sample(
+    checkpoint: Checkpoint,
+    output: OutDir,
+    count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", callback=positive, help="z ~ N(0, T^2 I); below 1 gives more typical, less varied images.")] = 1.0,
+    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write all samples as one grid image.")] = None,
+    prefix: Annotated[str, typer.Option("--prefix", help="File name prefix.")] = "sample_",
+    ext: Annotated[str, typer.Option("--ext", help="Output image format (extension).")] = "png",
+    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
+    skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+) -> None:
+    """Draw new images from the prior; prints the written paths, one per line."""
+    with handle_errors():
+        from ..io.images import save_grid
+        from ..inference.latent_ops import decode_images, prior_latents, write_decoded
+
+        ckpt = _open(checkpoint, device)
+        z = prior_latents(ckpt, count, temperature=temperature, seed=seed)
+        paths = [output / f"{prefix}{i:05d}.{ext.lstrip('.')}" for i in range(count)]
+        batch = _Batch(quiet, as_json, "sample")
+        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
+                      callback=batch)
+        if grid is not None:
+            import math
+
+            pixels = decode_images(ckpt, z, batch_size=batch_size)
+            save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)
+            info(f"grid: {grid}", quiet=quiet)
+        batch.finish()
+
+
+def _anchor(ckpt, text: str):
+    """An interpolation anchor: an image's posterior mean, or a row of a latents file (`file.safetensors:3`)."""
+    from ..api import VAEModel
+    from ..errors import DataError
+    from ..io.latents import load_latents, split_row_reference
+
+    reference = split_row_reference(text)
+    if reference is not None:
+        path, row = reference
+        values = load_latents(path).values
+        if row >= len(values):
+            raise DataError(f"{path} has {len(values)} rows; row {row} does not exist")
+        if values.shape[1] != ckpt.config.latent_dim:
+            raise DataError(f"{path}: latents are {values.shape[1]}-dimensional but the checkpoint's latent_dim is "
+                            f"{ckpt.config.latent_dim}; use latents encoded with the same checkpoint")
+        return values[row]
+    return VAEModel(ckpt).encode([text]).mu[0]
+
+
+def interpolate(
+    checkpoint: Checkpoint,
+    anchors: Annotated[list[str], typer.Argument(help="Two or more images, or rows of a latents file (latents.safetensors:3).", show_default=False)],
+    output: OutDir,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Frames per segment, endpoints included.")] = 8,
+    method: Annotated[str, typer.Option("--method", help="slerp (default; Gaussian latents live near a sphere) or lerp.")] = "slerp",
+    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write the frames as one strip image.")] = None,
+    gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write an animated GIF of the frames.")] = None,
+    fps: Annotated[int, typer.Option("--fps", min=1, help="GIF frames per second.")] = 12,
+    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
+    quiet: Quiet = False, as_json: Json = False,
+) -> None:
+    """Walk the latent space through the posterior means of the given images; writes the frames."""
+    if len(anchors) < 2:
+        raise typer.BadParameter("give at least two images or latent rows", param_hint="ANCHORS")
+    if method not in ("slerp", "lerp"):
+        raise typer.BadParameter("use slerp or lerp", param_hint="--method")
+    with handle_errors():
+        import torch
+
+        from ..io.images import save_grid
+        from ..inference.latent_ops import decode_images, path_segments, write_decoded
+
+        ckpt = _open(checkpoint, device)
+        z = path_segments(torch.stack([_anchor(ckpt, a) for a in anchors]), steps=steps, method=method)
+        paths = [output / f"frame_{i:04d}.png" for i in range(len(z))]
+        batch = _Batch(quiet, as_json, "interpolate")
+        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=batch)
+        frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
+        if grid is not None:
+            save_grid(grid, frames, nrow=steps, force=force)
+        if gif is not None:
+            _write_gif(gif, frames, fps=fps, force=force)
+        batch.finish()
+
+
+def _write_gif(path: Path, frames, *, fps: int, force: bool) -> None:
+    from PIL import Image
+
+    from ..io.atomic import atomic_path
+
+    arrays = (frames.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    pictures = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+    pictures += pictures[-2:0:-1]  # there and back again, so the loop has no jump
+    with atomic_path(path, force=force) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=1000 // fps, loop=0)
+
+
+def reconstruct(
+    checkpoint: Checkpoint,
+    inputs: Inputs,
+    output: OutDir,
+    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write originals above reconstructions (the first 16).")] = None,
+    ext: Annotated[Optional[str], typer.Option("--ext", help="Output format (extension); default: keep each input's.")] = None,
+    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
+    skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+) -> None:
+    """Reconstruct images through the model (posterior mean), mirroring the input tree under OUTPUT."""
+    check_not_inside(output, inputs, force=force)
+    with handle_errors():
+        from ..inference.latent_ops import check_outputs_apart, reconstruct_folder
+
+        ckpt = _open(checkpoint, device)
+        found = _find(inputs)
+        check_outputs_apart(output, found, ext=ext)
+        batch = _Batch(quiet, as_json, "reconstruct")
+        outcome = reconstruct_folder(ckpt, found, output, batch_size=batch_size, ext=ext, force=force,
+                                     skip_existing=skip_existing, grid=grid, callback=batch)
+        batch.finish(outcome)
+
+
+def traverse(
+    checkpoint: Checkpoint,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The grid image to write.")],
+    image: Annotated[Optional[Path], typer.Option("--image", help="Start from this image's posterior mean (default: z = 0).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Rank dimensions by their average KL over these images.")] = None,
+    dims: Annotated[Optional[str], typer.Option("--dims", help="Comma-separated dimensions to show, in order (overrides the ranking).")] = None,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="How many dimensions (rows) to show.")] = 10,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Columns: values along each dimension.")] = 9,
+    span: Annotated[float, typer.Option("--range", callback=positive, help="Sweep from -R to +R prior sigmas around the start.")] = 3.0,
+    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
+    quiet: Quiet = False, as_json: Json = False,
+) -> None:
+    """A grid whose rows are latent dimensions and whose columns sweep each one: what each dimension controls."""
+    with handle_errors():
+        import torch
+
+        from ..api import VAEModel
+        from ..io.images import save_grid
+        from ..inference.latent_ops import average_kl_per_dim, traverse_grid
+
+        ckpt = _open(checkpoint, device)
+        latent_dim = ckpt.config.latent_dim
+        base = VAEModel(ckpt).encode([str(image)]).mu[0] if image else torch.zeros(latent_dim)
+        ranking, ranked = None, None
+        if dims:
+            chosen = [int(d) for d in dims.split(",") if d.strip()]
+            if any(d < 0 or d >= latent_dim for d in chosen):
+                raise fail(f"--dims must lie in 0..{latent_dim - 1}")
+        elif data:
+            ranked = _Batch(quiet, False, "rank")
+            ranking = average_kl_per_dim(ckpt, _find(data), batch_size=batch_size, callback=ranked)
+            ranked.progress.stop()
+            chosen = torch.argsort(ranking, descending=True)[:rows].tolist()
+        else:
+            if latent_dim > rows:
+                warn(f"showing dimensions 0..{rows - 1} of {latent_dim}; pass --data FOLDER to show the most used ones")
+            chosen = list(range(min(rows, latent_dim)))
+        pixels = traverse_grid(ckpt, base, chosen, steps=steps, span=span)
+        path = save_grid(output, pixels, nrow=steps, force=force)
+        if as_json:
+            kl = {str(d): float(ranking[d]) for d in chosen} if ranking is not None else None
+            emit({"path": str(path), "dims": chosen, "kl": kl}, as_json=True)
+        else:
+            info(f"rows are dimensions {', '.join(map(str, chosen))}", quiet=quiet)
+            emit(path)
+        if ranked is not None and ranked.failed:
+            raise fail(f"{ranked.failed} image(s) under --data could not be read; see the warnings above",
+                       EXIT_PARTIAL)

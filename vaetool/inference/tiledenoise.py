@@ -1,0 +1,150 @@
+"""Denoising one image in memory: cut into overlapping model-size tiles, run through the VAEFamily, blended back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.base import VAEFamily
+from ..runtime import autocast
+from .tiling import TilePlan, auto_tile, blend_tiles, extract_tiles, plan_tiles
+
+TileSpec = int | str | None  # "auto", "off" / None, or a tile side in pixels
+# ITU-R 601-2 luma, the weights PIL uses for RGB -> L, so a gray image comes back as PIL would make it.
+LUMA = (0.299, 0.587, 0.114)
+
+
+# ------------------------------------------------------------------------------ one image in memory
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one image was cut into model inputs, so that the model's outputs can be put back together."""
+
+    height: int
+    width: int
+    channels: int  # the image's channels, 1 or 3
+    model_channels: int
+    model_size: int
+    tile: int | None  # tile side in image pixels; None: the whole image resized to the model size
+    plan: TilePlan | None
+    count: int  # model inputs made from the image
+
+
+def resolve_tile(tile: TileSpec, model_size: int) -> int | None:
+    """`auto` -> the model's size, `off`/None -> None (resize the whole image), an int -> itself."""
+    if tile is None or (isinstance(tile, str) and tile.strip().lower() == "off"):
+        return None
+    if isinstance(tile, str) and tile.strip().lower() == "auto":
+        return auto_tile(model_size)
+    try:
+        side = int(tile)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tile must be auto, off or a size in pixels, not {tile!r}") from None
+    if side < 2:
+        raise ConfigError(f"tile must be at least 2 pixels, not {side}; pass e.g. --tile {model_size}")
+    return side
+
+
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, height, width); antialiased bilinear, a no-op at the same size."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+
+
+def _to_model_channels(x: torch.Tensor, model_channels: int) -> torch.Tensor:
+    """(N, C, S, S) -> the model's channels: gray replicated for a colour model, colour split for a gray one."""
+    n, c, s, _ = x.shape
+    if c == model_channels:
+        return x
+    if c == 1:
+        return x.expand(n, 3, s, s)  # (N, 3, S, S)
+    # Each colour channel goes through the gray model as its own image: converting to gray would lose the colour.
+    return x.reshape(n * 3, 1, s, s)  # (3N, 1, S, S)
+
+
+def _from_model_channels(y: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of `_to_model_channels` on the model's outputs."""
+    n, mc, s, _ = y.shape
+    if mc == channels:
+        return y
+    if channels == 1:
+        weights = torch.tensor(LUMA, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
+        return (y * weights).sum(1, keepdim=True)  # (N, 1, S, S)
+    return y.reshape(n // 3, 3, s, s)  # (N, 3, S, S)
+
+
+def split_image(pixels: torch.Tensor, *, model_size: int, model_channels: int, tile: int | None,
+                overlap: float = 0.25) -> tuple[torch.Tensor, Layout]:
+    """Cut an image (C, H, W) into model inputs (N, model_channels, S, S) and the layout to reassemble them."""
+    c, h, w = pixels.shape
+    if tile is None:
+        pieces = _resize(pixels[None], model_size, model_size)  # (1, C, S, S)
+        plan = None
+    else:
+        plan = plan_tiles(h, w, tile=tile, overlap=overlap)
+        pieces = _resize(extract_tiles(pixels, plan), model_size, model_size)  # (T, C, S, S)
+    inputs = _to_model_channels(pieces, model_channels).contiguous()
+    return inputs, Layout(h, w, c, model_channels, model_size, tile, plan, inputs.shape[0])
+
+
+def join_outputs(outputs: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Put the model's outputs (N, model_channels, S, S) back into one image (C, H, W)."""
+    pieces = _from_model_channels(outputs.float(), layout.channels)  # (T, C, S, S)
+    if layout.plan is None:
+        return _resize(pieces, layout.height, layout.width)[0]
+    pieces = _resize(pieces, layout.tile, layout.tile)
+    if layout.plan.num_tiles == 1:  # a lone tile's blend would only divide its window out again
+        return pieces[0, :, : layout.height, : layout.width].clamp(0.0, 1.0).contiguous()
+    return blend_tiles(pieces, layout.plan).clamp_(0.0, 1.0)
+
+
+def mix(denoised: torch.Tensor, original: torch.Tensor, strength: float) -> torch.Tensor:
+    """strength * denoised + (1 - strength) * original; 1 returns `denoised` itself."""
+    if strength >= 1.0:
+        return denoised
+    return torch.lerp(original.to(denoised.dtype), denoised, float(strength))
+
+
+class ModelRunner:
+    """Posterior-mean reconstruction of batches: (B, C, S, S) float on CPU in, the same out."""
+
+    def __init__(self, model: VAEFamily, *, amp_dtype: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.amp_dtype = amp_dtype
+        self.size = model.config.image_size
+        self.channels = model.config.channels
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            # The posterior mean, not a sample: the output is deterministic and has no sampling noise.
+            logits = self.model.decode(self.model.encode(x).mode())
+        return self.model.mean_image(logits).float().cpu()  # (B, C, S, S)
+
+
+def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), not {overlap}; pass e.g. --overlap 0.25")
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"strength must be in [0, 1], not {strength}; 1 is fully denoised")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, not {batch_size}")
+
+
+def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile: TileSpec = "auto", overlap: float = 0.25,
+                  strength: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+    """Denoise one image (C, H, W) in [0, 1], C 1 or 3, any size; returns (C, H, W) float32 on the CPU."""
+    check_options(overlap=overlap, strength=strength, batch_size=batch_size)
+    run = model if isinstance(model, ModelRunner) else ModelRunner(model)
+    original = pixels.detach().to("cpu", torch.float32)
+    inputs, layout = split_image(original, model_size=run.size, model_channels=run.channels,
+                                 tile=resolve_tile(tile, run.size), overlap=overlap)
+    outputs = torch.cat([run(inputs[i: i + batch_size]) for i in range(0, layout.count, batch_size)])
+    return mix(join_outputs(outputs, layout), original, strength)

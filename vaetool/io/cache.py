@@ -1,0 +1,422 @@
+"""The decoded training cache (uint8, in memory or memory-mapped on disk) and streamed inference batches."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import mmap
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from .atomic import atomic_path
+from ..errors import ConfigError, DataError, OutputError
+
+if TYPE_CHECKING:
+    from .images import Background, FoundImage
+
+CACHE_VERSION = 1
+T = TypeVar("T")
+
+
+@dataclass
+class ImageCache:
+    """Every training image decoded once into one uint8 tensor."""
+
+    images: torch.Tensor  # (N, C, S, S) uint8, possibly memory-mapped
+    paths: list[Path]  # the file behind each row of `images`
+    skipped: list[tuple[Path, str]]  # (file, reason) for files that could not be decoded
+    on_disk: bool  # memory-mapped from a file rather than held in RAM
+    reused: bool  # mapped from a previous run's cache without decoding anything
+
+
+# ------------------------------------------------------------------------------------ ordered pool
+
+
+def ordered_map(fn: Callable[[T], object], items: Iterable[T], *, workers: int,
+                window: int) -> Iterator[tuple[T, Future]]:
+    """Run `fn` over `items` on threads, at most `window` in flight, yielding (item, future) in input order.
+
+    Unlike `Executor.map`, items are submitted as results are taken, so memory stays bounded for
+    any number of items; closing the generator cancels what has not started.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: deque[tuple[T, Future]] = deque()
+    source = iter(items)
+    try:
+        for item in source:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                break
+        while pending:
+            head = pending.popleft()
+            for item in source:  # refill one slot, keeping memory bounded
+                pending.append((item, pool.submit(fn, item)))
+                break
+            yield head
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+DECODE_CHUNK = 16  # most images per thread task: one task per image cost more in hand-offs than a small PNG's decode
+
+
+def _decoded(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], *, workers: int | None,
+             window: int) -> Iterator[tuple[FoundImage, torch.Tensor | None, DataError | None]]:
+    """(item, uint8 image, None) or (item, None, the DataError) for each item, in order."""
+    from .images import default_workers
+
+    def decode_all(items: Sequence[FoundImage]) -> list[tuple[torch.Tensor | None, DataError | None]]:
+        results: list[tuple[torch.Tensor | None, DataError | None]] = []
+        for item in items:
+            try:
+                results.append((decode(item.path), None))
+            except DataError as exc:
+                results.append((None, exc))
+        return results
+
+    workers = workers or default_workers()
+    size = max(1, min(DECODE_CHUNK, window // (2 * workers)))  # at least two tasks per thread in the window
+    chunks = (found[start:start + size] for start in range(0, len(found), size))
+    futures = ordered_map(decode_all, chunks, workers=workers, window=max(2 * workers, window // size))
+    with contextlib.closing(futures):  # stopping early cancels the decodes not yet started
+        for items, future in futures:
+            for item, (image, error) in zip(items, future.result()):
+                yield item, image, error
+
+
+def _reason(exc: DataError) -> str:
+    return getattr(exc, "reason", None) or str(exc)
+
+
+def _decoder(*, image_size: int, channels: int, background: Background, fit: str) -> Callable[[Path], torch.Tensor]:
+    from .images import _check_options, load_image
+
+    _check_options(image_size, channels, fit)
+    return functools.partial(load_image, image_size=image_size, channels=channels, background=background, fit=fit)
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+def build_cache(found: Sequence[FoundImage], *, image_size: int, channels: int,
+                background: Background = (255, 255, 255), fit: str = "crop", workers: int | None = None,
+                cache_dir: str | os.PathLike | None = None, memory_limit: int | None = None, strict: bool = False,
+                progress: Callable[[int, int], None] | None = None,
+                on_warning: Callable[[str], None] | None = None) -> ImageCache:
+    """Decode every image once into a uint8 (N, C, S, S) tensor, on `workers` threads.
+
+    With `cache_dir`, the result is also stored there (raw uint8 file + JSON index, keyed by the
+    files' paths, sizes and mtimes and the decode options) and a later call with the same key maps
+    it instead of decoding. Above `memory_limit` bytes the tensor is a memory-mapped file (in
+    `cache_dir`, else a deleted temporary file), so RSS stays bounded. Unreadable files are
+    skipped and listed, or raise DataError with `strict`.
+    """
+    decode = _decoder(image_size=image_size, channels=channels, background=background, fit=fit)
+    if not found:
+        raise DataError("no images to decode; check the input folders")
+    shape = (channels, image_size, image_size)
+    key = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        key = cache_key(found, image_size=image_size, channels=channels, background=background, fit=fit)
+        cache = _reuse(cache_dir, key, found, shape, strict=strict)
+        if cache is not None:
+            if progress:
+                progress(len(found), len(found))
+            return cache
+    processes = use_processes(len(found), workers)
+    fill = functools.partial(_fill, found, decode, workers=workers, strict=strict, progress=progress,
+                             processes=processes)
+    if memory_limit is not None and len(found) * _row_bytes(shape) > memory_limit:
+        return _build_mapped(found, shape, fill, cache_dir=cache_dir, key=key)
+    images = _shared_empty(len(found), shape) if processes else torch.empty((len(found), *shape), dtype=torch.uint8)
+    good, skipped = fill(images)
+    cache = ImageCache(images[:len(good)], [found[i].path for i in good],
+                       [(found[i].path, r) for i, r in skipped], on_disk=False, reused=False)
+    if cache_dir is not None and key is not None:  # persist for the next run
+        try:
+            _save(cache_dir, key, cache.images, good, skipped)
+        except OutputError as exc:  # the cache only saves time; training can go on without it
+            if on_warning:
+                on_warning(f"decoded images not cached: {exc}")
+    return cache
+
+
+def _row_bytes(shape: tuple[int, int, int]) -> int:
+    return shape[0] * shape[1] * shape[2]
+
+
+def _fill(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], target: torch.Tensor, *,
+          workers: int | None, strict: bool, progress: Callable[[int, int], None] | None,
+          processes: bool = False) -> tuple[list[int], list[tuple[int, str]]]:
+    """Decode into consecutive rows of `target`; return (indices decoded, (index, reason) skipped)."""
+    from .images import default_workers
+
+    if processes:
+        return _fill_in_processes(found, decode, target, workers=workers or default_workers(), strict=strict,
+                                  progress=progress)
+    good: list[int] = []
+    skipped: list[tuple[int, str]] = []
+    first_error: DataError | None = None
+    window = 4 * (workers or default_workers())
+    with contextlib.closing(_decoded(found, decode, workers=workers, window=window)) as results:
+        for index, (_, image, error) in enumerate(results):
+            if error is not None:
+                if strict:
+                    raise error
+                first_error = first_error or error
+                skipped.append((index, _reason(error)))
+            else:
+                target[len(good)] = image  # rows stay in input order, skipped files leave no hole
+                good.append(index)
+            if progress:
+                progress(index + 1, len(found))
+    if not good:
+        raise DataError(f"none of the {len(found)} images could be read; the first: {first_error}")
+    return good, skipped
+
+
+# Building the training cache decodes every image once, with nothing else to overlap: processes, not
+# threads. PIL's per-image Python holds the GIL, so for small images two threads decoded *slower* than one
+# (5,335 against 6,361 images/s at 64x64 on 2 cores); forked processes each decode at the one-thread rate.
+PROCESS_MIN_IMAGES = 512  # below this, starting the workers costs more than it saves
+_JOB: tuple | None = None  # (paths, decode, target) for forked workers: inherited, never pickled
+
+
+def use_processes(count: int, workers: int | None) -> bool:
+    """Whether `build_cache` decodes in forked worker processes (Linux, several workers, enough images)."""
+    from .images import default_workers
+
+    forkable = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    return forkable and (workers or default_workers()) > 1 and count >= PROCESS_MIN_IMAGES
+
+
+def _shared_empty(count: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """An uninitialised uint8 (N, C, S, S) tensor in anonymous shared memory: forked workers write into it.
+    (Not /dev/shm, which containers often cap at 64 MB.)"""
+    buffer = mmap.mmap(-1, max(1, count * _row_bytes(shape)))
+    return torch.frombuffer(buffer, dtype=torch.uint8)[: count * _row_bytes(shape)].view(count, *shape)
+
+
+def _worker_start() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    torch.set_num_threads(1)  # as torch's DataLoader workers do: no OpenMP in a forked child
+
+
+def _decode_rows(bounds: tuple[int, int]) -> list[tuple[int, str, str]]:
+    """In a worker: decode rows [start, stop) into the shared target; return (index, reason, message) failures."""
+    paths, decode, target = _JOB
+    failures = []
+    for index in range(*bounds):
+        try:
+            target[index] = decode(paths[index])
+        except DataError as exc:
+            failures.append((index, _reason(exc), str(exc)))
+    return failures
+
+
+def _fill_in_processes(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], target: torch.Tensor,
+                       *, workers: int, strict: bool, progress: Callable[[int, int], None] | None,
+                       ) -> tuple[list[int], list[tuple[int, str]]]:
+    """`_fill` on forked workers, each decoding runs of rows in place; then the rows are closed up."""
+    global _JOB
+    chunk = max(16, min(256, len(found) // (8 * workers) or 16))
+    bounds = [(start, min(start + chunk, len(found))) for start in range(0, len(found), chunk)]
+    failed: dict[int, str] = {}
+    first_error: str | None = None
+    _JOB = ([item.path for item in found], decode, target)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
+            for (_, stop), failures in zip(bounds, pool.imap(_decode_rows, bounds)):  # in order: strict stops first
+                if failures and strict:
+                    raise DataError(failures[0][2])
+                for index, reason, message in failures:
+                    failed[index] = reason
+                    first_error = first_error or message
+                if progress:
+                    progress(stop, len(found))
+    finally:
+        _JOB = None
+    good = [i for i in range(len(found)) if i not in failed]
+    if not good:
+        raise DataError(f"none of the {len(found)} images could be read; the first: {first_error}")
+    for row, index in enumerate(good):  # close the gaps of skipped files; rows keep input order
+        if row != index:
+            target[row] = target[index]
+    return good, sorted(failed.items())
+
+
+def _allocate(path: str | os.PathLike, size: int) -> None:
+    """Give a file `size` bytes up front, so a full disk fails here and not as SIGBUS in a mapping."""
+    with open(path, "r+b") as handle:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # the filesystem cannot; just size it
+                    raise
+        handle.truncate(size)
+
+
+def _map(path: str | os.PathLike, count: int, shape: tuple[int, int, int], *, shared: bool) -> torch.Tensor:
+    """Memory-map `count` rows of `shape`; private (copy-on-write) unless `shared`."""
+    flat = torch.from_file(os.fspath(path), shared=shared, size=count * _row_bytes(shape), dtype=torch.uint8)
+    return flat.view(count, *shape)  # (N, C, S, S)
+
+
+def _build_mapped(found: Sequence[FoundImage], shape: tuple[int, int, int], fill: Callable, *,
+                  cache_dir: Path | None, key: str | None) -> ImageCache:
+    """Decode straight into a memory-mapped file: the cache file itself, or a deleted temporary file."""
+    total = len(found) * _row_bytes(shape)
+    if cache_dir is None or key is None:
+        fd, tmp = tempfile.mkstemp(prefix="vaetool-cache-", suffix=".u8")
+        os.close(fd)
+        try:
+            _allocate(tmp, total)
+            images = _map(tmp, len(found), shape, shared=True)
+        finally:
+            with contextlib.suppress(OSError):  # POSIX: the mapping keeps the data, the space goes with it
+                os.unlink(tmp)
+        good, skipped = fill(images)
+        images = images[:len(good)]
+    else:
+        _make_dir(cache_dir)
+        data_file = cache_dir / f"{key}.u8"
+        with atomic_path(data_file, force=True) as tmp:
+            _allocate(tmp, total)
+            good, skipped = fill(_map(tmp, len(found), shape, shared=True))  # unmapped on return
+            os.truncate(tmp, len(good) * _row_bytes(shape))
+        _write_index(cache_dir, key, shape, good, skipped)
+        images = _map(data_file, len(good), shape, shared=False)
+    return ImageCache(images, [found[i].path for i in good], [(found[i].path, r) for i, r in skipped],
+                      on_disk=True, reused=False)
+
+
+# -------------------------------------------------------------------------------------- on disk
+
+
+def cache_key(found: Sequence[FoundImage], *, image_size: int, channels: int, background: Background,
+              fit: str) -> str:
+    """A name for the decoded cache of these files (paths, sizes, mtimes) under these options."""
+    import PIL
+
+    options = {"version": CACHE_VERSION, "pillow": PIL.__version__, "image_size": image_size, "channels": channels,
+               "fit": fit, "background": list(background) if not isinstance(background, int) else background}
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for item in found:
+        path = os.path.abspath(item.path)
+        try:
+            st = os.stat(path)
+            signature = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            signature = "missing"
+        digest.update(f"\n{path}\0{signature}".encode("utf-8", "surrogateescape"))
+    return "images-" + digest.hexdigest()[:32]
+
+
+def _make_dir(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the cache folder {cache_dir}: {exc.strerror or exc}; "
+                          f"pass another --cache-dir") from None
+
+
+def _write_index(cache_dir: Path, key: str, shape: tuple[int, int, int], good: list[int],
+                 skipped: list[tuple[int, str]]) -> None:
+    # Written after the data file, so an index on disk always describes a complete data file.
+    index = {"version": CACHE_VERSION, "key": key, "shape": [len(good), *shape], "good": good,
+             "skipped": [[i, reason] for i, reason in skipped]}
+    with atomic_path(cache_dir / f"{key}.json", force=True) as tmp:
+        tmp.write_text(json.dumps(index))
+
+
+def _save(cache_dir: Path, key: str, images: torch.Tensor, good: list[int], skipped: list[tuple[int, str]]) -> None:
+    _make_dir(cache_dir)
+    with atomic_path(cache_dir / f"{key}.u8", force=True) as tmp:
+        images.contiguous().numpy().tofile(tmp)
+    _write_index(cache_dir, key, tuple(images.shape[1:]), good, skipped)
+
+
+def _reuse(cache_dir: Path, key: str, found: Sequence[FoundImage], shape: tuple[int, int, int], *,
+           strict: bool) -> ImageCache | None:
+    """Map a previous run's cache with this key, or None when there is no complete, matching one."""
+    data_file = cache_dir / f"{key}.u8"
+    try:
+        index = json.loads((cache_dir / f"{key}.json").read_text())
+        good = [int(i) for i in index["good"]]
+        skipped = [(int(i), str(reason)) for i, reason in index["skipped"]]
+        complete = (index["version"] == CACHE_VERSION and index["key"] == key
+                    and index["shape"] == [len(good), *shape] and good
+                    and all(0 <= i < len(found) for i in good + [i for i, _ in skipped])
+                    and data_file.stat().st_size == len(good) * _row_bytes(shape))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not complete:
+        return None
+    if strict and skipped:
+        i, reason = skipped[0]
+        raise DataError(f"{found[i].path}: {reason}")
+    images = _map(data_file, len(good), shape, shared=False)
+    return ImageCache(images, [found[i].path for i in good], [(found[i].path, r) for i, r in skipped],
+                      on_disk=True, reused=True)
+
+
+# ------------------------------------------------------------------------------------- streaming
+
+
+def iter_batches(found: Sequence[FoundImage], *, image_size: int, channels: int, batch_size: int,
+                 workers: int | None = None, background: Background = (255, 255, 255), fit: str = "crop",
+                 prefetch: int = 2) -> Iterator[tuple[list[FoundImage], torch.Tensor, list[tuple[FoundImage, str]]]]:
+    """Stream (decoded items, uint8 (B, C, S, S), failures as (item, reason)) batches in input order.
+
+    Decoding runs on worker threads at most `prefetch` batches ahead, so memory stays bounded for
+    any number of files. A batch whose files all failed has a (0, C, S, S) tensor.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, not {batch_size}")
+    decode = _decoder(image_size=image_size, channels=channels, background=background, fit=fit)
+    # Checked above, at the call; the decoding starts with the first batch taken.
+    return _batches(found, decode, batch_size=batch_size, workers=workers, window=max(1, prefetch) * batch_size,
+                    shape=(channels, image_size, image_size))
+
+
+def _batches(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], *, batch_size: int,
+             workers: int | None, window: int, shape: tuple[int, int, int],
+             ) -> Iterator[tuple[list[FoundImage], torch.Tensor, list[tuple[FoundImage, str]]]]:
+    good: list[FoundImage] = []
+    tensors: list[torch.Tensor] = []
+    failures: list[tuple[FoundImage, str]] = []
+    with contextlib.closing(_decoded(found, decode, workers=workers, window=window)) as results:
+        for item, image, error in results:
+            if error is not None:
+                failures.append((item, _reason(error)))
+            else:
+                good.append(item)
+                tensors.append(image)
+            if len(good) + len(failures) == batch_size:
+                yield good, _stack(tensors, shape), failures
+                good, tensors, failures = [], [], []
+    if good or failures:
+        yield good, _stack(tensors, shape), failures
+
+
+def _stack(tensors: list[torch.Tensor], shape: tuple[int, int, int]) -> torch.Tensor:
+    if not tensors:
+        return torch.empty((0, *shape), dtype=torch.uint8)
+    return torch.stack(tensors)  # (B, C, S, S)

@@ -1,0 +1,252 @@
+"""The training report of a run folder: curves and grids as report.png, and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..io.atomic import atomic_write_bytes
+from ..errors import DataError
+
+REPORT_PNG, REPORT_HTML = "report.png", "report.html"
+REPORT_INCHES, REPORT_DPI = (15.0, 10.0), 100  # report.png is 1500 x 1000 pixels
+CURVES_INCHES = (15.0, 4.2)
+# (panel title, train key, validation key): the three curves, all in nats per image.
+CURVES = (("-ELBO (nats/image)", "train_neg_elbo", "val_neg_elbo"),
+          ("reconstruction -log p(x|z)", "train_recon", "val_recon"),
+          ("KL(q(z|x) || p(z))", "train_kl", "val_kl"))
+TABLE_KEYS = ("epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "val_neg_elbo",
+              "val_recon", "val_kl", "val_psnr", "beta", "decoder_log_scale", "elapsed", "best", "partial")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The epochs of `run_dir/metrics.jsonl`, in order; a truncated last line (a run killed mid-write) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; give a run folder made by `vaetool train` "
+                        f"(the report needs at least one finished epoch)")
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path} holds no epoch yet; train for at least one epoch, then run `vaetool report`")
+    return rows
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """Model config, train config and training summary from the run's checkpoint metadata ({} if none)."""
+    from ..checkpoint import LAST_FILE, MODEL_FILE, read_metadata
+    from ..errors import CheckpointError
+
+    for name in (MODEL_FILE, LAST_FILE):
+        path = Path(run_dir) / name
+        if path.is_file():
+            try:
+                meta = read_metadata(path)
+                return {key: json.loads(meta.get(key) or "null") for key in ("model_config", "train_config",
+                                                                             "training")}
+            except (CheckpointError, json.JSONDecodeError):
+                continue
+    return {}
+
+
+def _grid_paths(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """The latest samples and reconstructions grids: the run's own copies, else the newest per-epoch files."""
+    found = []
+    for kind in ("samples", "reconstructions"):
+        path = run_dir / f"{kind}.png"
+        if not path.is_file():
+            epochs = sorted((run_dir / "grids").glob(f"epoch_*_{kind}.png"))
+            path = epochs[-1] if epochs else None
+        found.append(path)
+    return found[0], found[1]
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _draw_curves(axes: Sequence[Any], rows: Sequence[dict[str, Any]]) -> None:
+    """One panel per quantity: train and validation over steps; the best epoch marked."""
+    best = [r["step"] for r in rows if r.get("best")]
+    for ax, (title, train_key, val_key) in zip(axes, CURVES):
+        for key, label, style in ((train_key, "train", "o-"), (val_key, "validation", "s-")):
+            x, y = _series(rows, key)
+            if x:
+                ax.plot(x, y, style, label=label, markersize=3, linewidth=1.5)
+        if train_key == "train_neg_elbo" and any(abs(r.get("beta", 1.0) - 1.0) > 1e-9 for r in rows):
+            x, y = _series(rows, "train_loss")  # the objective differs from the -ELBO when beta != 1
+            ax.plot(x, y, "--", color="grey", label="train objective (beta-weighted)", linewidth=1)
+        if best:
+            ax.axvline(best[-1], color="grey", linestyle=":", linewidth=1, label="best checkpoint")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+
+
+def _show_image(ax: Any, path: Path | None, title: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    ax.set_title(title)
+    ax.set_axis_off()
+    if path is None:
+        ax.text(0.5, 0.5, "no grid yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    ax.imshow(pixels, interpolation="nearest")
+
+
+def _summary(run_dir: Path, rows: Sequence[dict[str, Any]]) -> str:
+    last = rows[-1]
+    partial = " (partial)" if last.get("partial") else ""
+    parts = [f"{run_dir.resolve().name}: epoch {last.get('epoch')}{partial}, step {last['step']}"]
+    scores = [r.get("val_neg_elbo", r.get("train_neg_elbo")) for r in rows]
+    scores = [s for s in scores if isinstance(s, (int, float)) and math.isfinite(s)]
+    if scores:
+        parts.append(f"best -ELBO {min(scores):.2f} nats/image")
+    if isinstance(last.get("val_psnr"), (int, float)):
+        parts.append(f"validation PSNR {last['val_psnr']:.2f} dB")
+    if isinstance(last.get("elapsed"), (int, float)):
+        parts.append(f"{last['elapsed']:.0f} s of training")
+    return ", ".join(parts)
+
+
+def report_figure(run_dir: str | Path, rows: Sequence[dict[str, Any]] | None = None) -> Any:
+    """The report as a matplotlib Figure: three curve panels above the samples and reconstructions."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in threads
+
+    run_dir = Path(run_dir)
+    rows = rows if rows is not None else read_metrics(run_dir)
+    fig = Figure(figsize=REPORT_INCHES, dpi=REPORT_DPI, layout="constrained")
+    grid = fig.add_gridspec(2, 6, height_ratios=(1.0, 1.2))
+    _draw_curves([fig.add_subplot(grid[0, 2 * i: 2 * i + 2]) for i in range(3)], rows)
+    samples, recons = _grid_paths(run_dir)
+    epoch = rows[-1].get("epoch")
+    _show_image(fig.add_subplot(grid[1, 0:2]), samples, f"samples from the prior (epoch {epoch})")
+    _show_image(fig.add_subplot(grid[1, 2:6]), recons, "validation images (top) and reconstructions (bottom)")
+    fig.suptitle(_summary(run_dir, rows))
+    return fig
+
+
+def _curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=CURVES_INCHES, dpi=REPORT_DPI, layout="constrained")
+    _draw_curves(fig.subplots(1, 3), rows)
+    return _png_bytes(fig)
+
+
+def _png_bytes(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=REPORT_DPI)
+    return buffer.getvalue()
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write `run_dir/report.png` and `run_dir/report.html` (images embedded); return both paths.
+
+    Both files are derived from the run's metrics and grids and are rewritten on every call,
+    like the run's own `samples.png`.
+    """
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    png = atomic_write_bytes(run_dir / REPORT_PNG, _png_bytes(report_figure(run_dir, rows)), force=True)
+    samples, recons = _grid_paths(run_dir)
+    page = render_html(title=_summary(run_dir, rows), curves=_curves_png(rows), samples=samples,
+                       reconstructions=recons, config=read_run_config(run_dir), rows=rows)
+    html_path = atomic_write_bytes(run_dir / REPORT_HTML, page.encode("utf-8"), force=True)
+    return png, html_path
+
+
+# ------------------------------------------------------------------------------------------ HTML
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.6em}img{max-width:100%}
+img.grid{image-rendering:pixelated}table{border-collapse:collapse;font-size:.85em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}
+td.key{text-align:left;font-family:monospace}tr.best td{font-weight:bold}
+.scroll{overflow-x:auto}"""
+
+
+def data_uri(png: bytes) -> str:
+    """A PNG as a `data:` URI, so the page needs no other file and no network."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None or value is False else "yes"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"
+    return _esc(value)
+
+
+def _img(png: bytes, alt: str, *, grid: bool) -> str:
+    width = ""
+    if grid:  # small pixel grids are shown enlarged, without blurring
+        from PIL import Image
+
+        with Image.open(io.BytesIO(png)) as image:
+            natural = image.width
+        width = f' width="{natural * max(1, min(4, 600 // max(natural, 1)))}"'
+    kind = ' class="grid"' if grid else ""
+    return f'<img{kind}{width} alt="{_esc(alt)}" src="{data_uri(png)}">'
+
+
+def _config_table(config: dict[str, Any]) -> str:
+    rows = []
+    for section in ("model_config", "train_config", "training"):
+        values = config.get(section) or {}
+        for key, value in values.items():
+            if key == "metrics":  # the last epoch's metrics are in the table below
+                continue
+            shown = value if isinstance(value, str) else json.dumps(value)
+            rows.append(f'<tr><td class="key">{_esc(section.split("_")[0])}.{_esc(key)}</td>'
+                        f'<td class="key">{_esc(shown)}</td></tr>')
+    if not rows:
+        return "<p>No checkpoint in the run folder, so no configuration to show.</p>"
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _metrics_table(rows: Sequence[dict[str, Any]]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in r for r in rows)]
+    keys += sorted({k for r in rows for k in r} - set(keys))
+    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    best = ' class="best"'
+    body = "".join(f"<tr{best if r.get('best') else ''}>" + "".join(f"<td>{_cell(r.get(k))}</td>" for k in keys)
+                   + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def render_html(*, title: str, curves: bytes, samples: Path | None, reconstructions: Path | None,
+                config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """The report page: every image inlined as a data URI, no script, no external resource."""
+    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>",
+             f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>",
+             "<h2>Curves</h2>", _img(curves, "loss, reconstruction and KL over steps", grid=False)]
+    for heading, path in (("Samples from the prior", samples),
+                          ("Validation images (top) and their reconstructions (bottom)", reconstructions)):
+        if path is not None:
+            parts += [f"<h2>{heading}</h2>", _img(path.read_bytes(), heading, grid=True)]
+    parts += ["<h2>Configuration</h2>", _config_table(config),
+              f"<h2>Metrics ({len(rows)} epochs)</h2>", _metrics_table(rows), "</body></html>\n"]
+    return "\n".join(parts)
