@@ -347,7 +347,8 @@ def draw_extras(canvas: Image.Image, rng: np.random.Generator, assets: Assets, *
         elif roll < 0.75:
             draw_shapes(canvas, rng, count=int(rng.integers(1, 3)))
         else:
-            font = _font(assets.symbol_fonts[rng.integers(len(assets.symbol_fonts))], round(big * rng.uniform(0.12, 0.3)))
+            path = assets.symbol_fonts[rng.integers(len(assets.symbol_fonts))]
+            font = _font(path, round(big * rng.uniform(0.12, 0.3)))
             x, y = rng.uniform(0.1, 0.9, size=2) * big
             fill = _contrasting(rng, _mean_luma(canvas, (0, 0, big, big)))
             layer = _text_layer(SYMBOLS[rng.integers(len(SYMBOLS))], font, fill, rng)

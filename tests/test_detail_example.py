@@ -66,7 +66,8 @@ def test_images_are_rgb_of_the_asked_size_and_labels_match(tmp_path):
     with open(tmp_path / detail.CSV_NAME, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["path"] for r in rows] == [p.relative_to(tmp_path).as_posix() for p in paths]
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == sorted(r["path"] for r in rows)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert written == sorted(r["path"] for r in rows)
     for row, path in zip(rows, paths):
         assert path.parent.name == row["kind"]
         with Image.open(path) as image:
