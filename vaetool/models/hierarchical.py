@@ -59,9 +59,11 @@ class LatentCell(nn.Module):
 
     def __init__(self, width: int, latent_channels: int, *, depth: int) -> None:
         super().__init__()
-        self.split = (latent_channels, latent_channels, width)
         self.prior_norm = GroupNorm32(groups(width), width)
-        self.prior = scale_init_(nn.Conv2d(width, 2 * latent_channels + width, 3, padding=1), PRIOR_INIT_SCALE)
+        self.prior = scale_init_(nn.Conv2d(width, 2 * latent_channels, 3, padding=1), PRIOR_INIT_SCALE)
+        # The prior net's features for the state (VDVAE's `xpp`): not a distribution's parameter, so it runs
+        # at the autocast precision; only the two convs that set distributions run in float32.
+        self.prior_features = scale_init_(nn.Conv2d(width, width, 3, padding=1), PRIOR_INIT_SCALE)
         self.posterior_norm = GroupNorm32(groups(2 * width), 2 * width)
         self.posterior = nn.Conv2d(2 * width, 2 * latent_channels, 3, padding=1)
         self.proj = scale_init_(nn.Conv2d(latent_channels, width, 1), math.sqrt(1.0 / depth))
@@ -70,9 +72,9 @@ class LatentCell(nn.Module):
 
     def prior_of(self, h: torch.Tensor) -> tuple[DiagonalGaussian, torch.Tensor]:
         """p(z | h) and the state plus the prior net's extra features (VDVAE's `xpp`)."""
-        feats = full_precision(self.prior, F.silu(self.prior_norm(h)))  # (B, 2 C_z + W, h, w), float32
-        mean, log_std, extra = feats.split(self.split, dim=1)
-        return bounded_gaussian(mean, log_std), h + extra.to(h.dtype)
+        a = F.silu(self.prior_norm(h))  # (B, W, h, w)
+        mean, log_std = full_precision(self.prior, a).chunk(2, dim=1)  # (B, C_z, h, w) each, float32
+        return bounded_gaussian(mean, log_std), h + self.prior_features(a)
 
     def posterior_of(self, h: torch.Tensor, skip: torch.Tensor, prior: DiagonalGaussian) -> DiagonalGaussian:
         """q(z | x, z_<l) as offsets of the prior (NVAE's residual Normal), from the state and the bottom-up features."""
