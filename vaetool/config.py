@@ -14,6 +14,11 @@ LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
 # per batch (sigma-VAE, Rybkin et al. 2021), or fixed (fixed-variance Gaussian = weighted MSE).
 DECODER_SCALES = ("learned", "optimal", "fixed")
 CORRUPTIONS = ("gaussian", "mask", "saltpepper")
+KINDS = ("vector", "spatial", "hierarchical")  # the model families (models/ registers one class per kind)
+# Each family's widths when none are given. The spatial family halves the resolution once per width,
+# so its default depends on the downsampling f: two stages for f = 4, and so on.
+DEFAULT_WIDTHS = {"vector": (32, 64, 128, 256), "hierarchical": (32, 64, 128, 256)}
+SPATIAL_WIDTHS = (64, 128, 128, 256)  # the first log2(f) of these
 
 
 def _check(condition: bool, message: str) -> None:
@@ -23,37 +28,65 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and likelihood of a convolutional VAE; stored in every checkpoint."""
+    """Architecture and likelihood of a convolutional VAE; stored in every checkpoint.
+
+    Checkpoints written before the families existed have no `kind`, `latent_channels`, `downsample`
+    or `level_cells`: the defaults make them today's vector model.
+    """
 
     kind: str = "vector"  # the model family (models/base.py registry); checkpoints without it are vector
     image_size: int = 64
     channels: int = 3
-    latent_dim: int = 64
-    widths: tuple[int, ...] = (32, 64, 128, 256)
+    latent_dim: int = 64  # vector: the size of z; hierarchical: the size of the top (global) latent
+    widths: tuple[int, ...] = ()  # channels per stride-2 stage; () = the family's default (DEFAULT_WIDTHS)
     blocks: int = 1  # extra 3x3 conv layers per stage, after the resampling conv
     patch: int = 2  # 2: fold 2x2 pixel patches into channels before the first stage (faster); 1: plain conv
+    latent_channels: int = 8  # spatial, hierarchical: channels of each latent map
+    downsample: int = 4  # spatial: the latent map is 1/f of the image; hierarchical: the finest level's f
+    level_cells: int = 1  # hierarchical: latent groups (cells) at each latent resolution
     likelihood: str = "gaussian"
     decoder_scale: str = "optimal"
     fixed_scale: float = 0.1  # the decoder's std when decoder_scale == "fixed"
     min_log_scale: float = -6.0  # floor of the log std, so a perfect fit cannot diverge
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        _check(self.kind in KINDS, f"unknown model kind {self.kind!r} (--model); use one of {', '.join(KINDS)}")
+        _check(self.downsample in (2, 4, 8, 16), f"--downsample must be 2, 4, 8 or 16, not {self.downsample}")
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths) or self._default_widths())
         _check(self.channels in (1, 3), f"channels must be 1 or 3, not {self.channels}")
-        _check(self.latent_dim >= 1, f"latent_dim must be >= 1, not {self.latent_dim}")
+        _check(self.latent_dim >= 1, f"--latent-dim must be >= 1, not {self.latent_dim}")
+        _check(self.latent_channels >= 1, f"--latent-channels must be >= 1, not {self.latent_channels}")
+        _check(self.level_cells >= 1, f"--level-cells must be >= 1, not {self.level_cells}")
         _check(len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
                f"widths must be positive, not {self.widths}")
         _check(self.blocks >= 0, f"blocks must be >= 0, not {self.blocks}")
         _check(self.patch in (1, 2), f"patch must be 1 or 2, not {self.patch}")
-        factor = 2 ** len(self.widths)
-        _check(self.image_size >= factor and self.image_size % factor == 0,
-               f"image_size {self.image_size} must be a multiple of {factor} "
-               f"(2 ** number of widths); pick another --image-size or fewer --widths")
+        self._check_family()
         _check(self.likelihood in LIKELIHOODS,
                f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}")
         _check(self.decoder_scale in DECODER_SCALES,
                f"decoder_scale must be one of {', '.join(DECODER_SCALES)}, not {self.decoder_scale!r}")
         _check(self.fixed_scale > 0, f"fixed_scale must be > 0, not {self.fixed_scale}")
+
+    def _default_widths(self) -> tuple[int, ...]:
+        if self.kind == "spatial":
+            return SPATIAL_WIDTHS[: self.downsample.bit_length() - 1]
+        return DEFAULT_WIDTHS.get(self.kind, DEFAULT_WIDTHS["vector"])
+
+    def _check_family(self) -> None:
+        """The image-size and downsampling rules of each family, with the flags that fix them."""
+        factor = 2 ** len(self.widths)
+        if self.kind == "spatial":
+            _check(factor == self.downsample,
+                   f"the spatial model halves the resolution once per width: --downsample {self.downsample} needs "
+                   f"{self.downsample.bit_length() - 1} --widths, not {len(self.widths)} ({self.widths})")
+        if self.kind == "hierarchical":
+            _check(self.downsample <= factor,
+                   f"--downsample {self.downsample} is finer than the hierarchy reaches with {len(self.widths)} "
+                   f"--widths (at most {factor}); pick a smaller --downsample or more --widths")
+        _check(self.image_size >= factor and self.image_size % factor == 0,
+               f"image_size {self.image_size} must be a multiple of {factor} "
+               f"(2 ** number of widths); pick another --image-size or fewer --widths")
 
     @property
     def bottom_size(self) -> int:

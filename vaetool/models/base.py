@@ -1,9 +1,26 @@
 """The interface every model family implements, the diagonal Gaussian posterior, and the family registry.
 
 A family maps images to a posterior over its latents and latents back to decoder logits. Latents are
-a dict of named levels, each (B, ...): `{"z": (B, D)}` for the vector family, `{"z": (B, C, h, w)}` for
-a spatial one, one entry per level for a hierarchy. Every family also draws latents from its prior
-and returns the KL of each level for the ELBO.
+a dict of named levels, each (B, ...), in top-down order: `{"z": (B, D)}` for the vector family,
+`{"z": (B, C, h, w)}` for the spatial one, `{"top": (B, D), "z16": (B, C, H/16, W/16), ..., "z4": ...}`
+for the hierarchy. Every family also draws latents from its prior and returns the KL of each level for
+the ELBO.
+
+What the other layers call, for every family:
+
+- `model.latent_shapes(H, W)`: level -> shape without the batch; the trainer draws the
+  reparameterization noise `{level: randn(B, *shape)}` itself and passes it as `forward(x, noise=...)`,
+  so DDP and resume stay exact.
+- `model(x, sample=, noise=, generator=)` -> `ModelOutput` (latents, logits, kl_terms per level, posterior);
+  `elbo_loss(model, x, output)` -> `LossTerms`.
+- `model.encode(x)` -> `Posterior`: `sample(generator, noise=, temperature=)`, `mode()` (the means, level
+  by level), `log_prob(latents)` = log q(z|x) and `prior_log_prob(latents)` = log p(z), both (..., B).
+- `model.decode(latents)` -> logits; `model.mean_image(logits)` -> pixels; `model.reconstruct(x)`.
+- `model.importance_sample(posterior, noise)` with noise (K, B, ...) per level -> `ImportanceSample`
+  (latents, logits (K B, C, H, W), log q (K, B), log p (K, B)): the IWAE bound's terms in one pass.
+- `model.sample_prior(count, temperature=float | {level: float}, generator=, size=(H, W))` -> latents.
+- `model.size_multiple` (None: only the config's image size; else the sides must be multiples of it),
+  `model.check_size(H, W)`, `model.vector_level` (the level that is one vector per image, or None).
 """
 
 from __future__ import annotations
@@ -17,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .likelihoods import Likelihood
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32 and bf16
@@ -60,8 +77,10 @@ class DiagonalGaussian:
         """KL(self || prior) per latent element, (B, ...), in closed form; the prior defaults to N(0, I)."""
         if prior is None:
             return 0.5 * (self.mu.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
-        ratio = (self.logvar - prior.logvar).exp()
-        return 0.5 * (ratio + (self.mu - prior.mu).pow(2) * (-prior.logvar).exp() - 1.0 - (self.logvar - prior.logvar))
+        # expm1(d) - d, not exp(d) - 1 - d: a posterior close to its prior (d near 0) is the common case in
+        # a hierarchy, and there the plain form loses most of its float32 digits.
+        log_ratio = self.logvar - prior.logvar
+        return 0.5 * (torch.expm1(log_ratio) - log_ratio + (self.mu - prior.mu).pow(2) * (-prior.logvar).exp())
 
     def kl(self, prior: DiagonalGaussian | None = None) -> torch.Tensor:
         """KL(self || prior) summed over the latent, (B,) nats."""
@@ -79,15 +98,27 @@ def standard_normal_log_prob(z: torch.Tensor, event_dims: int = 1) -> torch.Tens
 
 
 class Posterior(ABC):
-    """q(z|x) over every level of a family's latents."""
+    """q(z|x) over every level of a family's latents.
+
+    Noise and latents may carry leading sample dimensions, (K, B, ...): the IWAE bound draws K at once.
+    """
 
     @abstractmethod
-    def sample(self, generator: torch.Generator | None = None) -> Latents:
-        """Latents drawn from q (reparameterized, so gradients flow)."""
+    def sample(self, generator: torch.Generator | None = None, *, noise: Latents | torch.Tensor | None = None,
+               temperature: float = 1.0) -> Latents:
+        """Latents drawn from q (reparameterized, so gradients flow); `noise` gives each level's eps."""
 
     @abstractmethod
     def mode(self) -> Latents:
-        """The posterior means, level by level."""
+        """The posterior means, level by level (in a hierarchy, each level's mean given the means above)."""
+
+    @abstractmethod
+    def log_prob(self, latents: Latents) -> torch.Tensor:
+        """log q(z|x) summed over every level and element, (..., B)."""
+
+    @abstractmethod
+    def prior_log_prob(self, latents: Latents) -> torch.Tensor:
+        """log p(z), the family's prior (conditional level by level in a hierarchy), (..., B)."""
 
 
 class FactorizedPosterior(Posterior):
@@ -151,6 +182,27 @@ def as_latents(value: Latents | torch.Tensor, like: dict[str, object]) -> Latent
     return value
 
 
+def level_temperatures(temperature: float | dict[str, float], names: list[str]) -> dict[str, float]:
+    """One temperature per level: a float for all, or a dict whose missing levels stay at 1."""
+    if not isinstance(temperature, dict):
+        return dict.fromkeys(names, float(temperature))
+    unknown = sorted(set(temperature) - set(names))
+    if unknown:
+        raise ConfigError(f"no latent level {unknown[0]!r} for --temperature; this model's levels are "
+                          f"{', '.join(names)}")
+    return {name: float(temperature.get(name, 1.0)) for name in names}
+
+
+@dataclass
+class ImportanceSample:
+    """K posterior samples per image with what the importance weights need (Burda et al. 2015)."""
+
+    latents: Latents  # level -> (K, B, ...)
+    logits: torch.Tensor  # (K B, C, H, W), sample-major: row k * B + b
+    log_q: torch.Tensor  # (K, B) log q(z|x)
+    log_p: torch.Tensor  # (K, B) log p(z)
+
+
 @dataclass
 class ModelOutput:
     """One pass through a family: the latents used, the decoder logits and the KL of each level."""
@@ -169,11 +221,32 @@ class VAEFamily(Likelihood, nn.Module, ABC):
     """A VAE family: images (B, C, H, W) in [0, 1] to a posterior, latents to decoder logits, a prior to sample."""
 
     kind: str = ""
+    vector_level: str | None = None  # the level that is one vector per image (traverse, latent maps), if any
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
         Likelihood.__init__(self, config)
         self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale_updates.device
+
+    @property
+    def size_multiple(self) -> int | None:
+        """None: the model takes only `config.image_size` squares; else any size whose sides are multiples of it."""
+        return None
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise DataError, naming the sizes that fit, when an image of this size cannot go through whole."""
+        multiple, size = self.size_multiple, self.config.image_size
+        if multiple is None and (height, width) != (size, size):
+            raise DataError(f"this {self.kind} model takes {size}x{size} images, not {height}x{width}; "
+                            f"resize them (or train a spatial or hierarchical model for any size)")
+        if multiple is not None and (height % multiple or width % multiple or min(height, width) < multiple):
+            raise DataError(f"a {height}x{width} image does not fit this {self.kind} model: its sides must be "
+                            f"multiples of {multiple}; pad or crop it to {_round_up(height, multiple)}x"
+                            f"{_round_up(width, multiple)}")
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> Posterior:
@@ -197,10 +270,43 @@ class VAEFamily(Likelihood, nn.Module, ABC):
                      generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> Latents:
         """Latents drawn from the prior (ancestrally for a hierarchy) with a CPU generator, so a seed gives the same latents on any device."""
 
+    def importance_sample(self, posterior: Posterior, noise: Latents) -> ImportanceSample:
+        """Draw K latents per image from `posterior` with `noise` (level -> (K, B, ...)), decode them, and
+        score them under q and the prior: the terms of log w = log p(x|z) + log p(z) - log q(z|x)."""
+        latents = posterior.sample(noise=noise)  # level -> (K, B, ...)
+        logits = self.decode({name: value.flatten(0, 1) for name, value in latents.items()})  # (K B, C, H, W)
+        return ImportanceSample(latents, logits, posterior.log_prob(latents), posterior.prior_log_prob(latents))
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction from the posterior means, (B, C, H, W) in [0, 1]."""
         return self.mean_image(self.decode(self.encode(x).mode()))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+class FactorizedFamily(VAEFamily):
+    """A family whose posterior is a `FactorizedPosterior` and whose prior is N(0, I) on every level."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> FactorizedPosterior:
+        """q(z|x) for images x (B, C, H, W) in [0, 1]."""
+
+    def forward(self, x: torch.Tensor, *, sample: bool = True, noise: Latents | torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> ModelOutput:
+        posterior = self.encode(x)
+        latents = posterior.sample(generator, noise=noise) if sample else posterior.mode()
+        return ModelOutput(latents, self.decode(latents), posterior.kl_terms(), posterior)
+
+    def sample_prior(self, count: int, *, temperature: float | dict[str, float] = 1.0,
+                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> Latents:
+        size = size or (self.config.image_size, self.config.image_size)
+        shapes = self.latent_shapes(*size)
+        temperatures = level_temperatures(temperature, list(shapes))
+        return {name: (temperatures[name] * torch.randn(count, *shape, generator=generator)).to(self.device)
+                for name, shape in shapes.items()}
 
 
 FAMILIES: dict[str, type[VAEFamily]] = {}
@@ -214,7 +320,7 @@ def register(cls: type[VAEFamily]) -> type[VAEFamily]:
 
 def build_model(config: ModelConfig) -> VAEFamily:
     """The model of the family the config names, freshly initialised."""
-    from . import vector  # noqa: F401  (registers the built-in families)
+    from . import hierarchical, spatial, vector  # noqa: F401  (registers the built-in families)
 
     try:
         family = FAMILIES[config.kind]

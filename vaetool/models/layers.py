@@ -65,3 +65,71 @@ def icnr_(conv: nn.Conv2d, group: int) -> None:
     weight.copy_(weight[:, :1].expand_as(weight))
     bias = conv.bias.view(-1, group)
     bias.copy_(bias[:, :1].expand_as(bias))
+
+
+def down_stages(in_channels: int, widths: tuple[int, ...], *, blocks: int, patch: int) -> nn.Sequential:
+    """One stage per width, each halving the resolution; the first keeps it when the input is patch-folded.
+
+    Stage i's output is at 1/2**(i+1) of the image either way.
+    """
+    stages = []
+    for index, width in enumerate(widths):
+        stride = 1 if (index == 0 and patch == 2) else 2
+        stages.append(stage(nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), width, blocks))
+        in_channels = width
+    return nn.Sequential(*stages)
+
+
+def run_down(stages: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every stage's output, finest first; the first conv, which sees pixels, runs in float32."""
+    # Unpacking the first stage (not wrapping it) keeps the checkpoint's parameter names.
+    first, *rest = stages[0]
+    h = full_precision(first, x)
+    for layer in rest:
+        h = layer(h)
+    outputs = [h]  # (B, W_0, H/2, W/2)
+    for down in stages[1:]:
+        h = down(h)
+        outputs.append(h)  # (B, W_i, H/2^(i+1), W/2^(i+1))
+    return outputs
+
+
+def up_stages(widths: tuple[int, ...], *, blocks: int, patch: int) -> nn.Sequential:
+    """The mirror of `down_stages`, from the coarsest width up: nearest + conv stages, each doubling the resolution.
+
+    With patch = 2 they stop at half resolution (the output conv predicts 2x2 patches); with patch = 1
+    a last stage at widths[0] reaches full resolution.
+    """
+    targets = list(reversed(widths[:-1])) + ([] if patch == 2 else [widths[0]])
+    stages, in_ch = [], widths[-1]
+    for width in targets:
+        stages.append(stage(upsample_conv(in_ch, width), width, blocks))
+        in_ch = width
+    return nn.Sequential(*stages)
+
+
+def output_conv(in_channels: int, channels: int, patch: int) -> nn.Conv2d:
+    """The last conv: logits per pixel, or per 2x2 patch for a pixel shuffle that starts as nearest upsampling (ICNR)."""
+    out = nn.Conv2d(in_channels, channels * patch**2, 3, padding=1)
+    if patch > 1:
+        icnr_(out, patch**2)
+    return out
+
+
+def run_output(out: nn.Conv2d, h: torch.Tensor, patch: int) -> torch.Tensor:
+    """Logits (B, C, H, W) in float32 from the last feature map."""
+    logits = full_precision(out, h)  # (B, C * patch^2, H/patch, W/patch)
+    return F.pixel_shuffle(logits, patch) if patch > 1 else logits
+
+
+def scale_init_(module: nn.Module, factor: float) -> nn.Module:
+    """Multiply a layer's initial weights by `factor` and zero its bias, so a residual branch starts near zero.
+
+    A deep stack of residual cells whose branches start small begins as (almost) the identity, which
+    keeps the first steps of a hierarchical VAE stable (VDVAE, Child 2021, scales by sqrt(1/depth)).
+    """
+    with torch.no_grad():
+        module.weight.mul_(factor)
+        if module.bias is not None:
+            module.bias.zero_()
+    return module
