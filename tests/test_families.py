@@ -1,4 +1,4 @@
-"""The model families (vector, spatial, hierarchical) behind one interface: shapes, gradients, KLs, bounds, sizes, seeds."""
+"""The model families (vector, spatial, hierarchical) behind one interface: shapes, gradients, KLs, bounds, seeds."""
 
 from __future__ import annotations
 
@@ -393,3 +393,17 @@ def test_the_reconstruction_gradient_reaches_every_posterior_through_the_sampled
              if kind == "hierarchical" else [model.encoder.head])
     for head in heads:
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_round_trip_keeps_the_family(kind, tmp_path):
+    from vaetool.checkpoint import load_model, save_model
+
+    f = 8 if kind == "spatial" else 4
+    model = seeded(tiny(kind, image_size=32, widths=(8, 16, 16), downsample=f), seed=2).eval()
+    path = save_model(tmp_path / f"{kind}.safetensors", model)
+    loaded = load_model(path)
+    assert loaded.config == model.config and loaded.model.kind == kind
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)

@@ -268,7 +268,11 @@ class VAEFamily(Likelihood, nn.Module, ABC):
     @abstractmethod
     def sample_prior(self, count: int, *, temperature: float | dict[str, float] = 1.0,
                      generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> Latents:
-        """Latents drawn from the prior (ancestrally for a hierarchy) with a CPU generator, so a seed gives the same latents on any device."""
+        """Latents drawn from the prior (ancestrally for a hierarchy), on the model's device.
+
+        The noise comes from `generator` on the CPU, so a seed gives the same latents on any device;
+        `size` (H, W) defaults to the config's image size.
+        """
 
     def importance_sample(self, posterior: Posterior, noise: Latents) -> ImportanceSample:
         """Draw K latents per image from `posterior` with `noise` (level -> (K, B, ...)), decode them, and

@@ -1,4 +1,4 @@
-"""The `hierarchical` family: a top vector latent and spatial latent levels below it, each with a learned conditional prior.
+"""The `hierarchical` family: a top vector latent and spatial latent levels below it, with learned conditional priors.
 
 A top-down VAE (Ladder VAE, Sønderby et al. 2016; NVAE, Vahdat & Kautz 2020; VDVAE, Child 2021).
 A bottom-up path of conv stages reads the image; the top latent `top` (B, D) comes from its pooled
@@ -77,7 +77,7 @@ class LatentCell(nn.Module):
         return bounded_gaussian(mean, log_std), h + self.prior_features(a)
 
     def posterior_of(self, h: torch.Tensor, skip: torch.Tensor, prior: DiagonalGaussian) -> DiagonalGaussian:
-        """q(z | x, z_<l) as offsets of the prior (NVAE's residual Normal), from the state and the bottom-up features."""
+        """q(z | x, z_<l) as offsets of the prior (NVAE's residual Normal), from the state and bottom-up features."""
         both = torch.cat([h, skip], dim=1)  # (B, 2W, h, w)
         offset_mean, offset_log_std = full_precision(self.posterior, F.silu(self.posterior_norm(both))).chunk(2, dim=1)
         return DiagonalGaussian(prior.mu + soft_clamp(offset_mean), prior.logvar + 2.0 * soft_clamp(offset_log_std))
@@ -227,7 +227,7 @@ def _unflatten(result: _Pass, k: int) -> _Pass:
 
 @register
 class HierarchicalVAE(VAEFamily):
-    """A top-down hierarchical VAE: `top` (B, D) and spatial levels (B, C, H/f, W/f) for f from 2**len(widths) to downsample."""
+    """A top-down hierarchical VAE: `top` (B, D), then levels (B, C, H/f, W/f), f from 2**len(widths) to downsample."""
 
     kind = "hierarchical"
     vector_level = TOP
@@ -308,7 +308,8 @@ class HierarchicalVAE(VAEFamily):
         size = size or (self.config.image_size, self.config.image_size)
         shapes = self.latent_shapes(*size)
         temperatures = level_temperatures(temperature, list(shapes))
-        noise = {name: torch.randn(count, *shape, generator=generator).to(self.device) for name, shape in shapes.items()}
+        noise = {name: torch.randn(count, *shape, generator=generator).to(self.device)
+                 for name, shape in shapes.items()}
         bottom = (size[0] // self.size_multiple, size[1] // self.size_multiple)
 
         def pick(name: str, q: DiagonalGaussian | None, p: DiagonalGaussian) -> torch.Tensor:

@@ -60,7 +60,7 @@ def upsample_conv(in_ch: int, out_ch: int) -> nn.Sequential:
 
 @torch.no_grad()
 def icnr_(conv: nn.Conv2d, group: int) -> None:
-    """Give the `group` sub-pixel outputs of each channel the same filter: a pixel shuffle then starts as nearest upsampling."""
+    """Give the `group` sub-pixel outputs of each channel one filter: a pixel shuffle starts as nearest upsampling."""
     weight = conv.weight.view(-1, group, *conv.weight.shape[1:])  # (C, group, in, k, k)
     weight.copy_(weight[:, :1].expand_as(weight))
     bias = conv.bias.view(-1, group)
@@ -109,7 +109,7 @@ def up_stages(widths: tuple[int, ...], *, blocks: int, patch: int) -> nn.Sequent
 
 
 def output_conv(in_channels: int, channels: int, patch: int) -> nn.Conv2d:
-    """The last conv: logits per pixel, or per 2x2 patch for a pixel shuffle that starts as nearest upsampling (ICNR)."""
+    """The last conv: logits per pixel, or per 2x2 patch for a pixel shuffle that starts as nearest upsampling."""
     out = nn.Conv2d(in_channels, channels * patch**2, 3, padding=1)
     if patch > 1:
         icnr_(out, patch**2)
