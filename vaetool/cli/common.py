@@ -28,6 +28,7 @@ def console():
 
 
 def debug_enabled() -> bool:
+    """Whether tracebacks are wanted (--debug or VAETOOL_DEBUG=1)."""
     return os.environ.get("VAETOOL_DEBUG", "") not in ("", "0")
 
 
@@ -38,10 +39,12 @@ def _escape(text: str) -> str:
 
 
 def warn(message: str) -> None:
+    """A `warning:` line on stderr."""
     console().print(f"[yellow]warning:[/] {_escape(message)}", markup=True, soft_wrap=True, highlight=False)
 
 
 def info(message: str, *, quiet: bool = False) -> None:
+    """A plain line on stderr, unless `quiet`."""
     if not quiet:
         console().print(message, markup=False, soft_wrap=True, highlight=False)
 

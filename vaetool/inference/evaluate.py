@@ -59,6 +59,7 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values, failures as {"path", "reason"}."""
         data = asdict(self)
         data["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         return data
@@ -170,6 +171,7 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def update(self, values: torch.Tensor) -> None:
+        """Fold in a batch of rows (B, D)."""
         values = values.detach().double().cpu()  # (B, D)
         n, mean = values.shape[0], values.mean(0)
         m2 = (values - mean).pow(2).sum(0)
@@ -183,6 +185,7 @@ class _Moments:
         self.count = total
 
     def variance(self) -> torch.Tensor:
+        """Per-dimension population variance (D,) of the rows so far."""
         return self.m2 / max(self.count, 1)
 
 
@@ -196,11 +199,13 @@ class _Sums:
         self.count = 0
 
     def add(self, **per_image: torch.Tensor) -> None:
+        """Add each quantity's (B,) per-image values."""
         for key, value in per_image.items():
             self.values[key] += float(value.double().sum())
         self.count += int(next(iter(per_image.values())).shape[0])
 
     def mean(self, key: str) -> float:
+        """The mean of a quantity over the images added."""
         return self.values[key] / max(self.count, 1)
 
 

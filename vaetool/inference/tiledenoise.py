@@ -126,6 +126,7 @@ class ModelRunner:
 
 
 def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
+    """ConfigError naming the option when the overlap, strength or batch size is out of range."""
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(f"overlap must be in [0, 1), not {overlap}; pass e.g. --overlap 0.25")
     if not 0.0 <= strength <= 1.0:
