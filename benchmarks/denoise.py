@@ -145,9 +145,9 @@ def run_vaetool(checkpoint: Path, pairs: list[tuple[Path, Path]], out: Path) -> 
     shutil.rmtree(out, ignore_errors=True)
     marks: dict[str, float] = {}
     summary = denoise_files(checkpoint, [str(n) for _, n in pairs], out, device="cpu",
-                            callback=lambda event, data: marks.setdefault(event, time.perf_counter()))
-    seconds = time.perf_counter() - marks["start"]
-    assert summary.done == len(pairs) and not summary.failed, summary
+                            callback=lambda event: marks.setdefault(type(event).__name__, time.perf_counter()))
+    seconds = time.perf_counter() - marks["Started"]
+    assert len(summary.written) == len(pairs) and not summary.failed, summary
     return [_load(out / noisy.name) for _, noisy in pairs], seconds
 
 
@@ -230,8 +230,9 @@ def pipeline_efficiency(checkpoint: Path, folder: Path, work: Path, *, batch_siz
     of the pipeline's wall time spent in the model's forward passes: the rest is decode/write not hidden.
     """
     from vaetool.checkpoint import load_model
-    from vaetool.inference.denoise import ModelRunner, denoise_files, split_image
-    from vaetool.io.images import read_image
+    from vaetool.inference.denoise import denoise_files
+    from vaetool.inference.tiledenoise import ModelRunner, split_image
+    from vaetool.io.decode import read_image
     from vaetool.runtime import prepare
 
     default_threads = torch.get_num_threads()
@@ -256,9 +257,9 @@ def pipeline_efficiency(checkpoint: Path, folder: Path, work: Path, *, batch_siz
         shutil.rmtree(work, ignore_errors=True)
         with _timed(ModelRunner) as in_model:
             summary = denoise_files(model, [folder], work, batch_size=batch_size, device="cpu",
-                                    callback=lambda e, d: marks.setdefault(e, time.perf_counter()))
-        seconds = time.perf_counter() - marks["start"]
-        end_to_end.append(summary.done / seconds)
+                                    callback=lambda e: marks.setdefault(type(e).__name__, time.perf_counter()))
+        seconds = time.perf_counter() - marks["Started"]
+        end_to_end.append(len(summary.written) / seconds)
         busy.append(in_model[0] / seconds)
     torch.set_num_threads(default_threads)
     fwd, e2e = max(forward), max(end_to_end)

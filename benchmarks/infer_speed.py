@@ -113,11 +113,12 @@ def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float
     from vaetool.inference import latent_ops as ops
 
     shutil.rmtree(out, ignore_errors=True)
+    inputs = [str(f.path) for f in found]
     start = time.perf_counter()
     if command == "encode":
-        ops.encode_to_file(ckpt, found, out.with_suffix(".safetensors"), batch_size=batch, force=True)
+        ops.encode_to_file(ckpt, inputs, out.with_suffix(".safetensors"), batch_size=batch, force=True)
     elif command == "reconstruct":
-        ops.reconstruct_folder(ckpt, found, out, batch_size=batch, force=True)
+        ops.reconstruct_folder(ckpt, inputs, out, batch_size=batch, force=True)
     else:
         z = ops.prior_latents(ckpt, len(found), seed=0)
         ops.write_decoded(ckpt, z, [out / f"sample_{i:05d}.png" for i in range(len(found))], batch_size=batch,
@@ -128,11 +129,11 @@ def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float
 @contextlib.contextmanager
 def no_file_writes():
     """The engine with its image writer doing nothing: what is left is decoding, the model and the plumbing."""
-    from vaetool.inference import latent_ops as ops
+    from vaetool.inference.folder import Writer
 
-    defaults = ops.OutputWriter.__init__.__kwdefaults__
+    defaults = Writer.__init__.__kwdefaults__
     real = defaults["write"]
-    defaults["write"] = lambda path, pixels, force=False: path
+    defaults["write"] = lambda path, pixels, **options: path
     try:
         yield
     finally:
@@ -156,7 +157,7 @@ def forward_pass(command: str, model, x: torch.Tensor, count: int) -> float:
 def in_memory_batch(found: list, model, batch: int) -> torch.Tensor:
     """The folder's first images as one float batch (B, C, S, S), channels_last: the same pixels the engine
     sees (random noise would not do: an untrained model's speed depends on its activations' values)."""
-    from vaetool.io.images import load_image
+    from vaetool.io.decode import load_image
 
     cfg = model.config
     x = torch.stack([load_image(f.path, image_size=cfg.image_size, channels=cfg.channels) for f in found[:batch]])
@@ -208,16 +209,13 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, help="where the commands write (default: a temporary folder); "
                         "/dev/shm takes the disk out of the measurement")
     args = parser.parse_args()
-    from vaetool import runtime
-    from vaetool.inference import latent_ops as ops
-    from vaetool.checkpoint import load_model
-    from vaetool.io.images import find_images
+    from vaetool.inference.load import load_for_inference
+    from vaetool.io.find import find_images
 
     work = Path(tempfile.mkdtemp(prefix="vaetool-infer-"))
     folders = {n: faces(args.data / f"faces{n}", n) for n in (args.small, args.count)}
     path = args.checkpoint or trained_model(folders[args.small], work / "run", args.train_seconds)
-    runtime.prepare(torch.device("cpu"))  # as the commands do
-    ckpt = ops.prepare(load_model(path))
+    ckpt = load_for_inference(path, device="cpu")  # as the commands do
     found = find_images([folders[args.small]])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, 64x64 RGB, "
           f"default model; load average at start {os.getloadavg()[0]:.1f}")

@@ -119,7 +119,7 @@ def run_one(name: str, *, budget: float, data_root: Path, out: Path, iw_samples:
     from vaetool.checkpoint import load_model
     from vaetool.config import ModelConfig, TrainConfig
     from vaetool.inference.evaluate import evaluate
-    from vaetool.io.images import save_grid
+    from vaetool.io.write import save_grid
 
     torch.set_num_threads(1)
     # The trainer's --time budget reads time.monotonic; give it this process's CPU clock instead,

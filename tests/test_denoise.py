@@ -14,10 +14,13 @@ from conftest import make_blobs
 from vaetool.checkpoint import load_model, save_model
 from vaetool.config import Corruption, ModelConfig, TrainConfig
 from vaetool.training.corrupt import add_gaussian_noise
-from vaetool.inference.denoise import (ModelRunner, denoise_files, denoise_image, join_outputs, mix, plan_outputs,
-                             resolve_tile, split_image)
 from vaetool.errors import ConfigError
-from vaetool.io.images import FoundImage, read_image
+from vaetool.events import Progress, Warning, Written
+from vaetool.inference.denoise import denoise_files
+from vaetool.inference.folder import plan_outputs
+from vaetool.inference.tiledenoise import ModelRunner, denoise_image, join_outputs, mix, resolve_tile, split_image
+from vaetool.io.decode import read_image
+from vaetool.io.find import FoundImage, find_images
 from vaetool.inference.tiling import plan_tiles
 
 
@@ -147,14 +150,15 @@ def test_tiles_batched_across_images_match_images_done_one_by_one(tmp_path, tiny
     make_blobs(folder / "small", count=1, size=9, seed=2)
     events = []
     summary = denoise_files(tiny_ckpt, [folder], tmp_path / "out", batch_size=3, device="cpu", workers=2,
-                            callback=lambda e, d: events.append((e, d)))
-    assert summary.done == 5 and not summary.failed and summary.skipped == 0
-    written = [d for e, d in events if e == "written"]
-    assert [d["done"] for d in written] == [1, 2, 3, 4, 5]  # in input order
+                            callback=events.append)
+    assert len(summary.written) == 5 and not summary.failed and not summary.skipped
+    written = [e for e in events if isinstance(e, Written)]
+    assert [e.input for e in written] == [str(f.path) for f in find_images([folder])]  # in input order
+    assert [e.done for e in events if isinstance(e, Progress)] == [1, 2, 3, 4, 5]
     model = load_model(tiny_ckpt).model
     for d in written:
-        expected = denoise_image(model, read_image(d["input"]).pixels)
-        got = read_image(d["output"]).pixels
+        expected = denoise_image(model, read_image(d.input).pixels)
+        got = read_image(d.output).pixels
         assert got.shape == expected.shape
         assert (got - expected).abs().max() <= 1 / 255 + 1e-6
 
@@ -166,7 +170,7 @@ def test_alpha_passes_through_unchanged(tmp_path, tiny_ckpt):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "in" / "x.png")
     Image.fromarray(rgba[..., [0, 3]], "LA").save(tmp_path / "in" / "y.png")
     summary = denoise_files(tiny_ckpt, [tmp_path / "in"], tmp_path / "out", device="cpu")
-    assert summary.done == 2
+    assert len(summary.written) == 2
     out = np.asarray(Image.open(tmp_path / "out" / "x.png"))
     assert Image.open(tmp_path / "out" / "x.png").mode == "RGBA"
     assert np.array_equal(out[..., 3], rgba[..., 3])
@@ -191,8 +195,8 @@ def test_sixteen_bit_keeps_its_depth_or_warns_once(tmp_path, tiny_ckpt):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "same" / "deep1.png")), values[1])  # every bit kept
     events = []
     denoise_files(tiny_ckpt, [tmp_path / "in"], tmp_path / "jpg", ext="jpg", device="cpu",
-                  callback=lambda e, d: events.append((e, d)))
-    warnings = [d["message"] for e, d in events if e == "warning"]
+                  callback=events.append)
+    warnings = [e.message for e in events if isinstance(e, Warning)]
     assert len(warnings) == 1 and "deep0.png" in warnings[0] and "8 bits" in warnings[0]
     assert Image.open(tmp_path / "jpg" / "deep1.jpg").mode == "L"
 

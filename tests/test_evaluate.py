@@ -15,6 +15,7 @@ from vaetool.checkpoint import save_model
 from vaetool.cli.app import app
 from vaetool.config import ModelConfig
 from vaetool.errors import DataError
+from vaetool.events import Failed, Progress, Started, Warning
 from vaetool.inference.evaluate import _Moments, active_units, bits_per_dim, evaluate, iwae_bound, psnr, ssim
 from vaetool.models.vector import VAE
 
@@ -268,8 +269,8 @@ def test_evaluate_rejects_mismatched_tensors_and_flags_non_binary_bernoulli():
         evaluate(_tiny("gaussian"), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), device="cpu")
     events = []
     gray = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
-    result = evaluate(_tiny("bernoulli"), gray, iw_samples=2, device="cpu", callback=lambda e, d: events.append(e))
-    assert result.warnings and "warning" in events and {"start", "batch"} <= set(events)
+    result = evaluate(_tiny("bernoulli"), gray, iw_samples=2, device="cpu", callback=events.append)
+    assert result.warnings and {Started, Progress, Warning} <= {type(e) for e in events}
     binary = evaluate(_tiny("bernoulli"), (gray > 50).to(torch.uint8) * 255, iw_samples=2, device="cpu")
     assert not binary.warnings and binary.decoder_scale is None
 
@@ -277,8 +278,10 @@ def test_evaluate_rejects_mismatched_tensors_and_flags_non_binary_bernoulli():
 def test_evaluate_folder_skips_bad_files(blob_folder, tmp_path):
     (blob_folder / "broken.png").write_bytes(b"not a png")
     ckpt = save_model(tmp_path / "m.safetensors", _tiny_rgb16())
-    result = evaluate(ckpt, [blob_folder], iw_samples=3, batch_size=5, device="cpu")
+    events = []
+    result = evaluate(ckpt, [blob_folder], iw_samples=3, batch_size=5, device="cpu", callback=events.append)
     assert result.images == 12 and [p.endswith("broken.png") for p, _ in result.failures] == [True]
+    assert [e.input for e in events if isinstance(e, Failed)] == [p for p, _ in result.failures]  # as everywhere
     assert result.checkpoint == str(ckpt) and math.isfinite(result.iwae_nll)
 
 

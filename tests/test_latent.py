@@ -152,4 +152,4 @@ def test_stdout_holds_only_paths_in_a_subprocess(ckpt, data, tmp_path):
     gray = subprocess.run([exe, "reconstruct", str(ckpt), str(data), "-o", str(tmp_path / "r"), "--ext", "jpg"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert gray.returncode == 0 and all(line.endswith(".jpg") for line in gray.stdout.splitlines())
-    assert "reconstruct: 7 written" in gray.stderr
+    assert "reconstruct: done 7, skipped 0, failed 0 (of 7)" in gray.stderr

@@ -158,3 +158,26 @@ def test_installed_command_end_to_end(ckpt, data, tmp_path):
     assert all(Path(p).is_file() and p.endswith(".png") for p in samples)
     assert [r["path"] for r in records] == sorted(str(p) for p in data.rglob("*.png"))
     assert all(len(r["mu"]) == 4 for r in records)
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "encode"])
+def test_an_unreadable_subfolder_is_a_failed_input_and_exit_3(ckpt, data, tmp_path, monkeypatch, command):
+    locked = data / "gray"
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args):
+        if Path(path) == locked:  # as a folder without read permission (root reads through chmod)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    target = tmp_path / ("z.safetensors" if command == "encode" else "rec")
+    result = invoke(command, ckpt, data, "-o", target, "-q")
+    assert result.exit_code == 3, result.output
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and str(locked) in failed[0] and "cannot read folder" in failed[0]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1")
+    if command == "reconstruct":
+        assert len(result.stdout.splitlines()) == 3  # the readable images are still written
+    else:
+        assert len(load_latents(target).values) == 3

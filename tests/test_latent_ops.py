@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +12,14 @@ from PIL import Image
 
 import vaetool
 from conftest import make_blobs
-from vaetool.io import images
+from vaetool.events import Failed, Progress, Written
 from vaetool.inference import latent_ops as ops
+from vaetool.inference.load import load_for_inference
+from vaetool.io.decode import load_image
 from vaetool.checkpoint import load_model, save_model
 from vaetool.config import ModelConfig
 from vaetool.errors import DataError, OutputError
+from vaetool.io.find import find_images
 from vaetool.io.latents import lerp, load_latents, slerp, split_row_reference
 from vaetool.models.vector import VAE
 
@@ -39,7 +40,7 @@ def ckpt_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt(ckpt_path):
-    return ops.prepare(load_model(ckpt_path))
+    return load_for_inference(ckpt_path, device="cpu")
 
 
 @pytest.fixture
@@ -74,9 +75,9 @@ def test_path_segments_share_endpoints_and_reject_unknown_methods():
 
 
 def test_encode_to_file_round_trip_metadata_and_seeded_z(ckpt, data, tmp_path):
-    found = images.find_images([data])
+    found = find_images([data])
     out = tmp_path / "z.safetensors"
-    path, count = ops.encode_to_file(ckpt, found, out, batch_size=2, sample=True, seed=5)
+    path, count = ops.encode_to_file(ckpt, [data], out, batch_size=2, sample=True, seed=5)
     assert path == out and count == 5
     table = load_latents(out)
     assert json.loads(table.metadata["paths"]) == [str(f.path) for f in found]
@@ -84,15 +85,20 @@ def test_encode_to_file_round_trip_metadata_and_seeded_z(ckpt, data, tmp_path):
     assert table.metadata["checkpoint"] == ckpt.identity
     assert json.loads(table.metadata["model_config"])["latent_dim"] == 4
     # the streamed means equal one forward pass over the same images
-    x = torch.stack([images.load_image(f.path, image_size=16, channels=3) for f in found]).float() / 255
+    x = torch.stack([load_image(f.path, image_size=16, channels=3) for f in found]).float() / 255
     with torch.inference_mode():
         torch.testing.assert_close(table.values, ckpt.model.encode(x).mu, rtol=1e-4, atol=1e-5)
     with pytest.raises(OutputError, match="already exists"):
-        ops.encode_to_file(ckpt, found, out, batch_size=2)
-    z_same = ops.encode_to_file(ckpt, found, tmp_path / "b.safetensors", batch_size=3, sample=True, seed=5)[0]
-    z_other = ops.encode_to_file(ckpt, found, tmp_path / "c.safetensors", batch_size=2, sample=True, seed=6)[0]
+        ops.encode_to_file(ckpt, [data], out, batch_size=2)
+    z_same = ops.encode_to_file(ckpt, [data], tmp_path / "b.safetensors", batch_size=3, sample=True, seed=5)[0]
+    z_other = ops.encode_to_file(ckpt, [data], tmp_path / "c.safetensors", batch_size=2, sample=True, seed=6)[0]
     z = load_latents(out, key="z").values
     torch.testing.assert_close(load_latents(z_same, key="z").values, z)  # batch size does not change z
+    # z ~ q(z|x): mu + sigma * eps with eps drawn in input order from the seed (the posterior's own sample)
+    g = torch.Generator().manual_seed(5)
+    eps = torch.cat([torch.randn(rows, 4, generator=g) for rows in (2, 2, 1)])  # batch by batch, as encoded
+    mu, logvar = load_latents(out, key="mu").values, load_latents(out, key="logvar").values
+    torch.testing.assert_close(z, mu + (0.5 * logvar).exp() * eps)
     assert not torch.allclose(load_latents(z_other, key="z").values, z)
 
 
@@ -114,8 +120,11 @@ def test_write_decoded_refuses_overwrite_skips_existing_and_forces(ckpt, tmp_pat
     paths[1].unlink()
     resumed = ops.write_decoded(ckpt, z, paths, batch_size=2, skip_existing=True)
     assert resumed.written == [paths[1]] and resumed.skipped == [paths[0], paths[2]]
-    refused = ops.write_decoded(ckpt, z, paths, batch_size=2)
+    events = []
+    refused = ops.write_decoded(ckpt, z, paths, batch_size=2, callback=events.append)
     assert not refused.written and [p for p, _ in refused.failed] == [str(p) for p in paths]
+    assert [e.input for e in events if isinstance(e, Failed)] == [str(p) for p in paths]  # the outcome is the events
+    assert [e for e in events if isinstance(e, Progress)][-1] == Progress(3, 3)
     forced = ops.write_decoded(ckpt, ops.prior_latents(ckpt, 3, seed=2), paths, batch_size=2, force=True)
     assert forced.written == paths
     with pytest.raises(DataError, match="latent_dim is 4"):
@@ -132,43 +141,28 @@ def test_prior_latents_are_seeded_and_scaled_by_temperature(ckpt):
 
 def test_reconstruct_folder_mirrors_tree_keeps_format_and_converts_channels(ckpt, data, tmp_path):
     Image.open(data / "img_000.png").save(data / "photo.jpg")
-    found = images.find_images([data])
+    found = find_images([data])
     out = tmp_path / "rec"
-    outcome = ops.reconstruct_folder(ckpt, found, out, batch_size=2, grid=tmp_path / "grid.png", grid_count=4)
+    outcome = ops.reconstruct_folder(ckpt, [data], out, batch_size=2, grid=tmp_path / "grid.png", grid_count=4)
     assert sorted(outcome.written) == sorted(out / f.relative for f in found)
     assert (out / "photo.jpg").is_file() and (out / "sub" / "img_001.png").is_file()
     assert Image.open(out / "sub" / "img_001.png").mode == "RGB"  # gray input, RGB model
     assert Image.open(tmp_path / "grid.png").size == (4 * 18 + 2, 2 * 18 + 2)  # originals above reconstructions
-    with pytest.raises(OutputError, match="overwrite an input"):
-        ops.check_outputs_apart(data, found, ext=None)
-    gray = ops.prepare(load_model(_checkpoint(tmp_path, channels=1)))
-    ops.reconstruct_folder(gray, found, tmp_path / "g", batch_size=4, ext="png")
+    with pytest.raises(OutputError, match="overwrite the input"):
+        ops.reconstruct_folder(ckpt, [data], data, batch_size=2, force=True)  # --force lets -o be the input folder
+    gray = load_for_inference(_checkpoint(tmp_path, channels=1), device="cpu")
+    ops.reconstruct_folder(gray, [data], tmp_path / "g", batch_size=4, ext="png")
     assert Image.open(tmp_path / "g" / "img_002.png").mode == "L"  # RGB input, gray model
 
 
 def test_unreadable_inputs_are_reported_and_the_rest_written(ckpt, data, tmp_path):
     (data / "bad.png").write_bytes(b"\x89PNG broken")
     events = []
-    outcome = ops.reconstruct_folder(ckpt, images.find_images([data]), tmp_path / "r", batch_size=2,
-                                     callback=lambda event, info: events.append((event, info)))
+    outcome = ops.reconstruct_folder(ckpt, [data], tmp_path / "r", batch_size=2, callback=events.append)
     assert [Path(p).name for p, _ in outcome.failed] == ["bad.png"]
-    assert len(outcome.written) == 5
-    assert [info for event, info in events if event == "progress"][-1] == {"done": 6, "total": 6}
-
-
-def test_write_output_matches_write_image_and_is_atomic(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    rgb, gray = torch.rand(3, 8, 8, generator=g), torch.rand(1, 8, 8, generator=g)
-    for pixels, name in ((rgb, "c.png"), (gray, "g.png"), (rgb, "c.jpg")):
-        ops.write_output(tmp_path / "fast" / name, pixels)
-        images.write_image(tmp_path / "ref" / name, pixels)
-        fast, ref = Image.open(tmp_path / "fast" / name), Image.open(tmp_path / "ref" / name)
-        assert fast.mode == ref.mode and np.array_equal(np.asarray(fast), np.asarray(ref)), name
-    with pytest.raises(OutputError, match="already exists"):
-        ops.write_output(tmp_path / "fast" / "c.png", rgb)
-    with pytest.raises(OutputError, match="extension"):
-        ops.write_output(tmp_path / "fast" / "c.xyz", rgb)
-    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["c.jpg", "c.png", "g.png"]  # no temporaries
+    assert len(outcome.written) == 5 and sorted(outcome.written) == sorted(Path(e.output) for e in events
+                                                                             if isinstance(e, Written))
+    assert [e for e in events if isinstance(e, Progress)][-1] == Progress(6, 6)
 
 
 def test_skip_existing_redoes_empty_files(ckpt, tmp_path):
@@ -180,30 +174,14 @@ def test_skip_existing_redoes_empty_files(ckpt, tmp_path):
     assert paths[1].read_bytes() == b"keep" and Image.open(paths[0]).size == (16, 16)
 
 
-def test_output_writer_keeps_a_bounded_queue(tmp_path):
-    in_flight, peak, lock = [0], [0], threading.Lock()
-
-    def slow_write(path, pixels, **kw):
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.002)
-        with lock:
-            in_flight[0] -= 1
-        return path
-
-    outcome = ops.Outcome()
-    with ops.OutputWriter(lambda *a: None, outcome, workers=2, max_pending=4, write=slow_write) as writer:
-        for i in range(40):
-            writer.submit(tmp_path / f"{i}.png", torch.zeros(3, 2, 2))
-            assert len(writer.pending) <= 5
-    assert outcome.written == [tmp_path / f"{i}.png" for i in range(40)]  # reported in submission order
-    assert peak[0] <= 2
-
-
 def test_kl_ranking_and_traverse_grid(ckpt, data):
-    kl = ops.average_kl_per_dim(ckpt, images.find_images([data]), batch_size=2)
+    kl = ops.average_kl_per_dim(ckpt, [data], batch_size=2)
     assert kl.shape == (4,) and bool((kl >= 0).all())
+    x = torch.stack([load_image(f.path, image_size=16, channels=3) for f in find_images([data])]).float() / 255
+    with torch.inference_mode():
+        q = ckpt.model.encode(x)
+    by_hand = (0.5 * (q.mu.pow(2) + q.logvar.exp() - 1.0 - q.logvar)).mean(0)  # closed-form KL to N(0, 1)
+    torch.testing.assert_close(kl.float(), by_hand, rtol=1e-4, atol=1e-5)
     base = torch.tensor([0.5, -1.0, 0.0, 2.0])
     grid = ops.traverse_grid(ckpt, base, [3, 0], steps=5, span=3.0)
     assert grid.shape == (10, 3, 16, 16)

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vaetool.io import images
+from vaetool.io.decode import load_image
+from vaetool.io.find import find_images
 from vaetool.inference.attributes import attribute_table, correlate_attributes, match_rows, read_labels, read_table
 from vaetool.checkpoint import save_model
 from vaetool.cli.app import app
@@ -58,7 +59,7 @@ def colour_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _means(model: VAE, paths: list[Path]) -> torch.Tensor:
-    x = torch.stack([images.load_image(p, image_size=16, channels=3) for p in paths]).float() / 255.0
+    x = torch.stack([load_image(p, image_size=16, channels=3) for p in paths]).float() / 255.0
     with torch.no_grad():
         return model.encode(x).mu.double()
 
@@ -176,7 +177,7 @@ def _write_csv(path: Path, rows: list[list[object]]) -> Path:
 
 
 def test_csv_rows_match_images_by_relative_path_absolute_path_or_name(tmp_path, colour_folder):
-    found = images.find_images([colour_folder])
+    found = find_images([colour_folder])
     table = _write_csv(tmp_path / "meta" / "attrs.csv", [
         ["file", "score", "kind"],
         [os.path.relpath(colour_folder / "c0.png", tmp_path / "meta"), "1.5", "a"],  # relative to the CSV

@@ -33,14 +33,13 @@ from typer.testing import CliRunner
 
 from conftest import TINY_ARGS, make_blobs
 from hostile import BAD, make_hostile_folder
-import vaetool.io.write
 from vaetool.io import atomic as atomic_module
 from vaetool import checkpoint as ckpt_module
 from vaetool.checkpoint import FORMAT_VERSION, load_model, read_metadata, save_model
 from vaetool.cli.app import app
 from vaetool.config import ModelConfig
-from vaetool.inference.denoise import join_outputs, split_image
-from vaetool.io.images import load_image, read_image
+from vaetool.inference.tiledenoise import join_outputs, split_image
+from vaetool.io.decode import load_image, read_image
 from vaetool.io.latents import load_latents
 from vaetool.models.vector import VAE
 from vaetool.inference.tiling import blend_tiles, extract_tiles, plan_tiles
@@ -153,8 +152,7 @@ def test_batch_commands_on_the_hostile_folder(ckpt, hostile, tmp_path, command):
     target = tmp_path / "latents.safetensors" if command == "encode" else out
     result = invoke(command, ckpt, root, "-o", target, "--device", "cpu")
     assert result.exit_code == 3, result.output
-    prefix = "failed:" if command == "denoise" else "warning:"
-    _check_failures_named_once(result.stderr, prefix, root, layout)
+    _check_failures_named_once(result.stderr, "failed:", root, layout)  # the same line in every command
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     if command == "encode":
         assert result.stdout.splitlines() == [str(target)]
@@ -564,12 +562,12 @@ def test_sigint_mid_step_saves_a_state_that_resumes_to_the_same_weights(blob_fol
 
 
 def test_sigint_before_training_starts_claims_no_saved_state(blob_folder, tmp_path, monkeypatch):
-    import vaetool.io.images
+    import vaetool.training.trainer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vaetool.io.images, "build_cache", interrupted)
+    monkeypatch.setattr(vaetool.training.trainer, "build_cache", interrupted)
     result = invoke("train", blob_folder, "-o", tmp_path / "run", "--steps", 3, *TINY_ARGS)
     assert result.exit_code == 130 and result.stdout == ""
     assert "nothing to resume" in result.stderr and "resumable state saved" not in result.stderr
@@ -663,17 +661,17 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
     make_blobs(data, count=10, size=24)
     before = snapshot(data)
     out = tmp_path / "out"
-    real_write = vaetool.io.write.write_file
+    real_write = atomic_module.write_file
     calls = []
 
-    def write_until_full(path, data):
+    def write_until_full(path, data, **kw):
         calls.append(path)
         if len(calls) <= 4:
-            return real_write(path, data)
+            return real_write(path, data, **kw)
         Path(path).write_bytes(bytes(data)[: len(data) // 2])  # the disk fills up mid-file
         raise _disk_full()
 
-    monkeypatch.setattr(vaetool.io.write, "write_file", write_until_full)
+    monkeypatch.setattr(atomic_module, "write_file", write_until_full)
     full = invoke("denoise", ckpt, data, "-o", out, "--workers", 1, "--batch-size", 4, "--device", "cpu", "-q")
     monkeypatch.undo()
     assert full.exit_code == 1, full.output
@@ -686,16 +684,14 @@ def test_disk_full_while_denoising_stops_cleanly_and_resumes(ckpt, tmp_path, mon
 
 
 def test_disk_full_in_the_latent_commands_and_training(ckpt, blob_folder, tmp_path, monkeypatch):
-    import vaetool.inference.latent_ops
-
     before = snapshot(blob_folder)
 
-    def write_half_then_fill_up(path, data):
+    def write_half_then_fill_up(path, data, **kw):
         with open(path, "wb") as handle:
             handle.write(bytes(data)[: len(data) // 2])
         raise _disk_full()
 
-    monkeypatch.setattr(vaetool.inference.latent_ops, "write_file", write_half_then_fill_up)  # per-image writes of reconstruct
+    monkeypatch.setattr(atomic_module, "write_file", write_half_then_fill_up)  # per-image writes of reconstruct
     rec = invoke("reconstruct", ckpt, blob_folder, "-o", tmp_path / "rec", "-q")
     assert rec.exit_code == 1 and rec.stdout == ""
     one_error_line(rec, "No space left on device")
@@ -744,7 +740,7 @@ def test_interrupted_denoise_then_skip_existing_completes_the_set(ckpt, tmp_path
     partial[0].write_bytes(b"")  # and a power cut emptied one whose data never reached the disk
     second = invoke("denoise", ckpt, data, "-o", out, "--skip-existing", "--device", "cpu")
     assert second.exit_code == 0, second.output
-    assert f"{len(partial) - 1} of {total} outputs already exist" in second.stderr
+    assert f"skipped {len(partial) - 1}, failed 0 (of {total})" in second.stderr
     assert len(second.stdout.splitlines()) == total - len(partial) + 1 and str(partial[0]) in second.stdout
     clean = invoke("denoise", ckpt, data, "-o", tmp_path / "clean", "--device", "cpu", "-q")
     assert clean.exit_code == 0

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vaetool.io import images
+from vaetool.io.write import save_grid
 from vaetool.training import tboard
 from vaetool.checkpoint import save_model
 from vaetool.cli.app import app
@@ -41,8 +41,8 @@ def _fake_run(folder: Path, rows: list[dict], *, grids: bool = True, checkpoint:
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     g = torch.Generator().manual_seed(0)
     if grids:
-        images.save_grid(folder / "samples.png", torch.rand(64, 3, 16, 16, generator=g), nrow=8)
-        images.save_grid(folder / "reconstructions.png", torch.rand(32, 3, 16, 16, generator=g), nrow=16)
+        save_grid(folder / "samples.png", torch.rand(64, 3, 16, 16, generator=g), nrow=8)
+        save_grid(folder / "reconstructions.png", torch.rand(32, 3, 16, 16, generator=g), nrow=16)
     if checkpoint:
         torch.manual_seed(0)
         model = VAE(ModelConfig(image_size=16, latent_dim=4, widths=(8, 16)))

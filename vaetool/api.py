@@ -7,12 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .io import images
-from .checkpoint import Checkpoint, load_model
+from .checkpoint import Checkpoint
 from .errors import DataError
+from .inference.latent_ops import decode_images, path_segments, prior_latents
+from .inference.load import load_for_inference, model_device
+from .events import Failed
+from .io.batches import iter_batches
+from .io.decode import match_channels
+from .io.find import find_images
 from .models.base import DiagonalGaussian
-from .inference.latent_ops import decode_images, path_segments, prepare, prior_latents
-from .runtime import resolve_device
 
 ImageInput = torch.Tensor | str | Path | Sequence[str | Path]
 
@@ -21,10 +24,10 @@ class VAEModel:
     """A trained VAE ready for inference. Images are float tensors (B, C, H, W) in [0, 1] on the CPU."""
 
     def __init__(self, checkpoint: Checkpoint, *, batch_size: int = 64) -> None:
-        self.checkpoint = prepare(checkpoint)
+        self.checkpoint = load_for_inference(checkpoint, device=None)
         self.config = checkpoint.config
         self.model = checkpoint.model
-        self.device = next(self.model.parameters()).device
+        self.device = model_device(checkpoint)
         self.batch_size = batch_size  # rows per forward pass, so a large call needs bounded memory
 
     @property
@@ -33,11 +36,21 @@ class VAEModel:
         return self.checkpoint.identity
 
     def load_images(self, inputs: str | Path | Sequence[str | Path]) -> torch.Tensor:
-        """Files or folders -> (N, C, S, S) float, resized and converted like the training data."""
-        found = images.find_images([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
+        """Files or folders -> (N, C, S, S) float, resized and converted like the training data (decoded on
+        worker threads, as the commands do). A file or folder that cannot be read raises DataError."""
+        failed: list[Failed] = []
+        keep = lambda event: failed.append(event) if isinstance(event, Failed) else None  # noqa: E731
+        found = find_images([inputs] if isinstance(inputs, (str, Path)) else list(inputs), callback=keep)
         cfg = self.config
-        stack = [images.load_image(f.path, image_size=cfg.image_size, channels=cfg.channels) for f in found]
-        return torch.stack(stack).float() / 255.0
+        parts = []
+        for _, batch, _ in iter_batches(found, image_size=cfg.image_size, channels=cfg.channels,
+                                        batch_size=self.batch_size, callback=keep):
+            if failed:
+                break
+            parts.append(batch)
+        if failed:
+            raise DataError(f"{failed[0].input}: {failed[0].reason}")
+        return torch.cat(parts).float() / 255.0  # (N, C, S, S)
 
     def _as_batch(self, inputs: ImageInput) -> torch.Tensor:
         """A (B, C, S, S) float batch with the model's channel count (gray <-> RGB converted)."""
@@ -47,9 +60,7 @@ class VAEModel:
         if x.ndim != 4 or x.shape[-2:] != (size, size) or x.shape[1] not in (1, 3):
             raise DataError(f"images must be (B, 1 or 3, {size}, {size}) for this model, not {tuple(x.shape)}; "
                             f"pass file paths to have them resized")
-        if x.shape[1] != channels:
-            x = x.expand(-1, 3, -1, -1) if channels == 3 else _luma(x)
-        return x.float()
+        return match_channels(x, channels).float()
 
     @torch.inference_mode()
     def encode(self, inputs: ImageInput) -> DiagonalGaussian:
@@ -94,12 +105,6 @@ class VAEModel:
         return self.encode(x).mu[0]
 
 
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """RGB (B, 3, H, W) -> gray (B, 1, H, W) with ITU-R 601 weights, as images.load_image converts files."""
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
-    return (x * weights[None, :, None, None]).sum(1, keepdim=True)
-
-
 def load(path: str | Path, *, device: str = "auto", batch_size: int = 64) -> VAEModel:
     """Load a checkpoint file or run folder for inference."""
-    return VAEModel(load_model(path, device=resolve_device(device)), batch_size=batch_size)
+    return VAEModel(load_for_inference(path, device=device), batch_size=batch_size)

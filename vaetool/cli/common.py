@@ -28,6 +28,7 @@ def console():
 
 
 def debug_enabled() -> bool:
+    """Whether tracebacks are wanted (--debug or VAETOOL_DEBUG=1)."""
     return os.environ.get("VAETOOL_DEBUG", "") not in ("", "0")
 
 
@@ -38,10 +39,12 @@ def _escape(text: str) -> str:
 
 
 def warn(message: str) -> None:
+    """A `warning:` line on stderr."""
     console().print(f"[yellow]warning:[/] {_escape(message)}", markup=True, soft_wrap=True, highlight=False)
 
 
 def info(message: str, *, quiet: bool = False) -> None:
+    """A plain line on stderr, unless `quiet`."""
     if not quiet:
         console().print(message, markup=False, soft_wrap=True, highlight=False)
 
@@ -118,30 +121,101 @@ def make_progress(quiet: bool):
                     disable=not show_progress(quiet), transient=False)
 
 
-class ImageProgress:
-    """Progress over a folder's images (engine events "start", "batch", "skip", "warning") on stderr.
+class Display:
+    """Shows the engine's events (`vaetool.events`) for every command.
 
-    A skipped file is named even with --quiet: the exit status 3 points at these lines.
+    Results go to stdout as they land (a written path per line, or a JSON object with --json); a live
+    bar goes to stderr only when stderr is a terminal; failures are named on stderr one line each,
+    even with --quiet, which silences everything else. `finish` prints the summary and exits 3 when
+    some inputs failed.
     """
 
-    def __init__(self, quiet: bool, label: str) -> None:
-        self.quiet, self.label = quiet, label
+    def __init__(self, label: str, *, quiet: bool, as_json: bool = False) -> None:
+        import time
+
+        self.label, self.quiet, self.as_json = label, quiet, as_json
         self.progress = make_progress(quiet)
         self.task = None
+        self.total: int | None = None
+        self.written = self.skipped = self.failed = 0
+        self.state_saved = False  # a training run that was interrupted has written its resume state
+        self.started = time.monotonic()
 
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "start":
-            self.progress.start()
-            self.task = self.progress.add_task(self.label, total=data["images"], status="")
-        elif event == "batch" and self.task is not None:
-            self.progress.update(self.task, completed=data["done"])
-        elif event == "skip":
-            warn(f"{data['path']}: {data['reason']}; skipped")
-        elif event == "warning" and not self.quiet:
-            warn(data["message"])
+    def __call__(self, event: Any) -> None:
+        handler = getattr(self, f"_on_{type(event).__name__.lower()}", None)
+        if handler is not None:
+            handler(event)
+
+    def _line(self, text: str) -> None:
+        """An info line above the bar (or plain, without one); nothing with --quiet."""
+        if not self.quiet:
+            console().print(text, markup=False, soft_wrap=True, highlight=False)
+
+    def _start_bar(self, label: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total, status="")
+
+    def _on_started(self, e: Any) -> None:
+        self.label, self.total = e.command, e.total
+        if e.info:
+            details = ", ".join(f"{key} {value}" for key, value in e.info.items())
+            self._line(f"{e.command}: {e.total} {e.unit}; {details}")
+        self._start_bar(e.command, e.total)
+
+    def _on_progress(self, e: Any) -> None:
+        if self.task is None:
+            self._start_bar(self.label, e.total if e.total is not None else self.total)
+        status = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.metrics.items())
+        total = e.total if e.total is not None else self.total
+        self.progress.update(self.task, completed=e.done, total=total, status=status)
+
+    def _on_written(self, e: Any) -> None:
+        self.written += 1
+        record = {"input": e.input, "output": e.output} if e.input is not None else {"path": e.output}
+        emit(record | e.extra if self.as_json else e.output, as_json=self.as_json)
+
+    def _on_skipped(self, e: Any) -> None:
+        self.skipped += 1
+
+    def _on_failed(self, e: Any) -> None:
+        self.failed += 1
+        text = e.reason if e.input in e.reason else f"{e.input}: {e.reason}"
+        console().print(f"[red]failed:[/] {_escape(text)}", markup=True, soft_wrap=True, highlight=False)
+
+    def _on_warning(self, e: Any) -> None:
+        if not self.quiet:
+            warn(e.message)
+
+    def _on_note(self, e: Any) -> None:
+        self._line(f"note: {e.message}")
+
+    def _on_epoch(self, e: Any) -> None:
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.metrics.items())
+        self._line(f"epoch {e.epoch} step {e.step}: {figures}")
+
+    def _on_saved(self, e: Any) -> None:
+        self.state_saved = self.state_saved or e.reason == "interrupted"
 
     def close(self) -> None:
+        """Stop the bar (leaving its last state on a terminal)."""
         self.progress.stop()
+
+    def finish(self, *, summary: bool = True) -> None:
+        """Stop the bar, print the summary line, and exit 3 when some inputs failed (each was named)."""
+        import time
+
+        self.close()
+        seconds = time.monotonic() - self.started
+        if summary and (not self.quiet or self.failed):
+            of = f" (of {self.total})" if self.total is not None else ""
+            rate = self.written / seconds if seconds > 0 else 0.0
+            console().print(f"{self.label}: done {self.written}, skipped {self.skipped}, failed {self.failed}{of} "
+                            f"in {seconds:.1f}s, {rate:.1f} images/s", markup=False, soft_wrap=True, highlight=False)
+        if self.failed:
+            of = f" of {self.total}" if self.total is not None else ""
+            raise fail(f"{self.failed}{of} input(s) failed; each is named above", EXIT_PARTIAL)
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -158,18 +232,6 @@ def parse_duration(text: str | None) -> float | None:
     if seconds <= 0:
         raise typer.BadParameter("the duration must be > 0")
     return seconds
-
-
-def check_not_inside(outputs: Path, inputs: list[str], *, force: bool) -> None:
-    """Refuse an output folder equal to or inside an input folder (outputs would be read back as inputs)."""
-    out = outputs.resolve()
-    for item in inputs:
-        if item == "-":
-            continue
-        folder = Path(item).resolve()
-        if folder.is_dir() and (out == folder or folder in out.parents) and not force:
-            raise fail(f"output folder {outputs} is inside input folder {item}; choose another -o "
-                       f"or pass --force")
 
 
 # Options shared by many commands.

@@ -7,8 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (EXIT_PARTIAL, Checkpoint, Device, Json, Quiet, console, emit, fail, handle_errors,
-                     info, make_progress, warn)
+from .common import Checkpoint, Device, Display, Json, Quiet, handle_errors
 
 
 def _tile(value: str) -> str:
@@ -25,48 +24,6 @@ Tile = Annotated[str, typer.Option(
                          "model's size and back (loses detail).")]
 TileBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tiles per forward pass; tiles of many "
                                                                           "images are batched together.")]
-
-
-class _DenoiseDisplay:
-    """Turns the engine's events into stdout paths, a progress bar, and one line per failure on stderr."""
-
-    def __init__(self, *, quiet: bool, as_json: bool) -> None:
-        self.quiet, self.as_json = quiet, as_json
-        self.progress = make_progress(quiet)
-        self.task = None
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        getattr(self, f"on_{event}", lambda d: None)(data)
-
-    def on_start(self, d: dict[str, Any]) -> None:
-        if d["skipped"]:
-            info(f"{d['skipped']} of {d['images']} outputs already exist and are skipped", quiet=self.quiet)
-        tile = "off (whole image resized)" if d["tile"] is None else f"{d['tile']} px"
-        info(f"denoising {d['todo']} images on {d['device']} (model {d['model_size']} px, "
-             f"{d['model_channels']} channel(s), tile {tile}, batch {d['batch_size']})", quiet=self.quiet)
-        self.progress.start()
-        self.task = self.progress.add_task("denoise", total=d["todo"], status="")
-
-    def on_written(self, d: dict[str, Any]) -> None:
-        emit({"input": d["input"], "output": d["output"]} if self.as_json else d["output"], as_json=self.as_json)
-        self._advance(d)
-
-    def on_failed(self, d: dict[str, Any]) -> None:
-        console().print(f"[red]failed:[/] {d['message']}", markup=True, soft_wrap=True, highlight=False)
-        self._advance(d)
-
-    def on_warning(self, d: dict[str, Any]) -> None:
-        warn(d["message"])
-
-    def on_note(self, d: dict[str, Any]) -> None:
-        info(f"note: {d['message']}", quiet=self.quiet)
-
-    def _advance(self, d: dict[str, Any]) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, completed=d["done"])
-
-    def close(self) -> None:
-        self.progress.stop()
 
 
 def denoise(
@@ -113,17 +70,13 @@ def _run_denoise(o: dict[str, Any]) -> None:
 
     from ..inference.denoise import denoise_files
 
-    display = _DenoiseDisplay(quiet=o["quiet"], as_json=o["as_json"])
+    display = Display("denoise", quiet=o["quiet"], as_json=o["as_json"])
     try:
-        summary = denoise_files(
+        denoise_files(
             o["checkpoint"], o["inputs"], o["output"], tile=o["tile"], overlap=o["overlap"], strength=o["strength"],
             batch_size=o["batch_size"], ext=o["ext"], suffix=o["suffix"], skip_existing=o["skip_existing"],
             force=o["force"], device=o["device"], precision=o["precision"], workers=o["workers"], stdin=sys.stdin,
             callback=display)
     finally:
         display.close()
-    failed = len(summary.failed)
-    info(f"done {summary.done}, skipped {summary.skipped}, failed {failed} (of {summary.total}) in "
-         f"{summary.seconds:.1f}s, {summary.images_per_s:.1f} images/s", quiet=o["quiet"] and not failed)
-    if failed:
-        raise fail(f"{failed} of {summary.total} images failed (each named above)", EXIT_PARTIAL)
+    display.finish()

@@ -6,8 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, ImageProgress, Json, Quiet, Seed, emit, fail,
-                     handle_errors)
+from .common import BatchSize, Checkpoint, Device, Display, Json, Quiet, Seed, emit, handle_errors
 
 
 def _table(r: dict[str, Any]) -> str:
@@ -67,19 +66,17 @@ def eval_command(
     Prints a table on stdout (one JSON object with --json). Unreadable files
     are skipped with a warning each and make the exit status 3.
     """
-    display = ImageProgress(quiet, "eval")
+    display = Display("eval", quiet=quiet)
     with handle_errors():
         result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
                       workers=workers, display=display)
     summary = result.to_dict()
     emit(summary if as_json else _table(summary), as_json=as_json)
-    if result.failures:
-        raise fail(f"{len(result.failures)} of {result.images + len(result.failures)} file(s) could not be read "
-                   f"and were left out; see the warnings above", EXIT_PARTIAL)
+    display.finish(summary=False)  # exit 3 when some inputs could not be read
 
 
 def _run(checkpoint, data: list[str], *, iw_samples: int, batch_size: int, seed: int, device: str,
-         workers: int | None, display: ImageProgress):
+         workers: int | None, display: Display):
     from ..inference.evaluate import evaluate
 
     try:  # `-` among the inputs reads paths from stdin (find_images does it)

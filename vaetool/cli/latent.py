@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, Force, Json, Quiet, Seed, check_not_inside, emit,
-                     fail, handle_errors, info, make_progress, positive, warn)
+from .common import (BatchSize, Checkpoint, Device, Display, Force, Json, Quiet, Seed, emit, fail, handle_errors, info,
+                     positive, warn)
 
 Inputs = Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
                                              show_default=False)]
@@ -17,51 +17,10 @@ OutDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 SkipExisting = Annotated[bool, typer.Option("--skip-existing", help="Leave outputs that already exist (resume a batch).")]
 
 
-class _Batch:
-    """Progress bar, written paths on stdout as they land, failures on stderr, and the exit code."""
-
-    def __init__(self, quiet: bool, as_json: bool, label: str) -> None:
-        self.quiet, self.as_json, self.label = quiet, as_json, label
-        self.progress = make_progress(quiet)
-        self.task = None
-        self.failed = 0
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "progress":
-            if self.task is None:
-                self.progress.start()
-                self.task = self.progress.add_task(self.label, total=data["total"], status="")
-            self.progress.update(self.task, completed=data["done"])
-        elif event == "written":
-            emit({"path": data["path"]} if self.as_json else data["path"], as_json=self.as_json)
-        elif event == "failed":
-            self.failed += 1
-            reason = data["reason"]
-            warn(reason if data["path"] in reason else f"{data['path']}: {reason}")
-
-    def finish(self, outcome: Any = None) -> None:
-        self.progress.stop()
-        if outcome is not None and not self.quiet:
-            info(f"{self.label}: {len(outcome.written)} written, {len(outcome.skipped)} skipped (existing), "
-                 f"{self.failed} failed")
-        if self.failed:
-            raise fail(f"{self.failed} file(s) failed; see the warnings above", EXIT_PARTIAL)
-
-
 def _open(checkpoint: Path, device: str):
-    from .. import runtime
-    from ..checkpoint import load_model
-    from ..inference.latent_ops import prepare
+    from ..inference.load import load_for_inference
 
-    where = runtime.resolve_device(device)
-    runtime.prepare(where)  # allocator and TF32 settings, as in training
-    return prepare(load_model(checkpoint, device=where))
-
-
-def _find(inputs: list[str]):
-    from ..io.images import find_images
-
-    return find_images(inputs, stdin=sys.stdin, on_warning=warn)
+    return load_for_inference(checkpoint, device=device)
 
 
 def encode(
@@ -80,19 +39,18 @@ def encode(
         from ..inference.latent_ops import encode_rows, encode_to_file
 
         ckpt = _open(checkpoint, device)
-        found = _find(inputs)
-        batch = _Batch(quiet, as_json, "encode")
+        display = Display("encode", quiet=quiet, as_json=as_json)
         if jsonl or output == "-":
-            for items, rows in encode_rows(ckpt, found, batch_size=batch_size, sample=sample, seed=seed,
-                                           callback=batch):
+            for items, rows in encode_rows(ckpt, inputs, batch_size=batch_size, sample=sample, seed=seed,
+                                           stdin=sys.stdin, callback=display):
                 for i, item in enumerate(items):
                     emit({"path": str(item.path)} | {k: v[i].tolist() for k, v in rows.items()}, as_json=True)
         else:
-            path, count = encode_to_file(ckpt, found, Path(output), batch_size=batch_size, sample=sample, seed=seed,
-                                         force=force, callback=batch)
+            path, count = encode_to_file(ckpt, inputs, Path(output), batch_size=batch_size, sample=sample, seed=seed,
+                                         force=force, stdin=sys.stdin, callback=display)
             if path is not None:
                 emit({"path": str(path), "count": count} if as_json else path, as_json=as_json)
-        batch.finish()
+        display.finish(summary=False)
 
 
 def decode(
@@ -116,10 +74,10 @@ def decode(
             warn(f"{latents} was encoded by another checkpoint ({made_by}, this one is {ckpt.identity}); "
                  f"the images will not match the encoded ones")
         paths = decoded_paths(output, table.names, len(table.values), ext=ext)
-        batch = _Batch(quiet, as_json, "decode")
-        outcome = write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force,
-                                skip_existing=skip_existing, callback=batch, source=str(latents))
-        batch.finish(outcome)
+        display = Display("decode", quiet=quiet, as_json=as_json)
+        write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
+                      callback=display, source=str(latents), command="decode")
+        display.finish()
 
 
 def sample(
@@ -135,22 +93,22 @@ def sample(
 ) -> None:
     """Draw new images from the prior; prints the written paths, one per line."""
     with handle_errors():
-        from ..io.images import save_grid
+        from ..io.write import save_grid
         from ..inference.latent_ops import decode_images, prior_latents, write_decoded
 
         ckpt = _open(checkpoint, device)
         z = prior_latents(ckpt, count, temperature=temperature, seed=seed)
         paths = [output / f"{prefix}{i:05d}.{ext.lstrip('.')}" for i in range(count)]
-        batch = _Batch(quiet, as_json, "sample")
+        display = Display("sample", quiet=quiet, as_json=as_json)
         write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                      callback=batch)
+                      callback=display, command="sample")
         if grid is not None:
             import math
 
             pixels = decode_images(ckpt, z, batch_size=batch_size)
             save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)
             info(f"grid: {grid}", quiet=quiet)
-        batch.finish()
+        display.finish()
 
 
 def _anchor(ckpt, text: str):
@@ -192,20 +150,20 @@ def interpolate(
     with handle_errors():
         import torch
 
-        from ..io.images import save_grid
+        from ..io.write import save_grid
         from ..inference.latent_ops import decode_images, path_segments, write_decoded
 
         ckpt = _open(checkpoint, device)
         z = path_segments(torch.stack([_anchor(ckpt, a) for a in anchors]), steps=steps, method=method)
         paths = [output / f"frame_{i:04d}.png" for i in range(len(z))]
-        batch = _Batch(quiet, as_json, "interpolate")
-        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=batch)
+        display = Display("interpolate", quiet=quiet, as_json=as_json)
+        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
         frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
         if grid is not None:
             save_grid(grid, frames, nrow=steps, force=force)
         if gif is not None:
             _write_gif(gif, frames, fps=fps, force=force)
-        batch.finish()
+        display.finish()
 
 
 def _write_gif(path: Path, frames, *, fps: int, force: bool) -> None:
@@ -230,17 +188,14 @@ def reconstruct(
     skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
 ) -> None:
     """Reconstruct images through the model (posterior mean), mirroring the input tree under OUTPUT."""
-    check_not_inside(output, inputs, force=force)
     with handle_errors():
-        from ..inference.latent_ops import check_outputs_apart, reconstruct_folder
+        from ..inference.latent_ops import reconstruct_folder
 
         ckpt = _open(checkpoint, device)
-        found = _find(inputs)
-        check_outputs_apart(output, found, ext=ext)
-        batch = _Batch(quiet, as_json, "reconstruct")
-        outcome = reconstruct_folder(ckpt, found, output, batch_size=batch_size, ext=ext, force=force,
-                                     skip_existing=skip_existing, grid=grid, callback=batch)
-        batch.finish(outcome)
+        display = Display("reconstruct", quiet=quiet, as_json=as_json)
+        reconstruct_folder(ckpt, inputs, output, batch_size=batch_size, ext=ext, force=force,
+                           skip_existing=skip_existing, grid=grid, stdin=sys.stdin, callback=display)
+        display.finish()
 
 
 def traverse(
@@ -260,21 +215,20 @@ def traverse(
         import torch
 
         from ..api import VAEModel
-        from ..io.images import save_grid
+        from ..io.write import save_grid
         from ..inference.latent_ops import average_kl_per_dim, traverse_grid
 
         ckpt = _open(checkpoint, device)
         latent_dim = ckpt.config.latent_dim
         base = VAEModel(ckpt).encode([str(image)]).mu[0] if image else torch.zeros(latent_dim)
-        ranking, ranked = None, None
+        ranking, ranked = None, Display("rank", quiet=quiet)
         if dims:
             chosen = [int(d) for d in dims.split(",") if d.strip()]
             if any(d < 0 or d >= latent_dim for d in chosen):
                 raise fail(f"--dims must lie in 0..{latent_dim - 1}")
         elif data:
-            ranked = _Batch(quiet, False, "rank")
-            ranking = average_kl_per_dim(ckpt, _find(data), batch_size=batch_size, callback=ranked)
-            ranked.progress.stop()
+            ranking = average_kl_per_dim(ckpt, data, batch_size=batch_size, stdin=sys.stdin, callback=ranked)
+            ranked.close()
             chosen = torch.argsort(ranking, descending=True)[:rows].tolist()
         else:
             if latent_dim > rows:
@@ -288,6 +242,4 @@ def traverse(
         else:
             info(f"rows are dimensions {', '.join(map(str, chosen))}", quiet=quiet)
             emit(path)
-        if ranked is not None and ranked.failed:
-            raise fail(f"{ranked.failed} image(s) under --data could not be read; see the warnings above",
-                       EXIT_PARTIAL)
+        ranked.finish(summary=False)  # exit 3 when some images under --data could not be read

@@ -165,7 +165,7 @@ def _run_train(o: dict[str, Any]) -> None:
     import os
 
     from ..config import Corruption, ModelConfig, TrainConfig
-    from ..io.images import find_images
+    from ..io.find import find_images
     from ..training.trainer import train as run
 
     data = o["data"]

@@ -7,8 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (EXIT_PARTIAL, BatchSize, Checkpoint, Device, Force, ImageProgress, Json, Quiet, emit, fail,
-                     handle_errors, info, warn)
+from .common import BatchSize, Checkpoint, Device, Display, Force, Json, Quiet, emit, handle_errors, info, warn
 
 Data = Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
                                            show_default=False)]
@@ -26,12 +25,6 @@ def _parse_dims(text: Optional[str]) -> Optional[list[int]]:
     if len(dims) != 2:
         raise typer.BadParameter("give exactly two dimensions, e.g. 0,1", param_hint="--dims")
     return dims
-
-
-def _finish(failures: list[tuple[str, str]]) -> None:
-    """Exit 3 when some inputs could not be read (each was named as it was skipped)."""
-    if failures:
-        raise fail(f"{len(failures)} image(s) could not be read and were left out", EXIT_PARTIAL)
 
 
 def report(
@@ -93,7 +86,7 @@ def latent_map(
     dim_list = _parse_dims(dims)
     if extent is not None and extent <= 0:
         raise typer.BadParameter("must be > 0", param_hint="--extent")
-    display = ImageProgress(quiet, "encode")
+    display = Display("encode", quiet=quiet)
     with handle_errors():
         from ..inference.latentmap import latent_map as draw
 
@@ -111,7 +104,7 @@ def latent_map(
         emit({"path": str(result.path), "images": len(result.means.found), "thumbnails": len(result.placed),
               "method": result.projection.method, "axes": list(result.projection.labels)} if as_json
              else result.path, as_json=as_json)
-        _finish(result.means.failures)
+        display.finish(summary=False)  # exit 3 when some images could not be read
 
 
 def correlate(
@@ -134,7 +127,7 @@ def correlate(
     (Pearson r over the images). Prints one tab-separated line per (attribute, dimension):
     attribute, dimension, r; strongest |r| first.
     """
-    display = ImageProgress(quiet, "encode")
+    display = Display("encode", quiet=quiet)
     with handle_errors():
         from ..inference.latentmap import correlate_folder
 
@@ -147,7 +140,7 @@ def correlate(
         for c in chosen:
             emit({"attribute": c.attribute, "dimension": c.dimension, "r": round(c.r, 6), "images": c.images}
                  if as_json else f"{c.attribute}\t{c.dimension}\t{c.r:+.3f}", as_json=as_json)
-        _finish(means.failures)
+        display.finish(summary=False)  # exit 3 when some images could not be read
 
 
 def _select(ranking: list[Any], wanted: Optional[list[str]], top: int, csv_path: Path) -> list[Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
-from ..io.images import FoundImage
+from ..io.find import FoundImage
 
 PATH_COLUMNS = ("path", "file", "filename", "image", "name")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,11 +11,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..io import images
-from ..checkpoint import Checkpoint, load_model
+from ..checkpoint import Checkpoint
 from ..errors import ConfigError, DataError
+from ..events import Callback, Progress, Started, Warning, ignore
+from ..io.batches import iter_batches
+from ..io.decode import to_float
+from ..io.find import find_images
 from ..models.base import FactorizedPosterior, VAEFamily
-from ..runtime import resolve_device
+from .folder import Outcome
+from .load import load_for_inference, model_device
 
 IW_IMAGES_PER_PASS = 256  # images per decoder pass for the importance samples: bounds memory
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015: a unit is active when Cov_x(E_q[z_d]) > 0.01
@@ -25,7 +29,6 @@ BPD_CONVENTION = {
                   "bits/dim = (-log p(x) + D ln 256) / (D ln 2), the density taken at x = k/255",
     "bernoulli": "binary data: bits/dim = -log p(x) / (D ln 2), no dequantization term",
 }
-Callback = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values, failures as {"path", "reason"}."""
         data = asdict(self)
         data["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         return data
@@ -167,6 +171,7 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def update(self, values: torch.Tensor) -> None:
+        """Fold in a batch of rows (B, D)."""
         values = values.detach().double().cpu()  # (B, D)
         n, mean = values.shape[0], values.mean(0)
         m2 = (values - mean).pow(2).sum(0)
@@ -180,6 +185,7 @@ class _Moments:
         self.count = total
 
     def variance(self) -> torch.Tensor:
+        """Per-dimension population variance (D,) of the rows so far."""
         return self.m2 / max(self.count, 1)
 
 
@@ -193,49 +199,39 @@ class _Sums:
         self.count = 0
 
     def add(self, **per_image: torch.Tensor) -> None:
+        """Add each quantity's (B,) per-image values."""
         for key, value in per_image.items():
             self.values[key] += float(value.double().sum())
         self.count += int(next(iter(per_image.values())).shape[0])
 
     def mean(self, key: str) -> float:
+        """The mean of a quantity over the images added."""
         return self.values[key] / max(self.count, 1)
 
 
-def _load(source: VAEFamily | Checkpoint | str | Path, device: torch.device) -> tuple[VAEFamily, str | None]:
-    if isinstance(source, VAEFamily):
-        return source.to(device), None
-    if isinstance(source, Checkpoint):
-        return source.model.to(device), str(source.path) if source.path else None
-    loaded = load_model(source, device=device)
-    return loaded.model.to(memory_format=torch.channels_last), str(loaded.path)  # ~15% faster convs on CPU
-
-
-def _tensor_batches(data: torch.Tensor, model: VAEFamily, batch_size: int) -> Iterator[tuple[torch.Tensor, list]]:
+def _tensor_batches(data: torch.Tensor, model: VAEFamily, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
     cfg = model.config
     expected = (cfg.channels, cfg.image_size, cfg.image_size)
     if data.ndim != 4 or tuple(data.shape[1:]) != expected:
         raise DataError(f"images must be a (N, {', '.join(map(str, expected))}) tensor for this model, "
                         f"got {tuple(data.shape)}")
     for start in range(0, data.shape[0], batch_size):
-        yield data[start: start + batch_size], []
+        yield data[start: start + batch_size], 0
 
 
 def _file_batches(data: Sequence[str | Path], model: VAEFamily, batch_size: int, callback: Callback,
-                  workers: int | None) -> Iterator[tuple[torch.Tensor, list]]:
-    found = images.find_images(data, on_warning=lambda m: callback("warning", {"message": m}))
-    callback("start", {"images": len(found)})
+                  workers: int | None) -> Iterator[tuple[torch.Tensor, int]]:
+    found = find_images(data, callback=callback)
+    callback(Started("eval", len(found)))
     cfg = model.config
-    for _, batch, failures in images.iter_batches(found, image_size=cfg.image_size, channels=cfg.channels,
-                                                  batch_size=batch_size, workers=workers):
-        failed = [(str(item.path), reason) for item, reason in failures]
-        for path, reason in failed:
-            callback("skip", {"path": path, "reason": reason})
-        yield batch, failed
+    for _, batch, failures in iter_batches(found, image_size=cfg.image_size, channels=cfg.channels,
+                                           batch_size=batch_size, workers=workers, callback=callback):
+        yield batch, len(failures)
 
 
 def _as_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if batch.dtype == torch.uint8:
-        return images.to_float(batch, device)
+        return to_float(batch, device)
     x = batch.to(device, torch.float32)
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise DataError("float images must lie in [0, 1]; pass uint8 images or scale them")
@@ -256,39 +252,41 @@ def _evaluate_batch(model: VAEFamily, x: torch.Tensor, k: int, generator: torch.
 
 def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Sequence[str | Path] | torch.Tensor, *,
              iw_samples: int = 100, batch_size: int = 32, seed: int = 0, device: str = "auto",
-             workers: int | None = None, callback: Callback | None = None) -> EvalResult:
+             workers: int | None = None, callback: Callback = ignore) -> EvalResult:
     """Evaluate a model on image files/folders (or a (N, C, H, W) uint8 or [0, 1] float tensor).
 
-    The same seed and batch size give the same numbers. Unreadable files are skipped and listed in
-    `failures`; `callback(event, data)` receives "start", "batch", "skip" and "warning" events.
+    The same seed and batch size give the same numbers. Unreadable files are left out, reported as
+    `Failed` and listed in `failures`; progress is `Started`, `Progress` and `Warning` events.
     """
     if iw_samples < 1 or batch_size < 1:
         raise ConfigError("--iw-samples and --batch-size must be >= 1")
-    callback = callback or (lambda event, data: None)
-    dev = resolve_device(device)
-    model, source = _load(checkpoint_or_model, dev)
-    was_training = model.training
-    model.eval()
+    given = checkpoint_or_model.model if isinstance(checkpoint_or_model, Checkpoint) else checkpoint_or_model
+    was_training = bool(getattr(given, "training", False))
+    loaded = load_for_inference(checkpoint_or_model, device=device)
+    model, dev = loaded.model, model_device(loaded)
+    source = str(loaded.path) if loaded.path else None
+    outcome = Outcome()
+    callback = outcome.recorder(callback)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    sums, moments, failures, binary = _Sums(), _Moments(), [], True
+    sums, moments, failed, binary = _Sums(), _Moments(), 0, True
     if isinstance(data, torch.Tensor):
-        callback("start", {"images": int(data.shape[0])})
+        callback(Started("eval", int(data.shape[0])))
         batches = _tensor_batches(data, model, batch_size)
     else:
         batches = _file_batches(data, model, batch_size, callback, workers)
     try:
-        for batch, failed in batches:
-            failures += failed
+        for batch, failures in batches:
+            failed += failures
             if batch.shape[0]:
                 x = _as_float(batch, dev)  # (B, C, H, W) in [0, 1]
                 binary = binary and bool(((x == 0) | (x == 1)).all())
                 _evaluate_batch(model, x, iw_samples, generator, sums, moments)
-            callback("batch", {"done": sums.count + len(failures), "evaluated": sums.count})
+            callback(Progress(sums.count + failed, None))
     finally:
         model.train(was_training)
     if sums.count == 0:
-        raise DataError(f"none of the {len(failures)} input images could be read; nothing to evaluate")
-    return _result(model, sums, moments, iw_samples, seed, source, failures, binary, callback)
+        raise DataError(f"none of the {len(outcome.failed)} input images could be read; nothing to evaluate")
+    return _result(model, sums, moments, iw_samples, seed, source, outcome.failed, binary, callback)
 
 
 def _result(model: VAEFamily, sums: _Sums, moments: _Moments, k: int, seed: int, source: str | None,
@@ -303,7 +301,7 @@ def _result(model: VAEFamily, sums: _Sums, moments: _Moments, k: int, seed: int,
         warnings.append("Bernoulli likelihood on non-binary pixels: -log p(x) is a cross-entropy, "
                         "not a log-likelihood; binarize the data for a meaningful NLL")
     for message in warnings:
-        callback("warning", {"message": message})
+        callback(Warning(message))
     log_scale = model.log_scale.detach().clamp_min(cfg.min_log_scale)
     scale = None if cfg.likelihood == "bernoulli" else float(log_scale.exp())
     return EvalResult(

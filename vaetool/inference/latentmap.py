@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,15 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import images
+from ..errors import ConfigError, DataError, OutputError
+from ..events import Callback, Progress, Started, ignore
+from ..io.atomic import atomic_path
+from ..io.batches import iter_batches
+from ..io.decode import load_image, to_float
+from ..io.find import FoundImage, find_images
 from .attributes import (Correlation, attribute_table, correlate_attributes, parse_column_spec, read_labels,
                          read_table)
-from ..errors import ConfigError, DataError, OutputError
+from .folder import Outcome
+from .load import load_for_inference, model_device
 
 METHODS = ("auto", "pca", "dims")
 MAP_DPI = 100
 MAX_CATEGORIES = 20  # more distinct labels than this are drawn without a legend
-Callback = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -26,7 +31,7 @@ class Means:
     """Posterior means of the images that could be read, in input order."""
 
     mu: torch.Tensor  # (N, D) float32
-    found: list[images.FoundImage]
+    found: list[FoundImage]
     failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
 
@@ -46,27 +51,27 @@ class Projection:
 
 
 @torch.inference_mode()
-def posterior_means(model: Any, found: Sequence[images.FoundImage], *, batch_size: int = 64,
+def posterior_means(model: Any, found: Sequence[FoundImage], *, batch_size: int = 64,
                     device: torch.device | str = "cpu", workers: int | None = None,
-                    callback: Callback | None = None) -> Means:
-    """E_q[z|x] for every image, streamed in batches (memory bounded by the batch, not the folder)."""
+                    callback: Callback = ignore) -> Means:
+    """E_q[z|x] for every image, streamed in batches (memory bounded by the batch, not the folder).
+
+    Unreadable files are reported as `Failed` and listed in `failures`.
+    """
     config = model.config
-    rows, kept, failures, done = [], [], [], 0
-    for good, batch, failed in images.iter_batches(found, image_size=config.image_size, channels=config.channels,
-                                                   batch_size=batch_size, workers=workers):
-        for item, reason in failed:
-            failures.append((str(item.path), reason))
-            if callback:
-                callback("skip", {"path": str(item.path), "reason": reason})
+    outcome = Outcome()
+    callback = outcome.recorder(callback)
+    rows, kept, done = [], [], 0
+    for good, batch, failed in iter_batches(found, image_size=config.image_size, channels=config.channels,
+                                            batch_size=batch_size, workers=workers, callback=callback):
         if len(good):
-            rows.append(model.encode(images.to_float(batch, device)).mu.float().cpu())  # (B, D)
+            rows.append(model.encode(to_float(batch, device)).mu.float().cpu())  # (B, D)
             kept.extend(good)
         done += len(good) + len(failed)
-        if callback:
-            callback("batch", {"done": done, "total": len(found)})
+        callback(Progress(done, len(found)))
     if not kept:
         raise DataError(f"none of the {len(found)} images could be read; see the warnings above")
-    return Means(torch.cat(rows), kept, failures)
+    return Means(torch.cat(rows), kept, outcome.failed)
 
 
 # ------------------------------------------------------------------------------------- projection
@@ -183,11 +188,11 @@ def thumbnail_canvas(points: torch.Tensor, thumbs: Sequence[np.ndarray], bounds:
     return np.asarray(canvas)
 
 
-def load_thumbnails(found: Sequence[images.FoundImage], *, image_size: int, channels: int) -> list[np.ndarray]:
+def load_thumbnails(found: Sequence[FoundImage], *, image_size: int, channels: int) -> list[np.ndarray]:
     """The picked images again, as (S, S, 3) uint8 arrays: decoded twice rather than all kept in memory."""
     out = []
     for item in found:
-        pixels = images.load_image(item.path, image_size=image_size, channels=channels)  # (C, S, S) uint8
+        pixels = load_image(item.path, image_size=image_size, channels=channels)  # (C, S, S) uint8
         out.append(pixels.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy())
     return out
 
@@ -266,18 +271,15 @@ class MapResult:
 
 
 def _encode_folder(checkpoint: str | Path, data: Sequence[str | Path], *, batch_size: int, device: str,
-                   workers: int | None, stdin: Any, callback: Callback | None) -> tuple[Any, Means, list]:
-    from ..checkpoint import load_model
-    from ..runtime import resolve_device
-
-    where = resolve_device(device)
-    loaded = load_model(checkpoint, device=where)
-    warn = (lambda message: callback("warning", {"message": message})) if callback else None
-    found = images.find_images(data, stdin=stdin, on_warning=warn)
-    if callback:
-        callback("start", {"images": len(found)})
-    means = posterior_means(loaded.model, found, batch_size=batch_size, device=where, workers=workers,
+                   workers: int | None, stdin: Any, callback: Callback) -> tuple[Any, Means, list]:
+    loaded = load_for_inference(checkpoint, device=device)
+    outcome = Outcome()
+    callback = outcome.recorder(callback)
+    found = find_images(data, stdin=stdin, callback=callback)
+    callback(Started("encode", len(found)))
+    means = posterior_means(loaded.model, found, batch_size=batch_size, device=model_device(loaded), workers=workers,
                             callback=callback)
+    means.failures = outcome.failed  # the unreadable folders too, not only the files
     return loaded, means, found
 
 
@@ -285,14 +287,12 @@ def latent_map(checkpoint: str | Path, data: Sequence[str | Path], output: str |
                dims: Sequence[int] | None = None, color_by: str | None = None, thumbnails: bool | None = None,
                cells: int = 30, extent: float | None = None, size: int = 1000, title: str | None = None,
                batch_size: int = 64, device: str = "auto", workers: int | None = None, force: bool = False,
-               stdin: Any = None, callback: Callback | None = None) -> MapResult:
+               stdin: Any = None, callback: Callback = ignore) -> MapResult:
     """Draw where the model puts each image: posterior means in 2-D, as thumbnails or a coloured scatter.
 
     Thumbnails are shown by default, and with `color_by` only when `thumbnails` is True; at most one
     per cell of a `cells`-wide grid, so any number of images stays readable.
     """
-    from ..io.atomic import atomic_path
-
     output = Path(output)
     if output.exists() and not force:
         raise OutputError(f"{output} already exists; pass --force to overwrite it")
@@ -321,7 +321,7 @@ def latent_map(checkpoint: str | Path, data: Sequence[str | Path], output: str |
     return MapResult(output, means, projection, placed, pixels, label_name, unlabeled)
 
 
-def _labels(color_by: str, found: Sequence[images.FoundImage], means: Means) -> tuple[str, list[Any]]:
+def _labels(color_by: str, found: Sequence[FoundImage], means: Means) -> tuple[str, list[Any]]:
     """The --color-by label of each encoded image (images that failed to decode have no row in `means`)."""
     name, by_image = read_labels(color_by, found)
     lookup = dict(zip(found, by_image))
@@ -344,7 +344,7 @@ def _format(path: Path) -> str:
 
 def correlate_folder(checkpoint: str | Path, data: Sequence[str | Path], attributes: str | Path, *,
                      batch_size: int = 64, device: str = "auto", workers: int | None = None, stdin: Any = None,
-                     callback: Callback | None = None) -> tuple[list[Correlation], Means]:
+                     callback: Callback = ignore) -> tuple[list[Correlation], Means]:
     """Correlate the posterior means of the images with the numeric columns of a CSV (one row per image)."""
     read_table(attributes)  # a bad CSV fails before any image is encoded
     _, means, _ = _encode_folder(checkpoint, data, batch_size=batch_size, device=device, workers=workers,

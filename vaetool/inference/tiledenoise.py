@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..io.decode import match_channels, to_gray
 from ..models.base import VAEFamily
 from ..runtime import autocast
 from .tiling import TilePlan, auto_tile, blend_tiles, extract_tiles, plan_tiles
 
 TileSpec = int | str | None  # "auto", "off" / None, or a tile side in pixels
-# ITU-R 601-2 luma, the weights PIL uses for RGB -> L, so a gray image comes back as PIL would make it.
-LUMA = (0.299, 0.587, 0.114)
 
 
 # ------------------------------------------------------------------------------ one image in memory
@@ -59,10 +58,8 @@ def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def _to_model_channels(x: torch.Tensor, model_channels: int) -> torch.Tensor:
     """(N, C, S, S) -> the model's channels: gray replicated for a colour model, colour split for a gray one."""
     n, c, s, _ = x.shape
-    if c == model_channels:
-        return x
-    if c == 1:
-        return x.expand(n, 3, s, s)  # (N, 3, S, S)
+    if c == model_channels or c == 1:
+        return match_channels(x, model_channels)  # (N, model_channels, S, S)
     # Each colour channel goes through the gray model as its own image: converting to gray would lose the colour.
     return x.reshape(n * 3, 1, s, s)  # (3N, 1, S, S)
 
@@ -73,8 +70,7 @@ def _from_model_channels(y: torch.Tensor, channels: int) -> torch.Tensor:
     if mc == channels:
         return y
     if channels == 1:
-        weights = torch.tensor(LUMA, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
-        return (y * weights).sum(1, keepdim=True)  # (N, 1, S, S)
+        return to_gray(y)  # (N, 1, S, S), as PIL makes gray from RGB
     return y.reshape(n // 3, 3, s, s)  # (N, 3, S, S)
 
 
@@ -130,6 +126,7 @@ class ModelRunner:
 
 
 def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
+    """ConfigError naming the option when the overlap, strength or batch size is out of range."""
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(f"overlap must be in [0, 1), not {overlap}; pass e.g. --overlap 0.25")
     if not 0.0 <= strength <= 1.0:

@@ -8,6 +8,7 @@ import functools
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -125,22 +126,48 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False, durable: bool
         raise
 
 
-def write_file(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Create or truncate `path` and write all of `data`: three system calls, no Python file object."""
+def write_file(path: str | os.PathLike, data: bytes | memoryview, *, durable: bool = False) -> None:
+    """Create or truncate `path` and write all of `data`: a few system calls, no Python file object.
+
+    `durable` fsyncs before closing, so that not even a power cut leaves the file empty.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         view = memoryview(data)
         while view:  # os.write may write less than asked
             view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write_bytes(target: str | os.PathLike, data: bytes, *, force: bool = False) -> Path:
-    """Write `data` to `target` atomically and return the target path."""
-    with atomic_path(target, force=force) as tmp:
-        tmp.write_bytes(data)
-    return Path(target)
+def atomic_write_bytes(target: str | os.PathLike, data: bytes | memoryview, *, force: bool = False,
+                       durable: bool = True) -> Path:
+    """Write `data` to `target` atomically (a hidden temporary name beside it, then a rename); return the target.
+
+    Cheaper than `atomic_path` for data already in memory (no mkstemp, no chmod: the file is created
+    under the umask), which matters for folders of thousands of small images. `durable=False` skips
+    the fsync: a power cut may then leave an empty file, which `--skip-existing` writes again.
+    """
+    target = Path(target)
+    if not force and os.path.lexists(target):
+        raise OutputError(f"{target} already exists; pass --force to overwrite it")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        try:
+            write_file(tmp, data, durable=durable)
+        except FileNotFoundError:  # the first file of a new folder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_file(tmp, data, durable=durable)
+        os.replace(tmp, target)
+    except OSError as exc:
+        remove_quietly(tmp)  # may fail too (no folder to hold it); the write's error is the one to tell
+        raise output_error(target, exc) from None
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return target
 
 
 def _fsync_file(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The decoded training cache (uint8, in memory or memory-mapped on disk) and streamed inference batches."""
+"""The decoded training cache: every image decoded once into uint8, in memory or memory-mapped on disk."""
 
 from __future__ import annotations
 
@@ -13,23 +13,19 @@ import os
 import signal
 import sys
 import tempfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from ..errors import DataError, OutputError
 from .atomic import atomic_path
-from ..errors import ConfigError, DataError, OutputError
-
-if TYPE_CHECKING:
-    from .images import Background, FoundImage
+from .decode import Background, failure_reason, make_decoder
+from .find import FoundImage
+from .pool import default_workers, map_data
 
 CACHE_VERSION = 1
-T = TypeVar("T")
 
 
 @dataclass
@@ -41,72 +37,6 @@ class ImageCache:
     skipped: list[tuple[Path, str]]  # (file, reason) for files that could not be decoded
     on_disk: bool  # memory-mapped from a file rather than held in RAM
     reused: bool  # mapped from a previous run's cache without decoding anything
-
-
-# ------------------------------------------------------------------------------------ ordered pool
-
-
-def ordered_map(fn: Callable[[T], object], items: Iterable[T], *, workers: int,
-                window: int) -> Iterator[tuple[T, Future]]:
-    """Run `fn` over `items` on threads, at most `window` in flight, yielding (item, future) in input order.
-
-    Unlike `Executor.map`, items are submitted as results are taken, so memory stays bounded for
-    any number of items; closing the generator cancels what has not started.
-    """
-    pool = ThreadPoolExecutor(max_workers=workers)
-    pending: deque[tuple[T, Future]] = deque()
-    source = iter(items)
-    try:
-        for item in source:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= window:
-                break
-        while pending:
-            head = pending.popleft()
-            for item in source:  # refill one slot, keeping memory bounded
-                pending.append((item, pool.submit(fn, item)))
-                break
-            yield head
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-DECODE_CHUNK = 16  # most images per thread task: one task per image cost more in hand-offs than a small PNG's decode
-
-
-def _decoded(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], *, workers: int | None,
-             window: int) -> Iterator[tuple[FoundImage, torch.Tensor | None, DataError | None]]:
-    """(item, uint8 image, None) or (item, None, the DataError) for each item, in order."""
-    from .images import default_workers
-
-    def decode_all(items: Sequence[FoundImage]) -> list[tuple[torch.Tensor | None, DataError | None]]:
-        results: list[tuple[torch.Tensor | None, DataError | None]] = []
-        for item in items:
-            try:
-                results.append((decode(item.path), None))
-            except DataError as exc:
-                results.append((None, exc))
-        return results
-
-    workers = workers or default_workers()
-    size = max(1, min(DECODE_CHUNK, window // (2 * workers)))  # at least two tasks per thread in the window
-    chunks = (found[start:start + size] for start in range(0, len(found), size))
-    futures = ordered_map(decode_all, chunks, workers=workers, window=max(2 * workers, window // size))
-    with contextlib.closing(futures):  # stopping early cancels the decodes not yet started
-        for items, future in futures:
-            for item, (image, error) in zip(items, future.result()):
-                yield item, image, error
-
-
-def _reason(exc: DataError) -> str:
-    return getattr(exc, "reason", None) or str(exc)
-
-
-def _decoder(*, image_size: int, channels: int, background: Background, fit: str) -> Callable[[Path], torch.Tensor]:
-    from .images import _check_options, load_image
-
-    _check_options(image_size, channels, fit)
-    return functools.partial(load_image, image_size=image_size, channels=channels, background=background, fit=fit)
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -125,7 +55,7 @@ def build_cache(found: Sequence[FoundImage], *, image_size: int, channels: int,
     `cache_dir`, else a deleted temporary file), so RSS stays bounded. Unreadable files are
     skipped and listed, or raise DataError with `strict`.
     """
-    decode = _decoder(image_size=image_size, channels=channels, background=background, fit=fit)
+    decode = make_decoder(image_size=image_size, channels=channels, background=background, fit=fit)
     if not found:
         raise DataError("no images to decode; check the input folders")
     shape = (channels, image_size, image_size)
@@ -164,8 +94,6 @@ def _fill(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], t
           workers: int | None, strict: bool, progress: Callable[[int, int], None] | None,
           processes: bool = False) -> tuple[list[int], list[tuple[int, str]]]:
     """Decode into consecutive rows of `target`; return (indices decoded, (index, reason) skipped)."""
-    from .images import default_workers
-
     if processes:
         return _fill_in_processes(found, decode, target, workers=workers or default_workers(), strict=strict,
                                   progress=progress)
@@ -173,13 +101,14 @@ def _fill(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], t
     skipped: list[tuple[int, str]] = []
     first_error: DataError | None = None
     window = 4 * (workers or default_workers())
-    with contextlib.closing(_decoded(found, decode, workers=workers, window=window)) as results:
+    rows = map_data(lambda item: decode(item.path), found, workers=workers, window=window)
+    with contextlib.closing(rows) as results:
         for index, (_, image, error) in enumerate(results):
             if error is not None:
                 if strict:
                     raise error
                 first_error = first_error or error
-                skipped.append((index, _reason(error)))
+                skipped.append((index, failure_reason(error)))
             else:
                 target[len(good)] = image  # rows stay in input order, skipped files leave no hole
                 good.append(index)
@@ -191,16 +120,13 @@ def _fill(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], t
 
 
 # Building the training cache decodes every image once, with nothing else to overlap: processes, not
-# threads. PIL's per-image Python holds the GIL, so for small images two threads decoded *slower* than one
-# (5,335 against 6,361 images/s at 64x64 on 2 cores); forked processes each decode at the one-thread rate.
+# threads, because PIL's per-image Python holds the GIL and extra threads made small images no faster.
 PROCESS_MIN_IMAGES = 512  # below this, starting the workers costs more than it saves
 _JOB: tuple | None = None  # (paths, decode, target) for forked workers: inherited, never pickled
 
 
 def use_processes(count: int, workers: int | None) -> bool:
     """Whether `build_cache` decodes in forked worker processes (Linux, several workers, enough images)."""
-    from .images import default_workers
-
     forkable = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
     return forkable and (workers or default_workers()) > 1 and count >= PROCESS_MIN_IMAGES
 
@@ -225,7 +151,7 @@ def _decode_rows(bounds: tuple[int, int]) -> list[tuple[int, str, str]]:
         try:
             target[index] = decode(paths[index])
         except DataError as exc:
-            failures.append((index, _reason(exc), str(exc)))
+            failures.append((index, failure_reason(exc), str(exc)))
     return failures
 
 
@@ -375,48 +301,3 @@ def _reuse(cache_dir: Path, key: str, found: Sequence[FoundImage], shape: tuple[
     images = _map(data_file, len(good), shape, shared=False)
     return ImageCache(images, [found[i].path for i in good], [(found[i].path, r) for i, r in skipped],
                       on_disk=True, reused=True)
-
-
-# ------------------------------------------------------------------------------------- streaming
-
-
-def iter_batches(found: Sequence[FoundImage], *, image_size: int, channels: int, batch_size: int,
-                 workers: int | None = None, background: Background = (255, 255, 255), fit: str = "crop",
-                 prefetch: int = 2) -> Iterator[tuple[list[FoundImage], torch.Tensor, list[tuple[FoundImage, str]]]]:
-    """Stream (decoded items, uint8 (B, C, S, S), failures as (item, reason)) batches in input order.
-
-    Decoding runs on worker threads at most `prefetch` batches ahead, so memory stays bounded for
-    any number of files. A batch whose files all failed has a (0, C, S, S) tensor.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, not {batch_size}")
-    decode = _decoder(image_size=image_size, channels=channels, background=background, fit=fit)
-    # Checked above, at the call; the decoding starts with the first batch taken.
-    return _batches(found, decode, batch_size=batch_size, workers=workers, window=max(1, prefetch) * batch_size,
-                    shape=(channels, image_size, image_size))
-
-
-def _batches(found: Sequence[FoundImage], decode: Callable[[Path], torch.Tensor], *, batch_size: int,
-             workers: int | None, window: int, shape: tuple[int, int, int],
-             ) -> Iterator[tuple[list[FoundImage], torch.Tensor, list[tuple[FoundImage, str]]]]:
-    good: list[FoundImage] = []
-    tensors: list[torch.Tensor] = []
-    failures: list[tuple[FoundImage, str]] = []
-    with contextlib.closing(_decoded(found, decode, workers=workers, window=window)) as results:
-        for item, image, error in results:
-            if error is not None:
-                failures.append((item, _reason(error)))
-            else:
-                good.append(item)
-                tensors.append(image)
-            if len(good) + len(failures) == batch_size:
-                yield good, _stack(tensors, shape), failures
-                good, tensors, failures = [], [], []
-    if good or failures:
-        yield good, _stack(tensors, shape), failures
-
-
-def _stack(tensors: list[torch.Tensor], shape: tuple[int, int, int]) -> torch.Tensor:
-    if not tensors:
-        return torch.empty((0, *shape), dtype=torch.uint8)
-    return torch.stack(tensors)  # (B, C, S, S)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from ..io import images
+from ..io.decode import to_float
+from ..io.write import save_grid
 from .corrupt import step_generator
 from .distributed import all_reduce_sum, barrier
 from ..models.base import VAEFamily
@@ -61,7 +62,7 @@ class EpochEnd:
         sums = torch.zeros(5, device=self.device, dtype=torch.float64)  # -elbo, recon, kl, psnr, count
         for k, start in enumerate(range(0, len(shard), self.batch)):
             index = shard[start: start + self.batch]
-            x = images.to_float(self.cache.images[index], self.device).contiguous(memory_format=torch.channels_last)
+            x = to_float(self.cache.images[index], self.device).contiguous(memory_format=torch.channels_last)
             generator = step_generator(self.config.seed, k, self.device, stream=1)
             # float32 even when training in bf16: the figures must agree with `vaetool eval`.
             posterior = model.encode(x)
@@ -121,15 +122,15 @@ class EpochEnd:
         z = torch.randn(GRID_SAMPLES, self.model_config.latent_dim, generator=generator).to(self.device)
         samples = model.mean_image(model.decode(z)).cpu()
         pool = self.val_index if len(self.val_index) else self.train_index
-        x = images.to_float(self.cache.images[pool[:GRID_RECONSTRUCTIONS]], self.device)
+        x = to_float(self.cache.images[pool[:GRID_RECONSTRUCTIONS]], self.device)
         recon = model.reconstruct(x)
         pairs = torch.cat([x, recon]).cpu()
         self.model.train()
         folder = self.run_dir / "grids"
-        images.save_grid(folder / f"epoch_{epoch:04d}_samples.png", samples, nrow=8, force=True)
-        images.save_grid(folder / f"epoch_{epoch:04d}_reconstructions.png", pairs, nrow=len(x), force=True)
-        images.save_grid(self.run_dir / "samples.png", samples, nrow=8, force=True)
-        images.save_grid(self.run_dir / "reconstructions.png", pairs, nrow=len(x), force=True)
+        save_grid(folder / f"epoch_{epoch:04d}_samples.png", samples, nrow=8, force=True)
+        save_grid(folder / f"epoch_{epoch:04d}_reconstructions.png", pairs, nrow=len(x), force=True)
+        save_grid(self.run_dir / "samples.png", samples, nrow=8, force=True)
+        save_grid(self.run_dir / "reconstructions.png", pairs, nrow=len(x), force=True)
 
     def _write_report(self) -> None:
         """report.png and report.html; a failure here costs the pictures, never the trained run."""

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..io import images
+from ..io.cache import build_cache
+from ..io.decode import detect_channels as detect_image_channels, to_float
+from ..io.find import find_images
 from ..io.atomic import check_writable_dir
 from ..config import ModelConfig, TrainConfig
 from .corrupt import corrupt, global_rand, global_randn, step_generator
@@ -138,16 +140,16 @@ class _Trainer(EpochEnd):
         if resume:  # the run's own architecture, whatever the options say
             model_config = ModelConfig.from_dict(ckpt.load_state(self.run_dir / ckpt.STATE_FILE)[1]["model_config"])
         warn = lambda message: self.callback("warning", {"message": message})  # noqa: E731
-        found = images.find_images(data, on_warning=warn)
+        found = find_images(data, callback=lambda e: warn(getattr(e, "message", None) or f"{e.input}: {e.reason}"))
         if detect_channels:
-            model_config = dataclasses.replace(model_config, channels=images.detect_channels([f.path for f in found]))
+            model_config = dataclasses.replace(model_config, channels=detect_image_channels([f.path for f in found]))
         self.model_config = model_config
         if self.world.distributed and cache_dir is None:
             cache_dir = Path(os.environ.get("VAETOOL_CACHE_DIR", Path.home() / ".cache" / "vaetool"))
         # Rank 0 decodes; the others then map the same on-disk cache instead of decoding again.
         for turn in (0, 1):
             if (turn == 0) == self.world.is_main:
-                self.cache = images.build_cache(
+                self.cache = build_cache(
                     found, image_size=model_config.image_size, channels=model_config.channels,
                     cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, workers=workers,
                     memory_limit=cache_memory if cache_memory is not None else default_cache_memory(),
@@ -327,7 +329,7 @@ class _Trainer(EpochEnd):
         cfg, p = self.config, self.progress
         rows = slice(self.world.rank * self.batch, (self.world.rank + 1) * self.batch)
         generator = step_generator(cfg.seed, p.step, self.device)
-        x = images.to_float(self.gather(self.cache.images, index)).contiguous(memory_format=torch.channels_last)
+        x = to_float(self.gather(self.cache.images, index)).contiguous(memory_format=torch.channels_last)
         if cfg.augment_flip:
             flip = global_rand((self.global_batch,), generator=generator, rows=rows, device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

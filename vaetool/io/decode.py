@@ -1,29 +1,30 @@
-"""Finding, decoding and converting images; writing lives in imagewrite, the decoded training cache in imagecache."""
+"""Opening, decoding and converting images: every PIL mode to uint8 or float tensors, gray <-> RGB, luma."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from .pool import default_workers, ordered_map
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit: about a 0.25 GB 24-bit image
 FITS = ("crop", "pad")
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+# ITU-R 601-2 luma in thousandths, the weights PIL uses for RGB -> "L": files and tensors turn gray alike.
+LUMA_PERMILLE = (299, 587, 114)
+LUMA = tuple(w / 1000 for w in LUMA_PERMILLE)
 
 # A truncated file must be an error, never a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -43,12 +44,9 @@ class UnreadableImageError(DataError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class FoundImage:
-    """An image file and its path relative to the input it was found under (used to mirror trees)."""
-
-    path: Path
-    relative: Path
+def failure_reason(exc: DataError) -> str:
+    """Why a file could not be used, without its path when the error keeps the two apart."""
+    return getattr(exc, "reason", None) or str(exc)
 
 
 @dataclass
@@ -59,119 +57,6 @@ class DecodedImage:
     alpha: torch.Tensor | None  # (1, H, W) float32 in [0, 1]
     bit_depth: int  # 8 or 16
     format: str | None  # PIL format name of the source, e.g. "PNG"
-
-
-# ----------------------------------------------------------------------------------------- finding
-
-
-def find_images(inputs: Sequence[str | os.PathLike], *, stdin: TextIO | None = None,
-                on_warning: Callable[[str], None] | None = None) -> list[FoundImage]:
-    """Expand files, folders (recursive, sorted, hidden entries skipped) and `-` (paths on stdin).
-
-    Files named directly are always taken; folders contribute files with an image extension.
-    With several folders, each one's relative paths start with the folder's name, so output
-    trees mirrored from them cannot collide.
-    """
-    warn = on_warning or (lambda message: None)
-    expanded: list[Path] = []
-    for item in inputs:
-        if str(item) == "-":
-            expanded.extend(Path(line.rstrip("\r\n")) for line in (stdin or sys.stdin) if line.rstrip("\r\n"))
-        else:
-            expanded.append(Path(item))
-    folders = [p for p in expanded if p.is_dir()]
-    prefixes = _folder_prefixes(folders) if len(folders) > 1 else {}
-    found: list[FoundImage] = []
-    seen: set[object] = set()
-    for path in expanded:
-        if path.is_dir():
-            batch = [FoundImage(f, prefixes.get(path, Path()) / rel) for f, rel in _walk(path, warn)]
-        elif path.exists() or path.is_symlink():
-            batch = [FoundImage(path, Path(path.name))]
-        else:
-            raise DataError(f"{path} does not exist; check the path")
-        for image in batch:
-            key = _file_key(image.path)
-            if key not in seen:  # the same file named twice is processed once
-                seen.add(key)
-                found.append(image)
-    if not found:
-        names = ", ".join(str(p) for p in expanded) or "standard input"
-        raise DataError(f"no images found in {names}; image files end in "
-                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
-    return _unique_relatives(found)
-
-
-def _file_key(path: Path) -> object:
-    """Identity of a file, so one file reached by two names is processed once."""
-    try:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino)
-    except OSError:
-        return os.path.realpath(path)
-
-
-def _walk(root: Path, warn: Callable[[str], None]) -> list[tuple[Path, Path]]:
-    """(file, relative path) for every non-hidden image file under `root`, sorted."""
-    visited: set[tuple[int, int]] = set()
-    out: list[tuple[Path, Path]] = []
-
-    def onerror(exc: OSError) -> None:
-        warn(f"{exc.filename}: cannot read folder ({exc.strerror or exc}); skipped")
-
-    for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
-        try:
-            st = os.stat(folder)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in visited:  # a symlink loop or a second link to a folder
-            dirs[:] = []
-            continue
-        visited.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            full = Path(folder) / name
-            if name.startswith(".") or full.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if not full.is_file():
-                warn(f"{full}: broken link or not a regular file; skipped")
-                continue
-            out.append((full, full.relative_to(root)))
-    out.sort(key=lambda pair: pair[1].parts)
-    return out
-
-
-def _folder_prefixes(folders: list[Path]) -> dict[Path, Path]:
-    """A distinct leading folder name for each input folder ("data", "data-2", ...)."""
-    prefixes: dict[Path, Path] = {}
-    used: set[str] = set()
-    for folder in folders:
-        base = Path(os.path.abspath(folder)).name or "root"
-        name, k = base, 1
-        while name in used:
-            k += 1
-            name = f"{base}-{k}"
-        used.add(name)
-        prefixes.setdefault(folder, Path(name))
-    return prefixes
-
-
-def _unique_relatives(found: list[FoundImage]) -> list[FoundImage]:
-    """Rename colliding relative paths (two files named `x.png` given directly) to `x-2.png`, ..."""
-    used: set[str] = set()
-    out = []
-    for image in found:
-        rel, k = image.relative, 1
-        while str(rel) in used:
-            k += 1
-            rel = image.relative.with_name(f"{image.relative.stem}-{k}{image.relative.suffix}")
-        used.add(str(rel))
-        out.append(image if rel == image.relative else FoundImage(image.path, rel))
-    return out
-
-
-# ---------------------------------------------------------------------------------------- decoding
 
 
 def _open_checked(path: Path, *, max_pixels: int) -> Image.Image:
@@ -293,9 +178,8 @@ def _background(background: Background) -> tuple[int, int, int]:
 
 
 def _luma(color: tuple[int, int, int]) -> int:
-    # ITU-R 601-2 luma, the same weights PIL uses for RGB -> "L".
-    r, g, b = color
-    return (r * 299 + g * 587 + b * 114 + 500) // 1000
+    """The gray level PIL gives an RGB colour (rounded integer luma)."""
+    return (sum(c * w for c, w in zip(color, LUMA_PERMILLE)) + 500) // 1000
 
 
 def _flatten(image: Image.Image, channels: int, background: tuple[int, int, int]) -> Image.Image:
@@ -383,8 +267,6 @@ def _is_gray(path: Path, max_pixels: int) -> bool | None:
 def detect_channels(paths: Sequence[str | os.PathLike], *, workers: int | None = None,
                     max_pixels: int = MAX_PIXELS) -> int:
     """1 if every readable image is grayscale (by mode, or a palette of grays), else 3."""
-    from .cache import ordered_map
-
     readable = 0
     workers = workers or default_workers()
     check = lambda path: _is_gray(Path(path), max_pixels)  # noqa: E731
@@ -395,14 +277,6 @@ def detect_channels(paths: Sequence[str | os.PathLike], *, workers: int | None =
                 return 3
             readable += gray is True  # unreadable files are left to the decoder to report
     return 1 if readable else 3
-
-
-def default_workers() -> int:
-    """Threads for decoding: the cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:
@@ -425,9 +299,6 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> Deco
     return DecodedImage(pixels.contiguous(), alpha, 8, fmt)
 
 
-# ----------------------------------------------------------------------------------------- writing
-
-
 def to_float(batch_uint8: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] on `device`; moved as uint8 first, so the copy is 4x smaller."""
     if batch_uint8.dtype != torch.uint8:
@@ -436,14 +307,23 @@ def to_float(batch_uint8: torch.Tensor, device: torch.device | str | None = None
     return x.to(torch.float32).div_(255.0)
 
 
-# Writing, and the cache and streaming, live in their own modules; they are part of this module's API.
-from .cache import ImageCache, build_cache, iter_batches  # noqa: E402
-from .write import (can_write_16bit, format_for_path, make_grid, normalize_format, save_grid,  # noqa: E402
-                         save_options, supports_alpha, write_image)
+def make_decoder(*, image_size: int, channels: int, background: Background = (255, 255, 255),
+                 fit: str = "crop") -> Callable[[str | os.PathLike], torch.Tensor]:
+    """`load_image` with these options fixed, checked now rather than at the first file."""
+    _check_options(image_size, channels, fit)
+    return functools.partial(load_image, image_size=image_size, channels=channels, background=background, fit=fit)
 
-__all__ = [
-    "IMAGE_EXTENSIONS", "MAX_PIXELS", "FoundImage", "DecodedImage", "ImageCache", "UnreadableImageError",
-    "find_images", "load_image", "detect_channels", "read_image", "write_image", "supports_alpha",
-    "can_write_16bit", "save_options", "format_for_path", "normalize_format", "make_grid", "save_grid", "build_cache",
-    "iter_batches", "to_float", "default_workers",
-]
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """RGB (..., 3, H, W) -> gray (..., 1, H, W) with the luma weights, as files are converted."""
+    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * weights).sum(-3, keepdim=True)
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(..., C, H, W) with C 1 or 3 -> `channels` channels: gray replicated to RGB, RGB to luma."""
+    if x.shape[-3] == channels:
+        return x
+    if channels == 3:
+        return x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return to_gray(x)
