@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from .common import EXIT_PARTIAL, console, emit, fail, info, make_progress, warn
 from .options import (BATCH_SIZE, OUTPUT, PERFORMANCE, Checkpoint, Device, Ext, ImageFormat, Inputs, Json, Precision,
-                      Quiet, SkipExisting, batch_size_option, force_option, value_of, workers_option)
+                      PrecisionOption, Quiet, SkipExisting, batch_size_option, force_option, value_of, workers_option)
 from .single import MoveToTarget, scratch_beside, single_target, target_done
 
 
@@ -85,7 +85,7 @@ def denoise(
     overlap: Annotated[float, typer.Option(min=0.0, max=0.9, rich_help_panel=PERFORMANCE, help="Fraction of a tile shared with its neighbour.")] = 0.25,
     batch_size: batch_size_option("Tiles per forward pass; tiles of many images are batched together.") = BATCH_SIZE,
     device: Device = "auto",
-    precision: Annotated[Precision, typer.Option(case_sensitive=False, rich_help_panel=PERFORMANCE, help="auto: bf16 on GPUs that support it, else fp32.")] = Precision.auto,
+    precision: PrecisionOption = Precision.auto,
     workers: workers_option("Threads decoding and writing images (default: all cores).") = None,
 ) -> None:
     """Denoise images with a VAE checkpoint, writing a mirrored tree of images under OUTPUT.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -82,12 +84,15 @@ class _TrainDisplay:
         self.progress.stop()
 
 
-# Options that --resume cannot honour: the run's stored model and training config win (only the budget,
-# the device and the data-handling options apply to a resumed run).
-RESUME_IGNORES = frozenset({
-    "image_size", "channels", "latent_dim", "widths", "blocks", "patch", "likelihood", "decoder_scale", "fixed_scale",
-    "batch_size", "lr", "seed", "beta", "kl_warmup", "free_bits", "corrupt", "val_fraction", "ema", "patience", "flip",
-    "grad_clip", "log_every"})
+# Options that --resume cannot honour: the run's stored config wins (only the budget, the device and the
+# data-handling options apply to a resumed run). Each maps to its (section, key) in the stored config.
+RESUME_IGNORES = {
+    **{name: ("model_config", name) for name in ("image_size", "channels", "latent_dim", "widths", "blocks", "patch",
+                                                  "likelihood", "decoder_scale", "fixed_scale")},
+    **{name: ("train_config", name) for name in ("batch_size", "lr", "seed", "beta", "free_bits", "val_fraction",
+                                                  "ema", "patience", "grad_clip", "log_every")},
+    "kl_warmup": ("train_config", "kl_warmup_steps"), "corrupt": ("train_config", "corruptions"),
+    "flip": ("train_config", "augment_flip")}
 RUN_RECORD = "run.json"  # the run's provenance, written by the trainer: {"data": [the data folders], ...}
 
 Data = Annotated[Optional[list[str]], typer.Argument(
@@ -147,7 +152,7 @@ def train(
     """
     check_model_shape(image_size, widths)
     if resume:
-        _refuse_ignored_on_resume(ctx)
+        _refuse_ignored_on_resume(ctx, output)
     data = _training_data(ctx, data, output, resume=resume)
     model_config = ModelConfig(
         image_size=image_size, channels=3 if channels is Channels.auto else int(channels.value), latent_dim=latent_dim,
@@ -165,12 +170,57 @@ def train(
                tensorboard=tensorboard, quiet=quiet, as_json=as_json)
 
 
-def _refuse_ignored_on_resume(ctx: typer.Context) -> None:
-    """Exit 2 naming every model or training option given with --resume: the run's own config would win silently."""
-    given = [max(p.opts, key=len) for p in ctx.command.params
-             if p.name in RESUME_IGNORES and ctx.get_parameter_source(p.name).name != "DEFAULT"]
-    if given:
-        ctx.fail(f"--resume uses the run's own config; drop {', '.join(given)}")
+def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
+    """Exit 2 naming each model or training option given with --resume whose value differs from the run's own.
+
+    The same value again is accepted, so a user may re-run the very command with --resume added.
+    """
+    stored = _stored_configs(output / "state.safetensors")
+    if stored is None:
+        return  # nothing to compare with: the trainer says there is nothing to resume
+    conflicts = []
+    for param in ctx.command.params:
+        if param.name not in RESUME_IGNORES or ctx.get_parameter_source(param.name).name == "DEFAULT":
+            continue
+        section, key = RESUME_IGNORES[param.name]
+        given, kept = _comparable(ctx.params[param.name]), stored.get(section, {}).get(key)
+        if given != kept and not (param.name == "channels" and given == "auto"):
+            conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
+    if conflicts:
+        ctx.fail(f"--resume uses the run's own config; drop {', '.join(conflicts)}")
+
+
+def _comparable(value: Any) -> Any:
+    """A CLI value in the form the stored config's JSON holds it."""
+    if isinstance(value, Channels):
+        return value.value if value is Channels.auto else int(value.value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [dataclasses.asdict(v) if isinstance(v, Corruption) else v for v in value]
+    return value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(Corruption(**v)) if isinstance(v, dict) else str(v) for v in value) or "none"
+    return str(value)
+
+
+def _stored_configs(state: Path) -> dict[str, Any] | None:
+    """The model and training config a run's resume state holds, read from the safetensors header without torch.
+
+    A safetensors file opens with the length of its JSON header (8 bytes, little-endian); the header's
+    `__metadata__.info` is what `checkpoint.save_state` wrote.
+    """
+    try:
+        with state.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length < 1 << 26 else {}
+        info = json.loads(header["__metadata__"]["info"])
+        return {"model_config": info["model_config"], "train_config": info["train_config"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _training_data(ctx: typer.Context, data: list[str] | None, output: Path, *, resume: bool) -> list[str]:

@@ -51,7 +51,7 @@ def latent_map(
                     "two latent dimensions to show, e.g. 0,1 (default: the two whose means vary most).")] = None,
     color_by: Annotated[Optional[str], typer.Option("--color-by", callback=column_spec, help="FILE.csv:COLUMN: colour each image's point "
                                                                        "by its value in that column.")] = None,
-    thumbnails: Annotated[Optional[bool], typer.Option("--thumbnails/--no-thumbnails", help="Draw image thumbnails "
+    thumbnails: Annotated[Optional[bool], typer.Option("--thumbnails/--no-thumbnails", metavar="", help="Draw image thumbnails "
                                                        "(default: yes, unless --color-by is given).")] = None,
     cells: Annotated[int, typer.Option(min=1, max=200, help="Thumbnail grid: at most one image per cell of a "
                                                             "CELLS x CELLS grid.")] = 30,
