@@ -122,7 +122,7 @@ def test_paths_from_stdin_and_usage_errors(ckpt, tree, tmp_path):
     assert _denoise(str(ckpt), str(tree), "-o", str(tmp_path / "x"), "--tile", "huge").exit_code == 2
     assert _denoise(str(ckpt), str(tree), "-o", str(tmp_path / "x"), "--strength", "2").exit_code == 2
     bad_ext = _denoise(str(ckpt), str(tree), "-o", str(tmp_path / "x"), "--ext", "docx")
-    assert bad_ext.exit_code == 1 and "--ext docx" in bad_ext.stderr and not (tmp_path / "x").exists()
+    assert bad_ext.exit_code == 2 and "--ext" in bad_ext.stderr and not (tmp_path / "x").exists()  # at parse time
     missing = _denoise(str(tmp_path / "nope.safetensors"), str(tree), "-o", str(tmp_path / "x"))
     assert missing.exit_code == 1 and missing.stderr.startswith("error:") and len(missing.stderr.splitlines()) == 1
 

@@ -1,9 +1,12 @@
-"""The `vaetool` command line: assembles the commands; torch is imported only by the commands that run."""
+"""The `vaetool` command line: registers the commands behind one error wrapper; torch is imported only by the commands that run."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -13,11 +16,15 @@ from . import denoise
 from . import eval as eval_cmd
 from . import visual
 from . import latent
+from .common import handle_errors
+from .options import Debug
 
 app = typer.Typer(
-    name="vaetool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="vaetool", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="Variational autoencoders on folders of images: train, encode, decode, sample, interpolate, denoise.",
+    help="Variational autoencoders on folders of images. Results go to stdout (one path per line, or JSON with "
+         "--json); progress, warnings and errors to stderr. Exit codes: 0 done, 1 error, 2 bad usage, 3 some "
+         "inputs failed.",
 )
 
 
@@ -27,11 +34,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-# Commands whose model runs while worker threads decode and write images. There OpenMP's threads must
-# sleep between operations instead of spin-waiting (its default), or they take the cores those workers need:
-# `sample` of 3,000 images took 4.6-4.9 s instead of 4.8-6.8 s on an idle 2-core machine, and half the time
-# when another job ran. `train` and `eval` are arithmetic between short reads and keep the default (eval was
-# 2-10% slower with sleeping threads).
+# Commands whose model runs while worker threads decode and write images. There OpenMP's threads must sleep
+# between operations instead of spin-waiting (its default), or they take the cores those workers need.
+# `train` and `eval` are arithmetic between short reads and keep the default (BENCHMARKS.md).
 STREAMING_COMMANDS = frozenset({"encode", "decode", "sample", "interpolate", "reconstruct", "traverse", "denoise",
                                 "latent-map", "correlate"})
 
@@ -39,8 +44,9 @@ STREAMING_COMMANDS = frozenset({"encode", "decode", "sample", "interpolate", "re
 @app.callback()
 def main(
     ctx: typer.Context,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also VAETOOL_DEBUG=1).")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Debug = False,
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
 ) -> None:
     """Variational autoencoders on folders of images."""
     if debug:
@@ -49,19 +55,45 @@ def main(
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts OpenMP: torch is not loaded yet
 
 
-app.command("train")(train_commands.train)
-app.command("info")(train_commands.info_command)
-app.command("encode")(latent.encode)
-app.command("decode")(latent.decode)
-app.command("sample")(latent.sample)
-app.command("interpolate")(latent.interpolate)
-app.command("reconstruct")(latent.reconstruct)
-app.command("traverse")(latent.traverse)
-app.command("denoise")(denoise.denoise)
-app.command("eval")(eval_cmd.eval_command)
-app.command("report")(visual.report)
-app.command("latent-map")(visual.latent_map)
-app.command("correlate")(visual.correlate)
+def wrap_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` run inside the one error mapping (`handle_errors`), with `--debug` accepted after the subcommand too.
+
+    The wrapper's signature is the command's plus `debug`, so Typer parses `--debug` like any other option.
+    """
+    signature = inspect.signature(func, eval_str=True)
+
+    @functools.wraps(func)
+    def command(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        if debug:
+            os.environ["VAETOOL_DEBUG"] = "1"
+        with handle_errors():
+            return func(*args, **kwargs)
+
+    extra = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Debug)
+    parameters = [*signature.parameters.values(), extra]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return command
+
+
+# (name, function, panel): the top-level help lists every command with its docstring's first line.
+COMMANDS = [
+    ("train", train_commands.train, "Train and inspect"),
+    ("info", train_commands.info_command, "Train and inspect"),
+    ("report", visual.report, "Train and inspect"),
+    ("eval", eval_cmd.eval_command, "Train and inspect"),
+    ("sample", latent.sample, "Generate"),
+    ("reconstruct", latent.reconstruct, "Generate"),
+    ("denoise", denoise.denoise, "Generate"),
+    ("interpolate", latent.interpolate, "Generate"),
+    ("encode", latent.encode, "Latent space"),
+    ("decode", latent.decode, "Latent space"),
+    ("traverse", latent.traverse, "Latent space"),
+    ("latent-map", visual.latent_map, "Latent space"),
+    ("correlate", visual.correlate, "Latent space"),
+]
+for _name, _function, _panel in COMMANDS:
+    app.command(_name, rich_help_panel=_panel)(wrap_command(_function))
 
 
 def run() -> None:

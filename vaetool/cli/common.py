@@ -1,4 +1,4 @@
-"""What every command shares: stderr console, progress, error handling, stdout results, common options."""
+"""What every command shares: stderr console, progress, error handling, stdout results (options: options.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
@@ -218,37 +218,3 @@ class Display:
             raise fail(f"{self.failed}{of} input(s) failed; each is named above", EXIT_PARTIAL)
 
 
-def parse_duration(text: str | None) -> float | None:
-    """`90`, `90s`, `10m`, `1.5h`, `1h30m` -> seconds."""
-    if text is None:
-        return None
-    import re
-
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip().lower())
-    if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text.strip().lower()):
-        raise typer.BadParameter(f"cannot read duration {text!r}; write e.g. 90s, 10m, 1h30m")
-    seconds = sum(float(n) * units[u] for n, u in parts)
-    if seconds <= 0:
-        raise typer.BadParameter("the duration must be > 0")
-    return seconds
-
-
-# Options shared by many commands.
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for every random draw: the same seed gives the same output.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr (errors still shown).")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout instead of paths.")]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
-Checkpoint = Annotated[Path, typer.Argument(help="A run folder (its model.safetensors) or a .safetensors checkpoint.",
-                                            show_default=False)]
-
-
-def positive(value: float | None) -> float | None:
-    """Option callback: the value must be finite and > 0 (Typer's `min` is inclusive and lets inf through)."""
-    import math
-
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"must be a finite number > 0, not {value}")
-    return value

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from .common import Checkpoint, Device, Display, Json, Quiet, handle_errors
+from .common import Display, info
+from .options import (BATCH_SIZE, OUTPUT, PERFORMANCE, Checkpoint, Device, Ext, ImageFormat, Inputs, Json, Precision,
+                      PrecisionOption, Quiet, SkipExisting, batch_size_option, force_option, value_of, workers_option)
+from .single import MoveToTarget, scratch_beside, single_target, target_done
 
 
 def _tile(value: str) -> str:
@@ -19,64 +23,65 @@ def _tile(value: str) -> str:
 
 
 Tile = Annotated[str, typer.Option(
-    callback=_tile, help="auto: overlapping tiles of the model's size, blended with a smooth window; N: tiles of N "
-                         "px, each resized to the model's size and back; off: the whole image resized to the "
-                         "model's size and back (loses detail).")]
-TileBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tiles per forward pass; tiles of many "
-                                                                          "images are batched together.")]
+    callback=_tile, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
+    help="auto: overlapping tiles of the model's size, blended with a smooth window; N: tiles of N px, each resized "
+         "to the model's size and back; off: the whole image resized to the model's size and back (loses detail).")]
 
 
 def denoise(
     checkpoint: Checkpoint,
-    inputs: Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths "
-                                                     "from stdin.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; the input tree is mirrored "
-                                                                "under it (subfolders and names kept).")],
-    tile: Tile = "auto",
-    overlap: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fraction of a tile shared with its "
-                                                                  "neighbour.")] = 0.25,
-    strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="1: fully denoised; 0: the input unchanged; "
-                                                                   "in between, a blend of the two.")] = 1.0,
-    ext: Annotated[Optional[str], typer.Option("--ext", help="Write this format (png, jpg, tif, webp, ...) "
-                                                             "instead of each input's own.")] = None,
-    suffix: Annotated[str, typer.Option("--suffix", help="Added to each output name before the extension, "
-                                                         "e.g. _denoised.")] = "",
-    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave outputs that already exist: "
-                                                                        "resumes an interrupted run.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs, and allow an output "
-                                                              "folder inside an input folder (an input file is "
-                                                              "never overwritten).")] = False,
-    batch_size: TileBatch = 64,
-    device: Device = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16, "
-                                                "fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding and writing images "
-                                                                "(default: all cores).")] = None,
+    inputs: Inputs,
+    output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Output folder; the input tree is mirrored under it (subfolders and names kept). For one input file, a file name with an image extension writes that file.")],
+    strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="1: fully denoised; 0: the input unchanged; in between, a blend of the two.")] = 1.0,
+    ext: Ext = None,
+    suffix: Annotated[str, typer.Option("--suffix", rich_help_panel=OUTPUT, help="Added to each output name before the extension, e.g. _denoised.")] = "",
+    skip_existing: SkipExisting = False,
+    force: force_option("Overwrite existing outputs, and allow an output folder inside an input folder (an input file is never overwritten).") = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    tile: Tile = "auto",
+    overlap: Annotated[float, typer.Option(min=0.0, max=0.9, rich_help_panel=PERFORMANCE, help="Fraction of a tile shared with its neighbour.")] = 0.25,
+    batch_size: batch_size_option("Tiles per forward pass; tiles of many images are batched together.") = BATCH_SIZE,
+    device: Device = "auto",
+    precision: PrecisionOption = Precision.auto,
+    workers: workers_option("Threads decoding and writing images (default: all cores).") = None,
 ) -> None:
     """Denoise images with a VAE checkpoint, writing a mirrored tree of images under OUTPUT.
 
-    Images of any size are denoised in overlapping tiles of the model's size; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end).
+    Images of any size are denoised in overlapping tiles of the model's size; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end). `denoise CKPT page.png -o page_clean.png` writes that one file.
 
     Note: a checkpoint trained with `vaetool train --corrupt ...` (e.g. --corrupt gaussian:0.05-0.2) is a denoiser. One trained without --corrupt works too, but then this is a plain VAE reconstruction: it smooths rather than removes the noise it was never shown.
     """
-    with handle_errors():
-        _run_denoise(locals())
+    target = single_target(inputs, output)
+    if target is not None:
+        if ext is not None or suffix:
+            raise typer.BadParameter(f"-o {output} names the output file; drop {'--ext' if ext else '--suffix'}",
+                                     param_hint="'-o'")
+        if skip_existing and target_done(target):
+            info(f"{target} already exists; skipped", quiet=quiet)
+            return
+        ext = ImageFormat(target.suffix.lstrip(".").lower())
+    folder = contextlib.nullcontext(output) if target is None else scratch_beside(Path(inputs[0]), target, force=force)
+    with folder as out_dir:
+        _run_denoise(checkpoint, inputs, out_dir, tile=tile, overlap=overlap, strength=strength, batch_size=batch_size,
+                     ext=value_of(ext), suffix=suffix, skip_existing=skip_existing, force=force, device=device,
+                     precision=precision.value, workers=workers, quiet=quiet, as_json=as_json, target=target)
 
 
-def _run_denoise(o: dict[str, Any]) -> None:
+def _run_denoise(checkpoint: Path, inputs: list[str], output: Path, *, tile: str, overlap: float, strength: float,
+                 batch_size: int, ext: str | None, suffix: str, skip_existing: bool, force: bool, device: str,
+                 precision: str, workers: int | None, quiet: bool, as_json: bool, target: Path | None) -> None:
     import sys
 
     from ..inference.denoise import denoise_files
 
-    display = Display("denoise", quiet=o["quiet"], as_json=o["as_json"])
+    display = Display("denoise", quiet=quiet, as_json=as_json)
+    callback = display if target is None else MoveToTarget(display, target, force=force)
     try:
         denoise_files(
-            o["checkpoint"], o["inputs"], o["output"], tile=o["tile"], overlap=o["overlap"], strength=o["strength"],
-            batch_size=o["batch_size"], ext=o["ext"], suffix=o["suffix"], skip_existing=o["skip_existing"],
-            force=o["force"], device=o["device"], precision=o["precision"], workers=o["workers"], stdin=sys.stdin,
-            callback=display)
+            checkpoint, inputs, output, tile=tile, overlap=overlap, strength=strength, batch_size=batch_size,
+            ext=ext, suffix=suffix, skip_existing=skip_existing, force=force, device=device, precision=precision,
+            workers=workers, stdin=sys.stdin, callback=callback)
     finally:
         display.close()
     display.finish()

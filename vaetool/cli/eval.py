@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from .common import BatchSize, Checkpoint, Device, Display, Json, Quiet, Seed, emit, handle_errors
+from .common import Display, emit
+from .options import BATCH_SIZE, BatchSize, Checkpoint, Device, Json, Quiet, Seed, Workers, inputs_argument
 
 
 def _table(r: dict[str, Any]) -> str:
@@ -33,14 +34,13 @@ def _table(r: dict[str, Any]) -> str:
 
 def eval_command(
     checkpoint: Checkpoint,
-    data: Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
-                                              show_default=False)],
+    data: inputs_argument("DATA"),
     iw_samples: Annotated[int, typer.Option("--iw-samples", "-k", min=1,
                                             help="Importance samples K per image for the IWAE bound.")] = 100,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = BATCH_SIZE,
     seed: Seed = 0,
     device: Device = "auto",
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images (default: all cores).")] = None,
+    workers: Workers = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -67,9 +67,8 @@ def eval_command(
     are skipped with a warning each and make the exit status 3.
     """
     display = Display("eval", quiet=quiet)
-    with handle_errors():
-        result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                      workers=workers, display=display)
+    result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
+                  workers=workers, display=display)
     summary = result.to_dict()
     emit(summary if as_json else _table(summary), as_json=as_json)
     display.finish(summary=False)  # exit 3 when some inputs could not be read

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import (BatchSize, Checkpoint, Device, Display, Force, Json, Quiet, Seed, emit, fail, handle_errors, info,
-                     positive, warn)
+from .common import Display, emit, fail, info, warn
+from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Ext, Force, ImageFormat, Inputs,
+                      Json, PathMethod, Quiet, Seed, SkipExisting, flag, gif_file, image_file, latents_output,
+                      parse_dims, positive, value_of)
+from .single import MoveToTarget, scratch_beside, single_target, target_done
 
-Inputs = Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
-                                             show_default=False)]
-OutDir = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
-SkipExisting = Annotated[bool, typer.Option("--skip-existing", help="Leave outputs that already exist (resume a batch).")]
+OutDir = Annotated[Path, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Output folder.")]
+Grid = Annotated[Optional[Path], typer.Option("--grid", callback=image_file, rich_help_panel=OUTPUT,
+                                              help="Also write the images as one grid image.")]
+Format = Annotated[ImageFormat, typer.Option("--ext", case_sensitive=False, rich_help_panel=OUTPUT,
+                                             help="Output image format.")]
 
 
 def _open(checkpoint: Path, device: str):
@@ -26,58 +31,97 @@ def _open(checkpoint: Path, device: str):
 def encode(
     checkpoint: Checkpoint,
     inputs: Inputs,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Latents file (.safetensors), or - for JSON lines on stdout.", show_default=False)] = None,
-    sample: Annotated[bool, typer.Option("--sample", help="Also store a z drawn from each posterior.")] = False,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per image on stdout ({"path", "mu", "logvar"}).')] = False,
-    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
-    quiet: Quiet = False, as_json: Json = False,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", callback=latents_output, show_default=False, rich_help_panel=OUTPUT,
+        help="FILE.safetensors (mu, logvar and the image paths), FILE.npy (mu only: one N x D array for numpy), "
+             "FOLDER/ (FOLDER/latents.safetensors), or - for JSON lines on stdout.")] = None,
+    sample: flag("--sample", help="Also store a z drawn from each posterior (--seed sets the draw).") = False,
+    jsonl: flag("--jsonl", help='One JSON object per image on stdout ({"path", "mu", "logvar"}).', panel=OUTPUT) = False,
+    seed: Seed = 0,
+    force: Force = False, quiet: Quiet = False, as_json: Json = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
     """Encode images to their posterior means and log-variances (N x D) in a safetensors file."""
     if output is None and not jsonl:
-        raise typer.BadParameter("give -o FILE.safetensors, or -o - / --jsonl for JSON lines", param_hint="--output")
-    with handle_errors():
-        from ..inference.latent_ops import encode_rows, encode_to_file
+        raise typer.BadParameter("give -o FILE.safetensors, -o FILE.npy, or -o - / --jsonl for JSON lines",
+                                 param_hint="'--output'")
+    to_stdout = jsonl or output == "-"
+    path = None if to_stdout else _latents_path(output)
+    if path is not None and path.suffix.lower() == ".npy" and sample:
+        raise typer.BadParameter(f"{path} holds one array (mu); write .safetensors to keep z as well",
+                                 param_hint="'--sample'")
+    from ..inference.latent_ops import encode_rows, encode_to_file
 
-        ckpt = _open(checkpoint, device)
-        display = Display("encode", quiet=quiet, as_json=as_json)
-        if jsonl or output == "-":
-            for items, rows in encode_rows(ckpt, inputs, batch_size=batch_size, sample=sample, seed=seed,
-                                           stdin=sys.stdin, callback=display):
-                for i, item in enumerate(items):
-                    emit({"path": str(item.path)} | {k: v[i].tolist() for k, v in rows.items()}, as_json=True)
-        else:
-            path, count = encode_to_file(ckpt, inputs, Path(output), batch_size=batch_size, sample=sample, seed=seed,
-                                         force=force, stdin=sys.stdin, callback=display)
-            if path is not None:
-                emit({"path": str(path), "count": count} if as_json else path, as_json=as_json)
-        display.finish(summary=False)
+    ckpt = _open(checkpoint, device)
+    display = Display("encode", quiet=quiet, as_json=as_json)
+    if to_stdout:
+        for items, rows in encode_rows(ckpt, inputs, batch_size=batch_size, sample=sample, seed=seed,
+                                       stdin=sys.stdin, callback=display):
+            for i, item in enumerate(items):
+                emit({"path": str(item.path)} | {k: v[i].tolist() for k, v in rows.items()}, as_json=True)
+    else:
+        write = _encode_to_npy if path.suffix.lower() == ".npy" else encode_to_file
+        written, count = write(ckpt, inputs, path, batch_size=batch_size, sample=sample, seed=seed, force=force,
+                               stdin=sys.stdin, callback=display)
+        if written is not None:
+            emit({"path": str(written), "count": count} if as_json else written, as_json=as_json)
+    display.finish(summary=False)
+
+
+def _latents_path(output: str) -> Path:
+    """The latents file -o names: the file itself, or FOLDER/latents.safetensors for a folder."""
+    path = Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        return path / "latents.safetensors"
+    return path
+
+
+def _encode_to_npy(checkpoint, inputs, path: Path, *, batch_size: int, sample: bool, seed: int, force: bool,
+                   stdin, callback) -> tuple[Path | None, int]:
+    """The posterior means as one (N, D) float32 .npy array, which numpy.load and `vaetool decode` read.
+
+    A .npy holds one array and no metadata, so the paths and logvar are left out: the safetensors file keeps them.
+    """
+    import numpy as np
+
+    from ..errors import OutputError
+    from ..inference.latent_ops import encode_rows
+    from ..io.latents import save_npy
+
+    if path.exists() and not force:  # fail before the work, not after it
+        raise OutputError(f"{path} already exists; pass --force to overwrite it")
+    means = [rows["mu"].numpy() for _, rows in encode_rows(checkpoint, inputs, batch_size=batch_size, sample=sample,
+                                                           seed=seed, stdin=stdin, callback=callback)]
+    if not means:
+        return None, 0
+    table = np.concatenate(means).astype(np.float32)  # (N, D)
+    return save_npy(path, table, force=force), len(table)
 
 
 def decode(
     checkpoint: Checkpoint,
-    latents: Annotated[Path, typer.Argument(help="A latents file from `vaetool encode`, or a .npy / .safetensors holding one N x D tensor.", show_default=False)],
+    latents: Annotated[Path, typer.Argument(metavar="LATENTS", show_default=False, help="A latents file from `vaetool encode`, or a .npy / .safetensors holding one N x D tensor.")],
     output: OutDir,
     key: Annotated[Optional[str], typer.Option("--key", help="Tensor to decode: mu (default), z or logvar; or the name in a plain file.")] = None,
-    ext: Annotated[str, typer.Option("--ext", help="Output image format (extension).")] = "png",
-    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
-    skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    ext: Format = ImageFormat.png,
+    force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
     """Decode latent vectors to images, named after the encoded images' paths (or an index)."""
-    with handle_errors():
-        from ..io.latents import load_latents
-        from ..inference.latent_ops import decoded_paths, write_decoded
+    from ..io.latents import load_latents
+    from ..inference.latent_ops import decoded_paths, write_decoded
 
-        ckpt = _open(checkpoint, device)
-        table = load_latents(latents, key=key)
-        made_by = table.metadata.get("checkpoint")
-        if made_by and made_by != ckpt.identity:
-            warn(f"{latents} was encoded by another checkpoint ({made_by}, this one is {ckpt.identity}); "
-                 f"the images will not match the encoded ones")
-        paths = decoded_paths(output, table.names, len(table.values), ext=ext)
-        display = Display("decode", quiet=quiet, as_json=as_json)
-        write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                      callback=display, source=str(latents), command="decode")
-        display.finish()
+    ckpt = _open(checkpoint, device)
+    table = load_latents(latents, key=key)
+    made_by = table.metadata.get("checkpoint")
+    if made_by and made_by != ckpt.identity:
+        warn(f"{latents} was encoded by another checkpoint ({made_by}, this one is {ckpt.identity}); "
+             f"the images will not match the encoded ones")
+    paths = decoded_paths(output, table.names, len(table.values), ext=ext.value)
+    display = Display("decode", quiet=quiet, as_json=as_json)
+    write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
+                  callback=display, source=str(latents), command="decode")
+    display.finish()
 
 
 def sample(
@@ -85,30 +129,30 @@ def sample(
     output: OutDir,
     count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", "-t", callback=positive, help="z ~ N(0, T^2 I); below 1 gives more typical, less varied images.")] = 1.0,
-    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write all samples as one grid image.")] = None,
-    prefix: Annotated[str, typer.Option("--prefix", help="File name prefix.")] = "sample_",
-    ext: Annotated[str, typer.Option("--ext", help="Output image format (extension).")] = "png",
-    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
-    skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    seed: Seed = 0,
+    grid: Grid = None,
+    prefix: Annotated[str, typer.Option("--prefix", rich_help_panel=OUTPUT, help="File name prefix.")] = "sample_",
+    ext: Format = ImageFormat.png,
+    force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
     """Draw new images from the prior; prints the written paths, one per line."""
-    with handle_errors():
-        from ..io.write import save_grid
-        from ..inference.latent_ops import decode_images, prior_latents, write_decoded
+    from ..io.write import save_grid
+    from ..inference.latent_ops import decode_images, prior_latents, write_decoded
 
-        ckpt = _open(checkpoint, device)
-        z = prior_latents(ckpt, count, temperature=temperature, seed=seed)
-        paths = [output / f"{prefix}{i:05d}.{ext.lstrip('.')}" for i in range(count)]
-        display = Display("sample", quiet=quiet, as_json=as_json)
-        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                      callback=display, command="sample")
-        if grid is not None:
-            import math
+    ckpt = _open(checkpoint, device)
+    z = prior_latents(ckpt, count, temperature=temperature, seed=seed)
+    paths = [output / f"{prefix}{i:05d}.{ext.value}" for i in range(count)]
+    display = Display("sample", quiet=quiet, as_json=as_json)
+    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
+                  callback=display, command="sample")
+    if grid is not None:
+        import math
 
-            pixels = decode_images(ckpt, z, batch_size=batch_size)
-            save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)
-            info(f"grid: {grid}", quiet=quiet)
-        display.finish()
+        pixels = decode_images(ckpt, z, batch_size=batch_size)
+        save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)
+        info(f"grid: {grid}", quiet=quiet)
+    display.finish()
 
 
 def _anchor(ckpt, text: str):
@@ -132,38 +176,35 @@ def _anchor(ckpt, text: str):
 
 def interpolate(
     checkpoint: Checkpoint,
-    anchors: Annotated[list[str], typer.Argument(help="Two or more images, or rows of a latents file (latents.safetensors:3).", show_default=False)],
+    anchors: Annotated[list[str], typer.Argument(metavar="ANCHORS", show_default=False, help="Two or more images, or rows of a latents file (latents.safetensors:3).")],
     output: OutDir,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Frames per segment, endpoints included.")] = 8,
-    method: Annotated[str, typer.Option("--method", help="slerp (default; Gaussian latents live near a sphere) or lerp.")] = "slerp",
-    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write the frames as one strip image.")] = None,
-    gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write an animated GIF of the frames.")] = None,
-    fps: Annotated[int, typer.Option("--fps", min=1, help="GIF frames per second.")] = 12,
-    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
-    quiet: Quiet = False, as_json: Json = False,
+    method: Annotated[PathMethod, typer.Option("--method", case_sensitive=False, help="slerp: Gaussian latents live near a sphere; lerp: straight lines.")] = PathMethod.slerp,
+    grid: Grid = None,
+    gif: Annotated[Optional[Path], typer.Option("--gif", callback=gif_file, rich_help_panel=OUTPUT, help="Also write an animated GIF of the frames.")] = None,
+    fps: Annotated[int, typer.Option("--fps", min=1, rich_help_panel=OUTPUT, help="GIF frames per second.")] = 12,
+    force: Force = False, quiet: Quiet = False, as_json: Json = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
     """Walk the latent space through the posterior means of the given images; writes the frames."""
     if len(anchors) < 2:
-        raise typer.BadParameter("give at least two images or latent rows", param_hint="ANCHORS")
-    if method not in ("slerp", "lerp"):
-        raise typer.BadParameter("use slerp or lerp", param_hint="--method")
-    with handle_errors():
-        import torch
+        raise typer.BadParameter("give at least two images or latent rows", param_hint="'ANCHORS'")
+    import torch
 
-        from ..io.write import save_grid
-        from ..inference.latent_ops import decode_images, path_segments, write_decoded
+    from ..io.write import save_grid
+    from ..inference.latent_ops import decode_images, path_segments, write_decoded
 
-        ckpt = _open(checkpoint, device)
-        z = path_segments(torch.stack([_anchor(ckpt, a) for a in anchors]), steps=steps, method=method)
-        paths = [output / f"frame_{i:04d}.png" for i in range(len(z))]
-        display = Display("interpolate", quiet=quiet, as_json=as_json)
-        write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
-        frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
-        if grid is not None:
-            save_grid(grid, frames, nrow=steps, force=force)
-        if gif is not None:
-            _write_gif(gif, frames, fps=fps, force=force)
-        display.finish()
+    ckpt = _open(checkpoint, device)
+    z = path_segments(torch.stack([_anchor(ckpt, a) for a in anchors]), steps=steps, method=method.value)
+    paths = [output / f"frame_{i:04d}.png" for i in range(len(z))]
+    display = Display("interpolate", quiet=quiet, as_json=as_json)
+    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
+    frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
+    if grid is not None:
+        save_grid(grid, frames, nrow=steps, force=force)
+    if gif is not None:
+        _write_gif(gif, frames, fps=fps, force=force)
+    display.finish()
 
 
 def _write_gif(path: Path, frames, *, fps: int, force: bool) -> None:
@@ -181,65 +222,73 @@ def _write_gif(path: Path, frames, *, fps: int, force: bool) -> None:
 def reconstruct(
     checkpoint: Checkpoint,
     inputs: Inputs,
-    output: OutDir,
-    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write originals above reconstructions (the first 16).")] = None,
-    ext: Annotated[Optional[str], typer.Option("--ext", help="Output format (extension); default: keep each input's.")] = None,
-    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
-    skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Output folder, mirroring the input tree; for one input file, a file name with an image extension writes that file.")],
+    grid: Annotated[Optional[Path], typer.Option("--grid", callback=image_file, rich_help_panel=OUTPUT, help="Also write originals above reconstructions (the first 16).")] = None,
+    ext: Ext = None,
+    force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
     """Reconstruct images through the model (posterior mean), mirroring the input tree under OUTPUT."""
-    with handle_errors():
-        from ..inference.latent_ops import reconstruct_folder
+    target = single_target(inputs, output)
+    if target is not None and ext is not None:
+        raise typer.BadParameter(f"-o {output} names the output file; drop --ext", param_hint="'-o'")
+    if target is not None and skip_existing and target_done(target):
+        info(f"{target} already exists; skipped", quiet=quiet)
+        return
+    from ..inference.latent_ops import reconstruct_folder
 
-        ckpt = _open(checkpoint, device)
-        display = Display("reconstruct", quiet=quiet, as_json=as_json)
-        reconstruct_folder(ckpt, inputs, output, batch_size=batch_size, ext=ext, force=force,
-                           skip_existing=skip_existing, grid=grid, stdin=sys.stdin, callback=display)
-        display.finish()
+    ckpt = _open(checkpoint, device)
+    suffix = value_of(ext) if target is None else target.suffix.lstrip(".").lower()
+    folder = contextlib.nullcontext(output) if target is None else scratch_beside(Path(inputs[0]), target, force=force)
+    display = Display("reconstruct", quiet=quiet, as_json=as_json)
+    with folder as out_dir:
+        callback = display if target is None else MoveToTarget(display, target, force=force)
+        reconstruct_folder(ckpt, inputs, out_dir, batch_size=batch_size, ext=suffix, force=force,
+                           skip_existing=skip_existing, grid=grid, stdin=sys.stdin, callback=callback)
+    display.finish()
 
 
 def traverse(
     checkpoint: Checkpoint,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The grid image to write.")],
+    output: Annotated[Path, typer.Option("--output", "-o", callback=image_file, rich_help_panel=OUTPUT, help="The grid image to write.")],
     image: Annotated[Optional[Path], typer.Option("--image", help="Start from this image's posterior mean (default: z = 0).")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Rank dimensions by their average KL over these images.")] = None,
-    dims: Annotated[Optional[str], typer.Option("--dims", help="Comma-separated dimensions to show, in order (overrides the ranking).")] = None,
+    dims: Annotated[Optional[DimList], typer.Option("--dims", parser=parse_dims, metavar="D,D,...", help="Dimensions to show, in order (overrides the ranking).")] = None,
     rows: Annotated[int, typer.Option("--rows", min=1, help="How many dimensions (rows) to show.")] = 10,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Columns: values along each dimension.")] = 9,
     span: Annotated[float, typer.Option("--range", callback=positive, help="Sweep from -R to +R prior sigmas around the start.")] = 3.0,
-    batch_size: BatchSize = 64, device: Device = "auto", seed: Seed = 0, force: Force = False,
-    quiet: Quiet = False, as_json: Json = False,
+    force: Force = False, quiet: Quiet = False, as_json: Json = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
     """A grid whose rows are latent dimensions and whose columns sweep each one: what each dimension controls."""
-    with handle_errors():
-        import torch
+    import torch
 
-        from ..api import VAEModel
-        from ..io.write import save_grid
-        from ..inference.latent_ops import average_kl_per_dim, traverse_grid
+    from ..api import VAEModel
+    from ..io.write import save_grid
+    from ..inference.latent_ops import average_kl_per_dim, traverse_grid
 
-        ckpt = _open(checkpoint, device)
-        latent_dim = ckpt.config.latent_dim
-        base = VAEModel(ckpt).encode([str(image)]).mu[0] if image else torch.zeros(latent_dim)
-        ranking, ranked = None, Display("rank", quiet=quiet)
-        if dims:
-            chosen = [int(d) for d in dims.split(",") if d.strip()]
-            if any(d < 0 or d >= latent_dim for d in chosen):
-                raise fail(f"--dims must lie in 0..{latent_dim - 1}")
-        elif data:
-            ranking = average_kl_per_dim(ckpt, data, batch_size=batch_size, stdin=sys.stdin, callback=ranked)
-            ranked.close()
-            chosen = torch.argsort(ranking, descending=True)[:rows].tolist()
-        else:
-            if latent_dim > rows:
-                warn(f"showing dimensions 0..{rows - 1} of {latent_dim}; pass --data FOLDER to show the most used ones")
-            chosen = list(range(min(rows, latent_dim)))
-        pixels = traverse_grid(ckpt, base, chosen, steps=steps, span=span)
-        path = save_grid(output, pixels, nrow=steps, force=force)
-        if as_json:
-            kl = {str(d): float(ranking[d]) for d in chosen} if ranking is not None else None
-            emit({"path": str(path), "dims": chosen, "kl": kl}, as_json=True)
-        else:
-            info(f"rows are dimensions {', '.join(map(str, chosen))}", quiet=quiet)
-            emit(path)
-        ranked.finish(summary=False)  # exit 3 when some images under --data could not be read
+    ckpt = _open(checkpoint, device)
+    latent_dim = ckpt.config.latent_dim
+    base = VAEModel(ckpt).encode([str(image)]).mu[0] if image else torch.zeros(latent_dim)
+    ranking, ranked = None, Display("rank", quiet=quiet)
+    if dims:
+        chosen = list(dims)
+        if max(chosen) >= latent_dim:
+            raise fail(f"--dims must lie in 0..{latent_dim - 1}")
+    elif data:
+        ranking = average_kl_per_dim(ckpt, data, batch_size=batch_size, stdin=sys.stdin, callback=ranked)
+        ranked.close()
+        chosen = torch.argsort(ranking, descending=True)[:rows].tolist()
+    else:
+        if latent_dim > rows:
+            warn(f"showing dimensions 0..{rows - 1} of {latent_dim}; pass --data FOLDER to show the most used ones")
+        chosen = list(range(min(rows, latent_dim)))
+    pixels = traverse_grid(ckpt, base, chosen, steps=steps, span=span)
+    path = save_grid(output, pixels, nrow=steps, force=force)
+    if as_json:
+        kl = {str(d): float(ranking[d]) for d in chosen} if ranking is not None else None
+        emit({"path": str(path), "dims": chosen, "kl": kl}, as_json=True)
+    else:
+        info(f"rows are dimensions {', '.join(map(str, chosen))}", quiet=quiet)
+        emit(path)
+    ranked.finish(summary=False)  # exit 3 when some images under --data could not be read

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (Checkpoint, Device, Json, Quiet, Seed, emit, handle_errors, info,
-                     make_progress, parse_duration, positive, warn)
-
-
-def _parse_size(text: str | None) -> int | None:
-    """`512M`, `4G`, `1.5g`, `1000000` -> bytes."""
-    if text is None:
-        return None
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    raw = text.strip().lower().rstrip("b")
-    unit = raw[-1] if raw and raw[-1] in units else ""
-    try:
-        value = float(raw[: len(raw) - len(unit)]) * units[unit]
-    except ValueError:
-        raise typer.BadParameter(f"cannot read size {text!r}; write e.g. 512M or 4G") from None
-    if value < 0:
-        raise typer.BadParameter("the size must be >= 0")
-    return int(value)
-
-
-def _parse_widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
-    except ValueError:
-        raise typer.BadParameter(f"cannot read widths {text!r}; write e.g. 32,64,128,256") from None
-    if not widths or min(widths) < 1:
-        raise typer.BadParameter("widths must be positive integers")
-    return widths
-
+from ..config import Corruption, ModelConfig, TrainConfig
+from .common import emit, info, make_progress, warn
+from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
+                      DecoderScale, Device, Json, Likelihood, Precision, Quiet, Widths,
+                      batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
+                      parse_duration, parse_size, parse_widths, positive, seed_option, workers_option)
 
 class _TrainDisplay:
     """Turns the engine's events into a progress bar (terminal) or one line per epoch (logs)."""
@@ -104,105 +84,206 @@ class _TrainDisplay:
         self.progress.stop()
 
 
+# Options that --resume cannot honour: the run's stored config wins (only the budget, the device and the
+# data-handling options apply to a resumed run). Each maps to its (section, key) in the stored config.
+RESUME_IGNORES = {
+    **{name: ("model_config", name) for name in ("image_size", "channels", "latent_dim", "widths", "blocks", "patch",
+                                                  "likelihood", "decoder_scale", "fixed_scale")},
+    **{name: ("train_config", name) for name in ("batch_size", "lr", "seed", "beta", "free_bits", "val_fraction",
+                                                  "ema", "patience", "grad_clip", "log_every")},
+    "kl_warmup": ("train_config", "kl_warmup_steps"), "corrupt": ("train_config", "corruptions"),
+    "flip": ("train_config", "augment_flip")}
+RUN_RECORD = "run.json"  # the run's provenance, written by the trainer: {"data": [the data folders], ...}
+
+Data = Annotated[Optional[list[str]], typer.Argument(
+    metavar="DATA", show_default=False,
+    help="Image files or folders (recursive), or - to read paths from stdin. With --resume it may be left out "
+         "when OUTPUT/run.json records the run's data.")]
+
+
 def train(
-    data: Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
-                                              show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder for checkpoints, metrics and grids.")],
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the data (default 30 when no budget is given).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps in total.")] = None,
-    time_budget: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget for this invocation, e.g. 90s, 10m, 2h.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per optimiser step per process; under torchrun the global batch is this x the number of processes.")] = 64,
-    lr: Annotated[float, typer.Option(callback=positive, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
-    seed: Seed = 0,
-    device: Device = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it and on CPUs with native bf16, else fp32), fp32, bf16, fp16.")] = "auto",
-    image_size: Annotated[int, typer.Option(min=1, help="Images are resized and centre-cropped to this square size.")] = 64,
-    channels: Annotated[str, typer.Option(help="auto (1 if every image is grayscale, else 3), 1 or 3.")] = "auto",
-    latent_dim: Annotated[int, typer.Option(min=1, help="Size of the latent vector z.")] = 64,
-    widths: Annotated[str, typer.Option(help="Channels of each stride-2 stage, comma separated; image size must be a multiple of 2**stages.")] = "32,64,128,256",
-    blocks: Annotated[int, typer.Option(min=0, help="Extra residual conv layers per stage.")] = 1,
-    patch: Annotated[int, typer.Option(min=1, max=2, help="2: fold 2x2 pixel patches into channels before the first stage (faster on CPUs); 1: a stride-2 conv.")] = 2,
-    likelihood: Annotated[str, typer.Option(help="Decoder distribution: gaussian, laplace or bernoulli.")] = "gaussian",
-    decoder_scale: Annotated[str, typer.Option(help="Gaussian/Laplace scale: optimal (its closed-form maximum-likelihood value per batch, sigma-VAE), learned, or fixed.")] = "optimal",
-    fixed_scale: Annotated[float, typer.Option(callback=positive, help="Decoder std with --decoder-scale fixed (0.1 = MSE weighted by 50).")] = 0.1,
-    beta: Annotated[float, typer.Option(min=0.0, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder.")] = 1.0,
-    kl_warmup: Annotated[int, typer.Option(min=0, help="Steps over which beta rises linearly from 0.")] = 0,
-    free_bits: Annotated[float, typer.Option(min=0.0, help="Minimum KL per latent dimension, nats (batch average).")] = 0.0,
-    corrupt: Annotated[Optional[list[str]], typer.Option(help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of images held out for validation.")] = 0.05,
-    ema: Annotated[float, typer.Option(min=0.0, max=0.99999, help="EMA decay of the weights (e.g. 0.999); the EMA weights are evaluated and saved.")] = 0.0,
-    patience: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many epochs without a better validation -ELBO.")] = None,
-    flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips.")] = False,
-    grad_clip: Annotated[float, typer.Option(callback=positive, help="Clip the gradient norm to this.")] = 100.0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT exactly where it stopped.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Start over in an OUTPUT that already holds a run.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where decoded images are cached for the next run (default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool).")] = None,
-    no_disk_cache: Annotated[bool, typer.Option("--no-disk-cache", help="Keep the decoded images in memory only.")] = False,
-    cache_memory: Annotated[Optional[str], typer.Option(help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Workers decoding images: processes on Linux from 512 images on, else threads (default: all cores).")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start; on a 2-core CPU it ran slower than eager, see BENCHMARKS.md).")] = False,
-    log_every: Annotated[int, typer.Option(min=1, help="Steps between progress updates (and host syncs).")] = 25,
-    no_report: Annotated[bool, typer.Option("--no-report", help="Do not draw report.png and report.html at the end.")] = False,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log scalars and grids to OUTPUT/tensorboard (needs: pip install tensorboard).")] = False,
+    ctx: typer.Context,
+    data: Data = None,
+    *,
+    image_size: Annotated[int, typer.Option(min=1, rich_help_panel=DATA, help="Images are resized and centre-cropped to this square size; a multiple of 2 ** (number of --widths).")] = 64,
+    channels: Annotated[Channels, typer.Option(rich_help_panel=DATA, help="auto: 1 if every image is grayscale, else 3.")] = Channels.auto,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, callback=non_negative, rich_help_panel=DATA, help="Share of images held out for validation.")] = 0.05,
+    flip: flag("--flip", help="Random horizontal flips.", panel=DATA) = False,
+    strict: flag("--strict", help="Stop at the first unreadable image instead of skipping it.", panel=DATA) = False,
+    latent_dim: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Size of the latent vector z.")] = 64,
+    widths: Annotated[Widths, typer.Option(parser=parse_widths, metavar="W,W,...", rich_help_panel=MODEL, help="Channels of each stride-2 stage, comma separated.")] = "32,64,128,256",
+    blocks: Annotated[int, typer.Option(min=0, rich_help_panel=MODEL, help="Extra residual conv layers per stage.")] = 1,
+    patch: Annotated[int, typer.Option(min=1, max=2, rich_help_panel=MODEL, help="2: fold 2x2 pixel patches into channels before the first stage (faster on CPUs); 1: a stride-2 conv.")] = 2,
+    likelihood: Annotated[Likelihood, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="The decoder's distribution p(x|z).")] = Likelihood.gaussian,
+    decoder_scale: Annotated[DecoderScale, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="Gaussian/Laplace scale: optimal (its closed-form maximum-likelihood value per batch, sigma-VAE), learned, or fixed.")] = DecoderScale.optimal,
+    fixed_scale: Annotated[float, typer.Option(callback=positive, rich_help_panel=OBJECTIVE, help="Decoder std with --decoder-scale fixed (0.1 = MSE weighted by 50).")] = 0.1,
+    beta: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder.")] = 1.0,
+    kl_warmup: Annotated[int, typer.Option(min=0, rich_help_panel=OBJECTIVE, help="Steps over which beta rises linearly from 0.")] = 0,
+    free_bits: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="Minimum KL per latent dimension, nats (batch average).")] = 0.0,
+    corrupt: Annotated[Optional[list[Corruption]], typer.Option(parser=parse_corruption, metavar="KIND:AMOUNT", rich_help_panel=OBJECTIVE, help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
+    batch_size: batch_size_option("Images per optimiser step per process; under torchrun the global batch is this x the number of processes.", OPTIMISATION) = BATCH_SIZE,
+    lr: Annotated[float, typer.Option(callback=positive, rich_help_panel=OPTIMISATION, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
+    grad_clip: Annotated[float, typer.Option(callback=positive, rich_help_panel=OPTIMISATION, help="Clip the gradient norm to this.")] = 100.0,
+    ema: Annotated[float, typer.Option(min=0.0, max=0.99999, callback=non_negative, rich_help_panel=OPTIMISATION, help="EMA decay of the weights (e.g. 0.999); the EMA weights are evaluated and saved.")] = 0.0,
+    seed: seed_option(OPTIMISATION) = 0,
+    epochs: Annotated[Optional[int], typer.Option(min=1, rich_help_panel=BUDGET, help="Passes over the data (default 30 when no budget is given).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, rich_help_panel=BUDGET, help="Optimiser steps in total.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time", parser=parse_duration, metavar="DURATION", rich_help_panel=BUDGET, help="Wall-clock budget for this invocation, e.g. 90s, 10m, 1h30m.")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, rich_help_panel=BUDGET, help="Stop after this many epochs without a better validation -ELBO.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Run folder for checkpoints, metrics and grids.")],
+    resume: flag("--resume", help="Continue the run in OUTPUT exactly where it stopped, with its own config (a new budget may be given).", panel=OUTPUT) = False,
+    force: force_option("Start over in an OUTPUT that already holds a run.") = False,
+    log_every: Annotated[int, typer.Option(min=1, rich_help_panel=OUTPUT, help="Steps between progress updates (and host syncs).")] = 25,
+    no_report: flag("--no-report", help="Do not draw report.png and report.html at the end.", panel=OUTPUT) = False,
+    tensorboard: flag("--tensorboard", help="Also log scalars and grids to OUTPUT/tensorboard (needs: pip install tensorboard).", panel=OUTPUT) = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    device: Device = "auto",
+    precision: Annotated[Precision, typer.Option(case_sensitive=False, rich_help_panel=PERFORMANCE, help="auto: bf16 on GPUs that support it and on CPUs with native bf16, else fp32.")] = Precision.auto,
+    workers: workers_option("Workers decoding images: processes on Linux from 512 images on, else threads (default: all cores).") = None,
+    compile: flag("--compile", help="torch.compile the model (a slower start; not always faster, see BENCHMARKS.md).", panel=PERFORMANCE) = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=PERFORMANCE, help="Where decoded images are cached for the next run (default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool).")] = None,
+    no_disk_cache: flag("--no-disk-cache", help="Keep the decoded images in memory only.", panel=PERFORMANCE) = False,
+    cache_memory: Annotated[Optional[int], typer.Option(parser=parse_size, metavar="SIZE", rich_help_panel=PERFORMANCE, help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
 ) -> None:
     """Train a VAE on a folder of images.
 
     Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors (for --resume), metrics.jsonl and per-epoch sample and reconstruction grids, and prints the checkpoint path. --batch-size is per process: under torchrun the global batch is batch-size x processes.
     """
-    seconds = parse_duration(time_budget)
-    memory = _parse_size(cache_memory)
-    if channels not in ("auto", "1", "3"):
-        raise typer.BadParameter("channels must be auto, 1 or 3", param_hint="--channels")
-    widths_tuple = _parse_widths(widths)
-    with handle_errors():
-        _run_train(locals() | {"seconds": seconds, "memory": memory, "widths_tuple": widths_tuple})
+    check_model_shape(image_size, widths)
+    if resume:
+        _refuse_ignored_on_resume(ctx, output)
+    data = _training_data(ctx, data, output, resume=resume)
+    model_config = ModelConfig(
+        image_size=image_size, channels=3 if channels is Channels.auto else int(channels.value), latent_dim=latent_dim,
+        widths=tuple(widths), blocks=blocks, patch=patch, likelihood=likelihood.value,
+        decoder_scale=decoder_scale.value, fixed_scale=fixed_scale)
+    train_config = TrainConfig(
+        epochs=epochs, steps=steps, time_limit=time_budget, batch_size=batch_size, lr=lr, beta=beta,
+        kl_warmup_steps=kl_warmup, free_bits=free_bits, val_fraction=val_fraction, seed=seed,
+        corruptions=tuple(corrupt or ()), ema=ema, patience=patience, augment_flip=flip, grad_clip=grad_clip,
+        log_every=log_every)
+    _run_train(data, output, model_config=model_config, train_config=train_config, device=device,
+               precision=precision.value, detect_channels=channels is Channels.auto, resume=resume, force=force,
+               strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),
+               cache_memory=cache_memory, compile=compile, workers=workers, report=not no_report,
+               tensorboard=tensorboard, quiet=quiet, as_json=as_json)
 
 
-def _run_train(o: dict[str, Any]) -> None:
+def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
+    """Exit 2 naming each model or training option given with --resume whose value differs from the run's own.
+
+    The same value again is accepted, so a user may re-run the very command with --resume added.
+    """
+    stored = _stored_configs(output / "state.safetensors")
+    if stored is None:
+        return  # nothing to compare with: the trainer says there is nothing to resume
+    conflicts = []
+    for param in ctx.command.params:
+        if param.name not in RESUME_IGNORES or ctx.get_parameter_source(param.name).name == "DEFAULT":
+            continue
+        section, key = RESUME_IGNORES[param.name]
+        given, kept = _comparable(ctx.params[param.name]), stored.get(section, {}).get(key)
+        if given != kept and not (param.name == "channels" and given == "auto"):
+            conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
+    if conflicts:
+        ctx.fail(f"--resume uses the run's own config; drop {', '.join(conflicts)}")
+
+
+def _comparable(value: Any) -> Any:
+    """A CLI value in the form the stored config's JSON holds it."""
+    if isinstance(value, Channels):
+        return value.value if value is Channels.auto else int(value.value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [dataclasses.asdict(v) if isinstance(v, Corruption) else v for v in value]
+    return value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(Corruption(**v)) if isinstance(v, dict) else str(v) for v in value) or "none"
+    return str(value)
+
+
+def _stored_configs(state: Path) -> dict[str, Any] | None:
+    """The model and training config a run's resume state holds, read from the safetensors header without torch.
+
+    A safetensors file opens with the length of its JSON header (8 bytes, little-endian); the header's
+    `__metadata__.info` is what `checkpoint.save_state` wrote.
+    """
+    try:
+        with state.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length < 1 << 26 else {}
+        info = json.loads(header["__metadata__"]["info"])
+        return {"model_config": info["model_config"], "train_config": info["train_config"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _training_data(ctx: typer.Context, data: list[str] | None, output: Path, *, resume: bool) -> list[str]:
+    """DATA as given; with --resume and no DATA, the data folders the run recorded in OUTPUT/run.json."""
+    if data:
+        return data
+    if not resume:
+        ctx.fail("Missing argument 'DATA': the image files or folders to train on")
+    recorded = _recorded_data(output / RUN_RECORD)
+    if recorded is None:
+        ctx.fail(f"--resume without DATA needs {output / RUN_RECORD} to name the run's data; give DATA")
+    return recorded
+
+
+def _recorded_data(path: Path) -> list[str] | None:
+    """The `data` list of a run record, or None when there is no readable record naming it."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    data = record.get("data") if isinstance(record, dict) else None
+    if isinstance(data, list) and data and all(isinstance(item, str) for item in data):
+        return data
+    return None
+
+
+def _default_cache_dir() -> Path:
     import os
 
-    from ..config import Corruption, ModelConfig, TrainConfig
+    return Path(os.environ.get("VAETOOL_CACHE_DIR") or Path.home() / ".cache" / "vaetool")
+
+
+def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, train_config: TrainConfig, device: str,
+               precision: str, detect_channels: bool, resume: bool, force: bool, strict: bool,
+               cache_dir: Path | None, cache_memory: int | None, compile: bool, workers: int | None, report: bool,
+               tensorboard: bool, quiet: bool, as_json: bool) -> None:
+    import os
+
     from ..io.find import find_images
     from ..training.trainer import train as run
 
-    data = o["data"]
     if data == ["-"]:
         import sys
         data = [str(f.path) for f in find_images(["-"], stdin=sys.stdin)]
-    model_config = ModelConfig(
-        image_size=o["image_size"], channels=3 if o["channels"] == "auto" else int(o["channels"]),
-        latent_dim=o["latent_dim"], widths=o["widths_tuple"], blocks=o["blocks"], patch=o["patch"], likelihood=o["likelihood"],
-        decoder_scale=o["decoder_scale"], fixed_scale=o["fixed_scale"])
-    train_config = TrainConfig(
-        epochs=o["epochs"], steps=o["steps"], time_limit=o["seconds"], batch_size=o["batch_size"], lr=o["lr"],
-        beta=o["beta"], kl_warmup_steps=o["kl_warmup"], free_bits=o["free_bits"], val_fraction=o["val_fraction"],
-        seed=o["seed"], corruptions=tuple(Corruption.parse(c) for c in o["corrupt"] or []), ema=o["ema"],
-        patience=o["patience"], augment_flip=o["flip"], grad_clip=o["grad_clip"], log_every=o["log_every"])
-    cache_dir = None if o["no_disk_cache"] else (
-        o["cache_dir"] or Path(os.environ.get("VAETOOL_CACHE_DIR") or Path.home() / ".cache" / "vaetool"))
-    display = _TrainDisplay(o["quiet"])
+    display = _TrainDisplay(quiet)
     callback = display
-    if o["tensorboard"]:
+    if tensorboard:
         from ..training.tboard import tensorboard_callback
 
-        callback = tensorboard_callback(o["output"], inner=display)
+        callback = tensorboard_callback(output, inner=display)
     started = time.monotonic()
     try:
-        result = run(data, o["output"], model_config=model_config, train_config=train_config, device=o["device"],
-                     precision=o["precision"], detect_channels=o["channels"] == "auto", resume=o["resume"],
-                     force=o["force"], strict=o["strict"], cache_dir=cache_dir, cache_memory=o["memory"],
-                     compile=o["compile"], workers=o["workers"], report=not o["no_report"],
+        result = run(data, output, model_config=model_config, train_config=train_config, device=device,
+                     precision=precision, detect_channels=detect_channels, resume=resume, force=force, strict=strict,
+                     cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers, report=report,
                      callback=callback)
     except KeyboardInterrupt:
         display.close()
         if display.state_saved:
-            warn(f"interrupted; resumable state saved in {o['output']} (continue with --resume)")
+            warn(f"interrupted; resumable state saved in {output} (continue with --resume)")
         else:
             warn("interrupted before the first training step; nothing to resume, start again without --resume"
-                 if not o["resume"] else f"interrupted before training went on; {o['output']} is as it was")
+                 if not resume else f"interrupted before training went on; {output} is as it was")
         raise
     finally:
         display.close()
@@ -211,37 +292,35 @@ def _run_train(o: dict[str, Any]) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     info(f"done in {time.monotonic() - started:.0f}s: {result.step} steps, {result.epoch} full epoch(s), stopped by {result.stopped}",
-         quiet=o["quiet"])
-    if o["as_json"]:
+         quiet=quiet)
+    if as_json:
         emit({"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir), "step": result.step,
               "epoch": result.epoch, "stopped": result.stopped, "metrics": result.metrics,
               "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}, as_json=True)
     else:
         emit(result.checkpoint)
 
-
 def info_command(
     checkpoint: Checkpoint,
     as_json: Json = False,
 ) -> None:
     """Show a checkpoint's configuration, size and training summary."""
-    with handle_errors():
-        from ..checkpoint import load_model
-        from ..models.base import count_parameters
+    from ..checkpoint import load_model
+    from ..models.base import count_parameters
 
-        loaded = load_model(checkpoint)
-        summary = {
-            "path": str(loaded.path), "format_version": int(loaded.metadata.get("format_version", 0)),
-            "vaetool_version": loaded.metadata.get("vaetool_version"), "created": loaded.metadata.get("created"),
-            "parameters": count_parameters(loaded.model), "identity": loaded.identity,
-            "model": loaded.config.to_dict(),
-            "train": loaded.train_config.to_dict() if loaded.train_config else None,
-            "training": loaded.training,
-        }
-        if as_json:
-            emit(summary, as_json=True)
-            return
-        _print_info(summary)
+    loaded = load_model(checkpoint)
+    summary = {
+        "path": str(loaded.path), "format_version": int(loaded.metadata.get("format_version", 0)),
+        "vaetool_version": loaded.metadata.get("vaetool_version"), "created": loaded.metadata.get("created"),
+        "parameters": count_parameters(loaded.model), "identity": loaded.identity,
+        "model": loaded.config.to_dict(),
+        "train": loaded.train_config.to_dict() if loaded.train_config else None,
+        "training": loaded.training,
+    }
+    if as_json:
+        emit(summary, as_json=True)
+        return
+    _print_info(summary)
 
 
 def _print_info(s: dict[str, Any]) -> None:

@@ -7,28 +7,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import BatchSize, Checkpoint, Device, Display, Force, Json, Quiet, emit, handle_errors, info, warn
+from .common import Display, emit, info, warn
+from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Force, Json, MapMethod, Quiet,
+                      Workers, column_spec, inputs_argument, map_file, parse_dim_pair, positive)
 
-Data = Annotated[list[str], typer.Argument(help="Image files or folders (recursive), or - to read paths from stdin.",
-                                           show_default=False)]
-Workers = Annotated[Optional[int], typer.Option(min=1, help="Threads decoding images (default: all cores).")]
-
-
-def _parse_dims(text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        dims = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"cannot read {text!r}; write two latent dimensions, e.g. 0,1",
-                                 param_hint="--dims") from None
-    if len(dims) != 2:
-        raise typer.BadParameter("give exactly two dimensions, e.g. 0,1", param_hint="--dims")
-    return dims
+Data = inputs_argument("DATA")
 
 
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `vaetool train`.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder written by `vaetool train`.", show_default=False)],
     as_json: Json = False,
 ) -> None:
     """Write RUN_DIR/report.png and a self-contained RUN_DIR/report.html of a training run.
@@ -37,37 +24,38 @@ def report(
     last epoch's samples and reconstructions, and (in the HTML) the configuration and every epoch's
     metrics. Both files are rebuilt from the run on every call. Prints the two paths.
     """
-    with handle_errors():
-        from ..training.report import write_report
+    from ..training.report import write_report
 
-        png, html = write_report(run_dir)
-        if as_json:
-            emit({"png": str(png), "html": str(html)}, as_json=True)
-        else:
-            emit(png)
-            emit(html)
+    png, html = write_report(run_dir)
+    if as_json:
+        emit({"png": str(png), "html": str(html)}, as_json=True)
+    else:
+        emit(png)
+        emit(html)
 
 
 def latent_map(
     checkpoint: Checkpoint,
     data: Data,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The picture to write (.png, .jpg, .svg or .pdf).")],
-    method: Annotated[str, typer.Option(help="auto (the latent itself when it is 2-D, else PCA), pca or dims.")
-                      ] = "auto",
-    dims: Annotated[Optional[str], typer.Option(help="With dims: the two latent dimensions to show, e.g. 0,1 "
-                                                     "(default: the two whose means vary most).")] = None,
-    color_by: Annotated[Optional[str], typer.Option("--color-by", help="FILE.csv:COLUMN: colour each image's point "
+    output: Annotated[Path, typer.Option("--output", "-o", callback=map_file, rich_help_panel=OUTPUT,
+                                         help="The picture to write (.png, .jpg, .svg or .pdf).")],
+    method: Annotated[MapMethod, typer.Option(case_sensitive=False, help="auto: the latent itself when it is 2-D, "
+                                                                         "else PCA.")] = MapMethod.auto,
+    dims: Annotated[Optional[DimList], typer.Option(parser=parse_dim_pair, metavar="D,D", help="With --method dims: the "
+                    "two latent dimensions to show, e.g. 0,1 (default: the two whose means vary most).")] = None,
+    color_by: Annotated[Optional[str], typer.Option("--color-by", callback=column_spec, help="FILE.csv:COLUMN: colour each image's point "
                                                                        "by its value in that column.")] = None,
-    thumbnails: Annotated[Optional[bool], typer.Option("--thumbnails/--no-thumbnails", help="Draw image thumbnails "
+    thumbnails: Annotated[Optional[bool], typer.Option("--thumbnails/--no-thumbnails", metavar="", help="Draw image thumbnails "
                                                        "(default: yes, unless --color-by is given).")] = None,
     cells: Annotated[int, typer.Option(min=1, max=200, help="Thumbnail grid: at most one image per cell of a "
                                                             "CELLS x CELLS grid.")] = 30,
-    extent: Annotated[Optional[float], typer.Option(min=0.0, help="Show [-E, E] on both axes (to compare maps) "
-                                                                  "instead of fitting the points.")] = None,
-    size: Annotated[int, typer.Option(min=200, max=8000, help="Width of the picture in pixels.")] = 1000,
-    title: Annotated[Optional[str], typer.Option(help="Title above the map (default: the image count and "
-                                                      "checkpoint).")] = None,
-    batch_size: BatchSize = 64,
+    extent: Annotated[Optional[float], typer.Option(callback=positive, help="Show [-E, E] on both axes (to compare "
+                                                                          "maps) instead of fitting the points.")] = None,
+    size: Annotated[int, typer.Option(min=200, max=8000, rich_help_panel=OUTPUT,
+                                      help="Width of the picture in pixels.")] = 1000,
+    title: Annotated[Optional[str], typer.Option(rich_help_panel=OUTPUT, help="Title above the map (default: the "
+                                                                              "image count and checkpoint).")] = None,
+    batch_size: BatchSize = BATCH_SIZE,
     device: Device = "auto",
     workers: Workers = None,
     force: Force = False,
@@ -81,30 +69,23 @@ def latent_map(
     images do not pile up; --color-by colours every point by a CSV column (one row per image,
     matched by path or file name). Prints the written path.
     """
-    if method not in ("auto", "pca", "dims"):
-        raise typer.BadParameter("use auto, pca or dims", param_hint="--method")
-    dim_list = _parse_dims(dims)
-    if extent is not None and extent <= 0:
-        raise typer.BadParameter("must be > 0", param_hint="--extent")
     display = Display("encode", quiet=quiet)
-    with handle_errors():
-        from ..inference.latentmap import latent_map as draw
+    from ..inference.latentmap import latent_map as draw
 
-        try:
-            result = draw(checkpoint, data, output, method=method, dims=dim_list, color_by=color_by,
-                          thumbnails=thumbnails, cells=cells, extent=extent, size=size, title=title,
-                          batch_size=batch_size,
-                          device=device, workers=workers, force=force, callback=display)
-        finally:
-            display.close()
-        if result.unlabeled:
-            warn(f"{result.unlabeled} image(s) have no {result.label_name!r} value and are drawn in light grey")
-        info(f"{len(result.means.found)} images, {len(result.placed)} thumbnails; axes {result.projection.labels[0]}, "
-             f"{result.projection.labels[1]}", quiet=quiet)
-        emit({"path": str(result.path), "images": len(result.means.found), "thumbnails": len(result.placed),
-              "method": result.projection.method, "axes": list(result.projection.labels)} if as_json
-             else result.path, as_json=as_json)
-        display.finish(summary=False)  # exit 3 when some images could not be read
+    try:
+        result = draw(checkpoint, data, output, method=method.value, dims=list(dims) if dims else None,
+                      color_by=color_by, thumbnails=thumbnails, cells=cells, extent=extent, size=size, title=title,
+                      batch_size=batch_size, device=device, workers=workers, force=force, callback=display)
+    finally:
+        display.close()
+    if result.unlabeled:
+        warn(f"{result.unlabeled} image(s) have no {result.label_name!r} value and are drawn in light grey")
+    info(f"{len(result.means.found)} images, {len(result.placed)} thumbnails; axes {result.projection.labels[0]}, "
+         f"{result.projection.labels[1]}", quiet=quiet)
+    emit({"path": str(result.path), "images": len(result.means.found), "thumbnails": len(result.placed),
+          "method": result.projection.method, "axes": list(result.projection.labels)} if as_json
+         else result.path, as_json=as_json)
+    display.finish(summary=False)  # exit 3 when some images could not be read
 
 
 def correlate(
@@ -115,7 +96,7 @@ def correlate(
     attribute: Annotated[Optional[list[str]], typer.Option("--attribute", help="Only this attribute (repeatable).")
                          ] = None,
     top: Annotated[int, typer.Option(min=1, help="Dimensions listed per attribute, strongest first.")] = 1,
-    batch_size: BatchSize = 64,
+    batch_size: BatchSize = BATCH_SIZE,
     device: Device = "auto",
     workers: Workers = None,
     as_json: Json = False,
@@ -128,19 +109,18 @@ def correlate(
     attribute, dimension, r; strongest |r| first.
     """
     display = Display("encode", quiet=quiet)
-    with handle_errors():
-        from ..inference.latentmap import correlate_folder
+    from ..inference.latentmap import correlate_folder
 
-        try:
-            ranking, means = correlate_folder(checkpoint, data, attributes, batch_size=batch_size, device=device,
-                                              workers=workers, callback=display)
-        finally:
-            display.close()
-        chosen = _select(ranking, attribute, top, attributes)
-        for c in chosen:
-            emit({"attribute": c.attribute, "dimension": c.dimension, "r": round(c.r, 6), "images": c.images}
-                 if as_json else f"{c.attribute}\t{c.dimension}\t{c.r:+.3f}", as_json=as_json)
-        display.finish(summary=False)  # exit 3 when some images could not be read
+    try:
+        ranking, means = correlate_folder(checkpoint, data, attributes, batch_size=batch_size, device=device,
+                                          workers=workers, callback=display)
+    finally:
+        display.close()
+    chosen = _select(ranking, attribute, top, attributes)
+    for c in chosen:
+        emit({"attribute": c.attribute, "dimension": c.dimension, "r": round(c.r, 6), "images": c.images}
+             if as_json else f"{c.attribute}\t{c.dimension}\t{c.r:+.3f}", as_json=as_json)
+    display.finish(summary=False)  # exit 3 when some images could not be read
 
 
 def _select(ranking: list[Any], wanted: Optional[list[str]], top: int, csv_path: Path) -> list[Any]:

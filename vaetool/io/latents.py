@@ -112,3 +112,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     sin = torch.sin(omega)
     out = (torch.sin((1 - t64) * omega) / sin) * a64[None] + (torch.sin(t64 * omega) / sin) * b64[None]
     return out.to(a.dtype)
+
+
+def save_npy(path: str | Path, table, *, force: bool = False) -> Path:
+    """Write one (N, D) array as a .npy file (numpy's format: no names, no metadata), atomically."""
+    import numpy as np
+
+    with atomic_path(path, force=force) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, table)  # a file object: np.save would add .npy to the temporary name
+    return Path(path)

@@ -1,0 +1,298 @@
+"""Options and arguments shared by the commands, their choices as enums, and the parsers that check values at parse time.
+
+Every value is checked here, before a command body runs and so before torch is imported: a bad value is
+Typer's usage error (exit 2) naming the flag, not an engine error after seconds of start-up.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..config import Corruption
+from ..errors import ConfigError
+
+# Help panels, so a long option list reads by subject.
+DATA, MODEL, OBJECTIVE, OPTIMISATION, BUDGET = "Data", "Model", "Objective", "Optimisation", "Budget"
+OUTPUT, PERFORMANCE, GLOBAL = "Output", "Performance", "Global"
+
+BATCH_SIZE = 64  # every command's default, so no command surprises with another one
+
+
+# ----- choices --------------------------------------------------------------------------------------
+class Likelihood(str, Enum):
+    """The decoder's distribution p(x|z)."""
+
+    gaussian = "gaussian"
+    laplace = "laplace"
+    bernoulli = "bernoulli"
+
+
+class DecoderScale(str, Enum):
+    """How a Gaussian/Laplace decoder's shared scale is set."""
+
+    optimal = "optimal"
+    learned = "learned"
+    fixed = "fixed"
+
+
+class Channels(str, Enum):
+    """Image channels the model works in."""
+
+    auto = "auto"
+    gray = "1"
+    rgb = "3"
+
+
+class Precision(str, Enum):
+    """Autocast precision."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class PathMethod(str, Enum):
+    """How `interpolate` walks between anchors."""
+
+    slerp = "slerp"
+    lerp = "lerp"
+
+
+class MapMethod(str, Enum):
+    """How `latent-map` projects the latent to 2-D."""
+
+    auto = "auto"
+    pca = "pca"
+    dims = "dims"
+
+
+class ImageFormat(str, Enum):
+    """Image formats vaetool writes: the extensions it reads (io.images.IMAGE_EXTENSIONS)."""
+
+    png = "png"
+    jpg = "jpg"
+    jpeg = "jpeg"
+    tif = "tif"
+    tiff = "tiff"
+    webp = "webp"
+    bmp = "bmp"
+    gif = "gif"
+    ppm = "ppm"
+    pgm = "pgm"
+
+
+IMAGE_SUFFIXES = frozenset(f".{f.value}" for f in ImageFormat)
+MAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".pdf")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def value_of(choice: Enum | None) -> Any:
+    """An enum choice's plain value (the engine takes strings), None kept."""
+    return None if choice is None else choice.value
+
+
+# ----- value checks (option callbacks and parsers) ----------------------------------------------------
+def positive(value: float | None) -> float | None:
+    """The value must be finite and > 0 (Typer's `min` is inclusive and lets inf and NaN through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, not {value}")
+    return value
+
+
+def non_negative(value: float | None) -> float | None:
+    """The value must be finite and >= 0."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"must be a finite number >= 0, not {value}")
+    return value
+
+
+def check_device(value: str) -> str:
+    """auto, cpu, mps, cuda or cuda:N; whether it exists is asked of torch later."""
+    if not DEVICE_PATTERN.fullmatch(value.strip().lower()):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return value.strip().lower()
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1.5h`, `1h30m` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+    compact = re.sub(r"\s+", "", text.strip().lower())
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise typer.BadParameter(f"cannot read duration {text!r}; write e.g. 90s, 10m, 1h30m")
+    seconds = sum(float(n) * units[u] for n, u in parts)
+    if seconds <= 0:
+        raise typer.BadParameter(f"the duration must be > 0, not {text!r}")
+    return seconds
+
+
+def parse_size(text: str) -> int:
+    """`512M`, `4G`, `1.5g`, `1000000` -> bytes."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    raw = text.strip().lower().removesuffix("b")
+    unit = raw[-1] if raw and raw[-1] in units else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)]) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"cannot read size {text!r}; write e.g. 512M or 4G") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"the size must be >= 0, not {text!r}")
+    return int(value)
+
+
+class Widths(tuple):
+    """Channels of each stride-2 stage, parsed from `32,64,128`."""
+
+
+def parse_widths(text: str) -> Widths:
+    """`32,64,128,256` -> Widths((32, 64, 128, 256)); every width a positive integer."""
+    try:
+        widths = Widths(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise typer.BadParameter(f"cannot read widths {text!r}; write e.g. 32,64,128,256") from None
+    if not widths or min(widths) < 1:
+        raise typer.BadParameter(f"widths must be positive integers, not {text!r}")
+    return widths
+
+
+def parse_corruption(text: str) -> Corruption:
+    """`gaussian:0.1`, `gaussian:0.05-0.2`, `mask:0.25`, `saltpepper:0.05` -> a Corruption."""
+    try:
+        return Corruption.parse(text)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+class DimList(tuple):
+    """Latent dimensions, parsed from `0,3,5`."""
+
+
+def parse_dims(text: str) -> DimList:
+    """`0,3,5` -> DimList((0, 3, 5)); non-negative integers."""
+    try:
+        dims = DimList(int(d) for d in text.replace(" ", "").split(",") if d)
+    except ValueError:
+        raise typer.BadParameter(f"cannot read {text!r}; write latent dimensions, e.g. 0,3,5") from None
+    if not dims or min(dims) < 0:
+        raise typer.BadParameter(f"give latent dimensions >= 0, e.g. 0,3,5, not {text!r}")
+    return dims
+
+
+def parse_dim_pair(text: str) -> DimList:
+    """`0,1` -> two latent dimensions."""
+    dims = parse_dims(text)
+    if len(dims) != 2:
+        raise typer.BadParameter(f"give exactly two dimensions, e.g. 0,1, not {text!r}")
+    return dims
+
+
+def image_file(value: Path | None) -> Path | None:
+    """An output image path: its extension must name a format vaetool writes."""
+    if value is not None and value.suffix.lower() not in IMAGE_SUFFIXES:
+        raise typer.BadParameter(f"{value}: end the name with an image extension "
+                                 f"({', '.join(f.value for f in ImageFormat)})")
+    return value
+
+
+def gif_file(value: Path | None) -> Path | None:
+    """An animated GIF path."""
+    if value is not None and value.suffix.lower() != ".gif":
+        raise typer.BadParameter(f"{value}: an animation is written as .gif")
+    return value
+
+
+def map_file(value: Path) -> Path:
+    """A latent map picture: raster or vector."""
+    if value.suffix.lower() not in MAP_SUFFIXES:
+        raise typer.BadParameter(f"{value}: write the map as .png, .jpg, .svg or .pdf")
+    return value
+
+
+def latents_output(value: str | None) -> str | None:
+    """`encode -o`: FILE.safetensors, FILE.npy, a folder (FOLDER/ or one that exists), or - for stdout."""
+    if value is None or value == "-" or value.endswith(("/", "\\")) or Path(value).is_dir():
+        return value
+    if Path(value).suffix.lower() not in (".safetensors", ".npy"):
+        raise typer.BadParameter(f"{value}: write FILE.safetensors, FILE.npy (mu only), FOLDER/ "
+                                 f"(FOLDER/latents.safetensors), or - for JSON lines")
+    return value
+
+
+def column_spec(value: str | None) -> str | None:
+    """`FILE.csv:COLUMN`."""
+    if value is not None:
+        path, sep, column = value.rpartition(":")
+        if not (sep and path and column):
+            raise typer.BadParameter(f"cannot read {value!r}; write FILE.csv:COLUMN, e.g. faces/attributes.csv:smile")
+    return value
+
+
+def check_model_shape(image_size: int, widths: tuple[int, ...]) -> None:
+    """--image-size must divide by 2 ** (number of --widths): say which sizes would work."""
+    factor = 2 ** len(widths)
+    if image_size % factor == 0 and image_size >= factor:
+        return
+    below, above = (image_size // factor) * factor, (image_size // factor + 1) * factor
+    fits = " or ".join(str(s) for s in (below, above) if s >= factor)
+    raise typer.BadParameter(f"{image_size} does not fit {len(widths)} --widths stages: the size must be a "
+                             f"multiple of {factor} (e.g. {fits}), or give fewer --widths",
+                             param_hint="'--image-size'")
+
+
+# ----- the shared options, defined once ---------------------------------------------------------------
+def inputs_argument(metavar: str = "INPUTS") -> Any:
+    """Image files or folders, or `-` for paths on stdin."""
+    return Annotated[list[str], typer.Argument(
+        metavar=metavar, show_default=False,
+        help="Image files or folders (recursive, sorted, hidden files skipped), or - to read paths from stdin.")]
+
+
+def batch_size_option(help: str = "Images per forward pass.", panel: str = PERFORMANCE) -> Any:
+    return Annotated[int, typer.Option("--batch-size", "-b", min=1, help=help, rich_help_panel=panel)]
+
+
+def workers_option(help: str = "Threads decoding images (default: all cores).") -> Any:
+    return Annotated[Optional[int], typer.Option("--workers", min=1, help=help, rich_help_panel=PERFORMANCE)]
+
+
+def force_option(help: str = "Overwrite existing outputs.") -> Any:
+    return Annotated[bool, typer.Option("--force", "-f", metavar="", help=help, rich_help_panel=OUTPUT)]
+
+
+def seed_option(panel: str | None = None) -> Any:
+    return Annotated[int, typer.Option("--seed", rich_help_panel=panel,
+                                       help="Seed for every random draw: the same seed gives the same output.")]
+
+
+def flag(*names: str, help: str, panel: str | None = None) -> Any:
+    """A boolean flag shown as a flag (no `<bool>` type column)."""
+    return Annotated[bool, typer.Option(*names, metavar="", help=help, rich_help_panel=panel)]
+
+
+Checkpoint = Annotated[Path, typer.Argument(
+    metavar="CHECKPOINT", show_default=False, help="A run folder (its model.safetensors) or a .safetensors checkpoint.")]
+Inputs = inputs_argument()
+BatchSize = batch_size_option()
+Workers = workers_option()
+Force = force_option()
+Device = Annotated[str, typer.Option(
+    "--device", callback=check_device, metavar="DEVICE", rich_help_panel=PERFORMANCE,
+    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+PrecisionOption = Annotated[Precision, typer.Option(
+    "--precision", case_sensitive=False, rich_help_panel=PERFORMANCE,
+    help="auto: bf16 on GPUs that support it, else fp32.")]
+Seed = seed_option()
+Quiet = flag("--quiet", "-q", help="No progress or info on stderr (errors still shown).", panel=OUTPUT)
+Json = flag("--json", help="Print one JSON object per result on stdout instead of paths.", panel=OUTPUT)
+SkipExisting = flag("--skip-existing", help="Leave outputs that already exist (resume a batch).", panel=OUTPUT)
+Ext = Annotated[Optional[ImageFormat], typer.Option(
+    "--ext", case_sensitive=False, show_default=False, rich_help_panel=OUTPUT,
+    help="Write this image format instead of each input's own.")]
+Debug = flag("--debug", help="Show full tracebacks (also VAETOOL_DEBUG=1).", panel=GLOBAL)
