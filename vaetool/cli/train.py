@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import (Checkpoint, Device, Json, Quiet, Seed, emit, handle_errors, info,
+from .common import (EXIT_INTERRUPTED, Checkpoint, Device, Json, Quiet, Seed, emit, handle_errors, info,
                      make_progress, parse_duration, positive, warn)
 
 
@@ -39,56 +38,60 @@ def _parse_widths(text: str) -> tuple[int, ...]:
 
 
 class _TrainDisplay:
-    """Turns the engine's events into a progress bar (terminal) or one line per epoch (logs)."""
+    """Turns the trainer's events into a progress bar (terminal) or one line per epoch (logs)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.progress = make_progress(quiet)
         self.task = None
-        self.cache_task = None
-        self.skipped = 0
+        self.time_limit: float | None = None
+        self.failed = 0
         self.state_saved = False  # set when an interrupted run has written its resume state
 
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        getattr(self, f"on_{event}", lambda d: None)(data)
+    def __call__(self, event: Any) -> None:
+        from ..events import Epoch, Failed, Progress, Saved, Started, Warning
 
-    def on_cache(self, d: dict[str, Any]) -> None:
-        if self.cache_task is None:
-            self.progress.start()
-            self.cache_task = self.progress.add_task("decode", total=d["total"], status="")
-        self.progress.update(self.cache_task, completed=d["done"])
+        if isinstance(event, Started):
+            self.on_started(event)
+        elif isinstance(event, Progress) and self.task is not None:
+            self.on_progress(event)
+        elif isinstance(event, Epoch):
+            self.on_epoch(event.metrics)
+        elif isinstance(event, Failed):
+            self.failed += 1
+            warn(f"skipped {event.input}: {event.reason}")
+        elif isinstance(event, Warning):
+            warn(event.message)
+        elif isinstance(event, Saved):
+            self.state_saved = self.state_saved or event.reason == "interrupted"
 
-    def on_skip(self, d: dict[str, Any]) -> None:
-        self.skipped += 1
-        warn(f"skipped {d['path']}: {d['reason']}")
-
-    def on_warning(self, d: dict[str, Any]) -> None:
-        warn(d["message"])
-
-    def on_saved(self, d: dict[str, Any]) -> None:
-        self.state_saved = self.state_saved or d.get("reason") == "interrupted"
-
-    def on_start(self, d: dict[str, Any]) -> None:
-        cfg = d["config"]
-        if self.skipped:
-            warn(f"{self.skipped} file(s) could not be read and were skipped")
+    def on_started(self, event: Any) -> None:
+        self.progress.start()
+        if event.command != "train":  # decoding the images into the cache
+            self.task = self.progress.add_task(event.command, total=event.total, status="")
+            return
+        d, cfg = event.info, event.info["config"]
+        if self.failed:
+            warn(f"{self.failed} file(s) could not be read and were skipped")
         cache = "reused on-disk cache" if d["cache_reused"] else ("memory-mapped cache" if d["cache_on_disk"] else "in-memory cache")
         info(f"{d['train']} training and {d['val']} validation images ({cache}); model {cfg['image_size']}px "
              f"x{cfg['channels']}, latent {cfg['latent_dim']}, widths {cfg['widths']}, {cfg['likelihood']} "
              f"likelihood; batch {d['batch']} per process x {d['world']} = {d['global_batch']}; "
              f"device {d['device']} ({d['precision']})", quiet=self.quiet)
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=d["total_steps"], completed=d["start_step"], status="")
+        self.time_limit = d["time_limit"]
+        self.task = self.progress.add_task("train", total=event.total, completed=d["start_step"], status="")
 
-    def on_step(self, d: dict[str, Any]) -> None:
-        total = d["total_steps"]
-        if d["time_limit"] and d["elapsed"] > 0:  # an ETA for time budgets: steps that fit in the time left
-            rate = d["step"] / d["elapsed"]
-            by_time = int(d["step"] + max(d["time_limit"] - d["elapsed"], 0) * rate)
+    def on_progress(self, event: Any) -> None:
+        m, total = event.metrics, event.total
+        if not m:  # the cache's progress
+            self.progress.update(self.task, completed=event.done, total=total)
+            return
+        if self.time_limit and 0 < m["budget"] < 1:  # a time budget: the steps that fit in the time left
+            by_time = int(event.done / m["budget"])
             total = min(total, by_time) if total else by_time
-        status = (f"ep {d['epoch']} loss {d['loss']:.1f} rec {d['recon']:.1f} kl {d['kl']:.1f} "
-                  f"{d['images_per_s']:.0f} img/s")
-        self.progress.update(self.task, completed=d["step"], total=total, status=status)
+        status = (f"ep {m['epoch']} loss {m['loss']:.1f} rec {m['recon']:.1f} kl {m['kl']:.1f} "
+                  f"{m['images_per_s']:.0f} img/s")
+        self.progress.update(self.task, completed=event.done, total=total, status=status)
 
     def on_epoch(self, d: dict[str, Any]) -> None:
         val = (f" val -elbo {d['val_neg_elbo']:.1f} psnr {d['val_psnr']:.2f}dB" if "val_neg_elbo" in d else "")
@@ -189,13 +192,13 @@ def _run_train(o: dict[str, Any]) -> None:
         from ..training.tboard import tensorboard_callback
 
         callback = tensorboard_callback(o["output"], inner=display)
-    started = time.monotonic()
+    interrupted = False
     try:
         result = run(data, o["output"], model_config=model_config, train_config=train_config, device=o["device"],
                      precision=o["precision"], detect_channels=o["channels"] == "auto", resume=o["resume"],
                      force=o["force"], strict=o["strict"], cache_dir=cache_dir, cache_memory=o["memory"],
                      compile=o["compile"], workers=o["workers"], report=not o["no_report"],
-                     callback=callback)
+                     callback=callback, invocation=_invocation(o))
     except KeyboardInterrupt:
         display.close()
         if display.state_saved:
@@ -203,21 +206,30 @@ def _run_train(o: dict[str, Any]) -> None:
         else:
             warn("interrupted before the first training step; nothing to resume, start again without --resume"
                  if not o["resume"] else f"interrupted before training went on; {o['output']} is as it was")
-        raise
+        interrupted = True
     finally:
         display.close()
         if callback is not display:
             callback.close()
+    if interrupted:  # the warning above is the one message; raised outside the except, so not "error: interrupted"
+        raise typer.Exit(EXIT_INTERRUPTED)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    info(f"done in {time.monotonic() - started:.0f}s: {result.step} steps, {result.epoch} full epoch(s), stopped by {result.stopped}",
-         quiet=o["quiet"])
+    info(f"done: {result.describe()}", quiet=o["quiet"])
     if o["as_json"]:
-        emit({"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir), "step": result.step,
-              "epoch": result.epoch, "stopped": result.stopped, "metrics": result.metrics,
-              "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}, as_json=True)
+        emit(result.to_dict(), as_json=True)
     else:
         emit(result.checkpoint)
+
+
+def _invocation(o: dict[str, Any]) -> dict[str, Any]:
+    """The command line and the options as parsed, for the run's record."""
+    import shlex
+    import sys
+
+    skip = {"data", "seconds", "memory", "widths_tuple"}
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in o.items() if k not in skip}
+    return {"command": shlex.join(["vaetool", *sys.argv[1:]]), "options": options}
 
 
 def info_command(
