@@ -22,7 +22,7 @@ CURVES_INCHES = (15.0, 4.2)
 CURVES = (("-ELBO (nats/image)", "train_neg_elbo", "val_neg_elbo"),
           ("reconstruction -log p(x|z)", "train_recon", "val_recon"),
           ("KL(q(z|x) || p(z))", "train_kl", "val_kl"))
-CLIP_SPREAD = 2.0  # the y-range reaches this many reference spans beyond the reference span (robust_range)
+CLIP_SPREAD = 5.0  # the y-range reaches this many reference spans beyond the reference span (robust_range)
 TABLE_KEYS = ("epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "val_neg_elbo",
               "val_recon", "val_kl", "val_psnr", "beta", "decoder_log_scale", "elapsed", "best", "partial")
 
