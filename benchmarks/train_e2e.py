@@ -83,19 +83,21 @@ def run_vaetool(data: Path, run_dir: Path, cache_dir: Path, *, epochs: int) -> d
 
     start, cpu_start = time.perf_counter(), cpu()
 
-    def callback(event: str, info: dict) -> None:
+    def callback(event) -> None:  # vaetool.events payloads
         now = time.perf_counter() - start
-        if event == "start":
+        kind = type(event).__name__
+        if kind == "Started" and event.command == "train":
+            info = event.info
             marks["start"] = now
             marks["start_cpu"] = cpu() - cpu_start  # all threads and worker processes: cores busy while decoding
             marks["train_images"] = info["train"]
             marks["reused"] = info["cache_reused"]
             marks["precision"] = info["precision"]
-        elif event == "step" and "first_step" not in marks:
+        elif kind == "Progress" and event.metrics and "first_step" not in marks:
             marks["first_step"] = now
-        elif event == "epoch":
+        elif kind == "Epoch":
             marks["epochs"].append(now)
-            marks.setdefault("faults", []).append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt, info["step"]))
+            marks.setdefault("faults", []).append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt, event.step))
 
     train([data], run_dir, model_config=ModelConfig(), train_config=TrainConfig(epochs=epochs, log_every=25),
           device="cpu", cache_dir=cache_dir, force=True, callback=callback)

@@ -46,7 +46,7 @@ def test_one_input_file_and_an_image_name_write_that_file(ckpt, page, tmp_path, 
     target.write_bytes(b"")  # --force replaces it
     forced = invoke(command, ckpt, page, "-o", target, "--device", "cpu", "-q", "--force", "--json")
     assert forced.exit_code == 0 and target.stat().st_size > 0
-    assert json.loads(forced.stdout)[("output" if command == "denoise" else "path")] == str(target)
+    assert json.loads(forced.stdout)["output"] == str(target)
     jpeg = invoke(command, ckpt, page, "-o", tmp_path / "out" / "page.jpg", "--device", "cpu", "-q")
     assert jpeg.exit_code == 0 and Image.open(tmp_path / "out" / "page.jpg").format == "JPEG"
     assert not _leftovers(tmp_path / "out")
@@ -88,6 +88,8 @@ def test_resume_takes_the_recorded_data_and_refuses_changed_settings(tmp_path):
     run = tmp_path / "run"
     first = invoke("train", tmp_path / "data", "-o", run, "--steps", 2, *TINY_ARGS)
     assert first.exit_code == 0, first.output
+    assert json.loads((run / "run.json").read_text())["data"] == [str(tmp_path / "data")]
+    (run / "run.json").unlink()  # a run made before run.json existed
     no_record = invoke("train", "-o", run, "--resume", "--steps", 3, *TINY_ARGS)
     assert no_record.exit_code == 2 and "run.json" in no_record.stderr and "give DATA" in no_record.stderr
     (run / "run.json").write_text(json.dumps({"data": [str(tmp_path / "data")]}))

@@ -101,7 +101,7 @@ def test_resume_compares_every_stored_setting_but_the_budget():
 
     model = {key for section, key in RESUME_IGNORES.values() if section == "model_config"}
     train = {key for section, key in RESUME_IGNORES.values() if section == "train_config"}
-    assert model == set(ModelConfig.__dataclass_fields__) - {"kind", "min_log_scale"}  # no CLI option for these
+    assert model == set(ModelConfig.__dataclass_fields__) - {"min_log_scale"}  # no CLI option for it
     assert train == set(TrainConfig.__dataclass_fields__) - {"epochs", "steps", "time_limit", "weight_decay"}
 
 
@@ -192,7 +192,7 @@ def test_every_output_format_choice_is_written_by_the_image_writer(tmp_path):
     from PIL import Image
 
     from vaetool.cli.options import ImageFormat
-    from vaetool.io.images import IMAGE_EXTENSIONS
+    from vaetool.io.find import IMAGE_EXTENSIONS
     from vaetool.io.write import write_image
 
     assert {f".{f.value}" for f in ImageFormat} == set(IMAGE_EXTENSIONS)  # what vaetool reads, it writes

@@ -12,6 +12,7 @@ import torch
 from conftest import make_blobs
 from vaetool.checkpoint import load_model
 from vaetool.config import ModelConfig, TrainConfig
+from vaetool.events import Started
 from vaetool.training.trainer import train
 
 COMMON = ["--steps", "4", "--val-fraction", "0.2", "--log-every", "1", "--image-size", "16", "--widths", "8,16",
@@ -66,7 +67,7 @@ def test_memory_mapped_cache_gives_the_same_training(tmp_path):
     events = []
     train([data], tmp_path / "ram", cache_dir=None, **kw)
     train([data], tmp_path / "disk", cache_dir=tmp_path / "cache", cache_memory=1,
-          callback=lambda e, d: events.append(d) if e == "start" else None, **kw)
+          callback=lambda e: events.append(e.info) if isinstance(e, Started) and e.command == "train" else None, **kw)
     assert events[0]["cache_on_disk"]
     a = load_model(tmp_path / "ram" / "last.safetensors").model.state_dict()
     b = load_model(tmp_path / "disk" / "last.safetensors").model.state_dict()

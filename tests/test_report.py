@@ -19,6 +19,7 @@ from vaetool.checkpoint import save_model
 from vaetool.cli.app import app
 from vaetool.config import ModelConfig, TrainConfig
 from vaetool.errors import ConfigError, DataError
+from vaetool.events import Epoch, Progress, Saved
 from vaetool.models.vector import VAE
 from vaetool.training.report import REPORT_DPI, REPORT_INCHES, read_metrics, report_figure, write_report
 
@@ -161,15 +162,18 @@ class _FakeWriter:
 def test_tensorboard_logger_logs_scalars_and_grids_and_passes_events_on(tmp_path):
     run = _fake_run(tmp_path / "run", _metrics(1), checkpoint=False)
     seen, writer = [], _FakeWriter()
-    logger = tboard.TensorBoardLogger(run, inner=lambda e, d: seen.append(e), writer=writer)
-    logger("step", {"step": 5, "loss": 1.0, "recon": 0.8, "kl": 0.2, "beta": 1.0, "images_per_s": 50.0})
-    logger("epoch", _metrics(1)[0])
-    logger("saved", {"path": "x"})
+    logger = tboard.TensorBoardLogger(run, inner=lambda e: seen.append(type(e)), writer=writer)
+    logger(Progress(3, 12))  # the image cache's progress: no scalars
+    logger(Progress(5, 12, {"loss": 1.0, "recon": 0.8, "kl": 0.2, "beta": 1.0, "images_per_s": 50.0,
+                            "kl_top": 0.15}))
+    logger(Epoch(1, 10, _metrics(1)[0]))
+    logger(Saved("x", "best"))
     logger.close()
-    assert seen == ["step", "epoch", "saved"] and writer.closed
+    assert seen == [Progress, Progress, Epoch, Saved] and writer.closed
     tags = {t for t, _, _ in writer.scalars}
-    assert {"train/loss", "train/kl", "epoch/val_neg_elbo", "epoch/val_psnr"} <= tags
-    assert ("train/loss", 1.0, 5) in writer.scalars
+    assert {"train/loss", "train/kl", "train/kl_top", "epoch/val_neg_elbo", "epoch/val_psnr"} <= tags
+    assert ("train/loss", 1.0, 5) in writer.scalars and all(step == 5 for t, _, step in writer.scalars
+                                                            if t.startswith("train/"))
     samples = Image.open(run / "samples.png").size
     assert ("grids/samples", (3, samples[1], samples[0]), 10) in writer.images and len(writer.images) == 2
 
@@ -179,3 +183,41 @@ def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(tboard.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         tboard.tensorboard_callback(tmp_path)
+
+
+def test_one_wild_point_is_clipped_and_marked_not_squashing_the_curve(tmp_path):
+    rows = _metrics(8)
+    rows[3]["train_kl"] = 1.2e6  # the KL spike of a short run
+    run = _fake_run(tmp_path / "run", rows, grids=False)
+    fig = report_figure(run)
+    kl = fig.axes[2]
+    low, high = kl.get_ylim()
+    assert high < 100  # the ordinary values (6 to 14) fill the panel
+    train_line = next(line for line in kl.get_lines() if line.get_label() == "train")
+    assert max(train_line.get_ydata()) == high  # drawn at the edge
+    marks = [line for line in kl.get_lines() if "off the scale" in str(line.get_label())]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [rows[3]["step"]]
+    assert any("1.2e+06" in t.get_text() for t in kl.texts)  # its true value is written beside it
+    elbo = fig.axes[0]  # no wild point there: matplotlib's own range, no marks
+    assert not [line for line in elbo.get_lines() if "off the scale" in str(line.get_label())]
+
+
+def test_robust_range_only_when_a_point_is_far_out():
+    from vaetool.training.report import robust_range
+
+    assert robust_range([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+    span = robust_range([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 1e6])
+    assert span is not None and 7.0 < span[1] < 1e3 and span[0] < 1.0
+
+
+def test_the_heading_shows_the_best_epoch_and_the_run_provenance(tmp_path):
+    rows = _metrics(3)
+    rows[2]["val_neg_elbo"], rows[2]["val_psnr"] = 500.0, 99.0  # the last epoch is worse and has another PSNR
+    run = _fake_run(tmp_path / "run", rows)
+    (run / "run.json").write_text(json.dumps({"command": "vaetool train faces -o run", "data": ["faces"],
+                                              "device": "cpu (Xeon)", "precision": "bf16"}))
+    title = report_figure(run)._suptitle.get_text()
+    assert "best epoch 2: -ELBO 48.50 nats/image, PSNR 12.00 dB" in title and "99.00" not in title
+    assert "vaetool train faces -o run" in title and "cpu (Xeon), bf16" in title
+    page = write_report(run)[1].read_text()
+    assert "vaetool train faces -o run" in page and "bf16" in page

@@ -19,6 +19,7 @@ KINDS = ("vector", "spatial", "hierarchical")  # the model families (models/ reg
 # so its default depends on the downsampling f: two stages for f = 4, and so on.
 DEFAULT_WIDTHS = {"vector": (32, 64, 128, 256), "hierarchical": (32, 64, 128, 256)}
 SPATIAL_WIDTHS = (64, 128, 128, 256)  # the first log2(f) of these
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -158,6 +159,9 @@ class TrainConfig:
     patience: int | None = None
     augment_flip: bool = False
     log_every: int = 25
+    # Learning rate after the linear warm-up: a cosine decay to lr/10 over the budget, or constant.
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corruptions", tuple(
@@ -175,6 +179,9 @@ class TrainConfig:
         _check(0 <= self.ema < 1, f"EMA decay must be in [0, 1), not {self.ema}")
         _check(self.grad_clip > 0, "gradient clip must be > 0")
         _check(self.log_every >= 1, "log_every must be >= 1")
+        _check(self.lr_schedule in LR_SCHEDULES,
+               f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
+        _check(self.warmup_steps >= 0, "warm-up steps must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         data = _to_dict(self)
@@ -183,7 +190,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data)
+        # A config stored before the schedule existed trained at a constant rate: a resumed old run goes on so.
+        return _from_dict(cls, data if "lr_schedule" in data else {**data, "lr_schedule": "constant"})
 
 
 def _to_dict(config: Any) -> dict[str, Any]:

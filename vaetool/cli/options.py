@@ -25,6 +25,21 @@ BATCH_SIZE = 64  # every command's default, so no command surprises with another
 
 
 # ----- choices --------------------------------------------------------------------------------------
+class ModelKind(str, Enum):
+    """The model family: vector (one latent vector), spatial (a latent map), hierarchical (a top vector and maps)."""
+
+    vector = "vector"
+    spatial = "spatial"
+    hierarchical = "hierarchical"
+
+
+class LrSchedule(str, Enum):
+    """How the learning rate moves after warm-up."""
+
+    cosine = "cosine"
+    constant = "constant"
+
+
 class Likelihood(str, Enum):
     """The decoder's distribution p(x|z)."""
 

@@ -11,64 +11,68 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import Corruption, ModelConfig, TrainConfig
-from .common import emit, info, make_progress, warn
+from ..config import DEFAULT_WIDTHS, Corruption, ModelConfig, TrainConfig
+from .common import EXIT_INTERRUPTED, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
-                      DecoderScale, Device, Json, Likelihood, Precision, Quiet, Widths,
+                      DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, Quiet, Widths,
                       batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
                       parse_duration, parse_size, parse_widths, positive, seed_option, workers_option)
 
 class _TrainDisplay:
-    """Turns the engine's events into a progress bar (terminal) or one line per epoch (logs)."""
+    """Turns the trainer's events into a progress bar (terminal) or one line per epoch (logs)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.progress = make_progress(quiet)
         self.task = None
-        self.cache_task = None
-        self.skipped = 0
+        self.time_limit: float | None = None
+        self.failed = 0
         self.state_saved = False  # set when an interrupted run has written its resume state
 
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        getattr(self, f"on_{event}", lambda d: None)(data)
+    def __call__(self, event: Any) -> None:
+        from ..events import Epoch, Failed, Progress, Saved, Started, Warning
 
-    def on_cache(self, d: dict[str, Any]) -> None:
-        if self.cache_task is None:
-            self.progress.start()
-            self.cache_task = self.progress.add_task("decode", total=d["total"], status="")
-        self.progress.update(self.cache_task, completed=d["done"])
+        if isinstance(event, Started):
+            self.on_started(event)
+        elif isinstance(event, Progress) and self.task is not None:
+            self.on_progress(event)
+        elif isinstance(event, Epoch):
+            self.on_epoch(event.metrics)
+        elif isinstance(event, Failed):
+            self.failed += 1
+            warn(f"skipped {event.input}: {event.reason}")
+        elif isinstance(event, Warning):
+            warn(event.message)
+        elif isinstance(event, Saved):
+            self.state_saved = self.state_saved or event.reason == "interrupted"
 
-    def on_skip(self, d: dict[str, Any]) -> None:
-        self.skipped += 1
-        warn(f"skipped {d['path']}: {d['reason']}")
-
-    def on_warning(self, d: dict[str, Any]) -> None:
-        warn(d["message"])
-
-    def on_saved(self, d: dict[str, Any]) -> None:
-        self.state_saved = self.state_saved or d.get("reason") == "interrupted"
-
-    def on_start(self, d: dict[str, Any]) -> None:
-        cfg = d["config"]
-        if self.skipped:
-            warn(f"{self.skipped} file(s) could not be read and were skipped")
+    def on_started(self, event: Any) -> None:
+        self.progress.start()
+        if event.command != "train":  # decoding the images into the cache
+            self.task = self.progress.add_task(event.command, total=event.total, status="")
+            return
+        d, cfg = event.info, event.info["config"]
+        if self.failed:
+            warn(f"{self.failed} file(s) could not be read and were skipped")
         cache = "reused on-disk cache" if d["cache_reused"] else ("memory-mapped cache" if d["cache_on_disk"] else "in-memory cache")
         info(f"{d['train']} training and {d['val']} validation images ({cache}); model {cfg['image_size']}px "
              f"x{cfg['channels']}, latent {cfg['latent_dim']}, widths {cfg['widths']}, {cfg['likelihood']} "
              f"likelihood; batch {d['batch']} per process x {d['world']} = {d['global_batch']}; "
              f"device {d['device']} ({d['precision']})", quiet=self.quiet)
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=d["total_steps"], completed=d["start_step"], status="")
+        self.time_limit = d["time_limit"]
+        self.task = self.progress.add_task("train", total=event.total, completed=d["start_step"], status="")
 
-    def on_step(self, d: dict[str, Any]) -> None:
-        total = d["total_steps"]
-        if d["time_limit"] and d["elapsed"] > 0:  # an ETA for time budgets: steps that fit in the time left
-            rate = d["step"] / d["elapsed"]
-            by_time = int(d["step"] + max(d["time_limit"] - d["elapsed"], 0) * rate)
+    def on_progress(self, event: Any) -> None:
+        m, total = event.metrics, event.total
+        if not m:  # the cache's progress
+            self.progress.update(self.task, completed=event.done, total=total)
+            return
+        if self.time_limit and 0 < m["budget"] < 1:  # a time budget: the steps that fit in the time left
+            by_time = int(event.done / m["budget"])
             total = min(total, by_time) if total else by_time
-        status = (f"ep {d['epoch']} loss {d['loss']:.1f} rec {d['recon']:.1f} kl {d['kl']:.1f} "
-                  f"{d['images_per_s']:.0f} img/s")
-        self.progress.update(self.task, completed=d["step"], total=total, status=status)
+        status = (f"ep {m['epoch']} loss {m['loss']:.1f} rec {m['recon']:.1f} kl {m['kl']:.1f} "
+                  f"{m['images_per_s']:.0f} img/s")
+        self.progress.update(self.task, completed=event.done, total=total, status=status)
 
     def on_epoch(self, d: dict[str, Any]) -> None:
         val = (f" val -elbo {d['val_neg_elbo']:.1f} psnr {d['val_psnr']:.2f}dB" if "val_neg_elbo" in d else "")
@@ -87,9 +91,11 @@ class _TrainDisplay:
 # Options that --resume cannot honour: the run's stored config wins (only the budget, the device and the
 # data-handling options apply to a resumed run). Each maps to its (section, key) in the stored config.
 RESUME_IGNORES = {
-    **{name: ("model_config", name) for name in ("image_size", "channels", "latent_dim", "widths", "blocks", "patch",
+    **{name: ("model_config", name) for name in ("image_size", "channels", "latent_dim", "latent_channels",
+                                                  "downsample", "level_cells", "widths", "blocks", "patch",
                                                   "likelihood", "decoder_scale", "fixed_scale")},
-    **{name: ("train_config", name) for name in ("batch_size", "lr", "seed", "beta", "free_bits", "val_fraction",
+    "model": ("model_config", "kind"),
+    **{name: ("train_config", name) for name in ("batch_size", "lr", "lr_schedule", "warmup_steps", "seed", "beta", "free_bits", "val_fraction",
                                                   "ema", "patience", "grad_clip", "log_every")},
     "kl_warmup": ("train_config", "kl_warmup_steps"), "corrupt": ("train_config", "corruptions"),
     "flip": ("train_config", "augment_flip")}
@@ -110,8 +116,12 @@ def train(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, callback=non_negative, rich_help_panel=DATA, help="Share of images held out for validation.")] = 0.05,
     flip: flag("--flip", help="Random horizontal flips.", panel=DATA) = False,
     strict: flag("--strict", help="Stop at the first unreadable image instead of skipping it.", panel=DATA) = False,
-    latent_dim: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Size of the latent vector z.")] = 64,
-    widths: Annotated[Widths, typer.Option(parser=parse_widths, metavar="W,W,...", rich_help_panel=MODEL, help="Channels of each stride-2 stage, comma separated.")] = "32,64,128,256",
+    model: Annotated[ModelKind, typer.Option("--model", case_sensitive=False, rich_help_panel=MODEL, help="Model family: vector (one latent vector z), spatial (a latent map at 1/--downsample of the image), hierarchical (a top vector and latent maps below it, each with a learned prior).")] = ModelKind.vector,
+    latent_dim: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Size of the latent vector z (vector), or of the top latent (hierarchical).")] = 64,
+    latent_channels: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Channels of each latent map (spatial, hierarchical).")] = 8,
+    downsample: Annotated[int, typer.Option(min=2, rich_help_panel=MODEL, help="Latent maps at 1/f of the image resolution: 2, 4 or 8 (spatial: the one map; hierarchical: the finest).")] = 4,
+    level_cells: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Latent groups per resolution (hierarchical).")] = 1,
+    widths: Annotated[Optional[Widths], typer.Option(parser=parse_widths, metavar="W,W,...", rich_help_panel=MODEL, help="Channels of each stride-2 stage, comma separated (default: the family's own: 32,64,128,256; spatial: one stage per halving).")] = None,
     blocks: Annotated[int, typer.Option(min=0, rich_help_panel=MODEL, help="Extra residual conv layers per stage.")] = 1,
     patch: Annotated[int, typer.Option(min=1, max=2, rich_help_panel=MODEL, help="2: fold 2x2 pixel patches into channels before the first stage (faster on CPUs); 1: a stride-2 conv.")] = 2,
     likelihood: Annotated[Likelihood, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="The decoder's distribution p(x|z).")] = Likelihood.gaussian,
@@ -123,6 +133,7 @@ def train(
     corrupt: Annotated[Optional[list[Corruption]], typer.Option(parser=parse_corruption, metavar="KIND:AMOUNT", rich_help_panel=OBJECTIVE, help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
     batch_size: batch_size_option("Images per optimiser step per process; under torchrun the global batch is this x the number of processes.", OPTIMISATION) = BATCH_SIZE,
     lr: Annotated[float, typer.Option(callback=positive, rich_help_panel=OPTIMISATION, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
+    lr_schedule: Annotated[LrSchedule, typer.Option(case_sensitive=False, rich_help_panel=OPTIMISATION, help="cosine: decay to lr/10 as the budget (steps, epochs or --time) is spent; constant: keep lr.")] = LrSchedule.cosine,
     grad_clip: Annotated[float, typer.Option(callback=positive, rich_help_panel=OPTIMISATION, help="Clip the gradient norm to this.")] = 100.0,
     ema: Annotated[float, typer.Option(min=0.0, max=0.99999, callback=non_negative, rich_help_panel=OPTIMISATION, help="EMA decay of the weights (e.g. 0.999); the EMA weights are evaluated and saved.")] = 0.0,
     seed: seed_option(OPTIMISATION) = 0,
@@ -150,16 +161,21 @@ def train(
 
     Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors (for --resume), metrics.jsonl and per-epoch sample and reconstruction grids, and prints the checkpoint path. --batch-size is per process: under torchrun the global batch is batch-size x processes.
     """
-    check_model_shape(image_size, widths)
+    if model is ModelKind.spatial:
+        check_model_shape(image_size, (0,) * (downsample.bit_length() - 1))
+    else:
+        check_model_shape(image_size, widths or DEFAULT_WIDTHS[model.value])
     if resume:
         _refuse_ignored_on_resume(ctx, output)
     data = _training_data(ctx, data, output, resume=resume)
     model_config = ModelConfig(
-        image_size=image_size, channels=3 if channels is Channels.auto else int(channels.value), latent_dim=latent_dim,
-        widths=tuple(widths), blocks=blocks, patch=patch, likelihood=likelihood.value,
+        kind=model.value, image_size=image_size, channels=3 if channels is Channels.auto else int(channels.value),
+        latent_dim=latent_dim, latent_channels=latent_channels, downsample=downsample, level_cells=level_cells,
+        widths=tuple(widths or ()), blocks=blocks, patch=patch, likelihood=likelihood.value,
         decoder_scale=decoder_scale.value, fixed_scale=fixed_scale)
     train_config = TrainConfig(
-        epochs=epochs, steps=steps, time_limit=time_budget, batch_size=batch_size, lr=lr, beta=beta,
+        epochs=epochs, steps=steps, time_limit=time_budget, batch_size=batch_size, lr=lr,
+        lr_schedule=lr_schedule.value, beta=beta,
         kl_warmup_steps=kl_warmup, free_bits=free_bits, val_fraction=val_fraction, seed=seed,
         corruptions=tuple(corrupt or ()), ema=ema, patience=patience, augment_flip=flip, grad_clip=grad_clip,
         log_every=log_every)
@@ -271,12 +287,13 @@ def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, trai
         from ..training.tboard import tensorboard_callback
 
         callback = tensorboard_callback(output, inner=display)
-    started = time.monotonic()
+    interrupted = False
     try:
         result = run(data, output, model_config=model_config, train_config=train_config, device=device,
                      precision=precision, detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                      cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers, report=report,
-                     callback=callback)
+                     callback=callback, invocation=_invocation(data, model_config, train_config, device=device,
+                                                               precision=precision))
     except KeyboardInterrupt:
         display.close()
         if display.state_saved:
@@ -284,21 +301,31 @@ def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, trai
         else:
             warn("interrupted before the first training step; nothing to resume, start again without --resume"
                  if not resume else f"interrupted before training went on; {output} is as it was")
-        raise
+        interrupted = True
     finally:
         display.close()
         if callback is not display:
             callback.close()
+    if interrupted:  # the warning above is the one message; raised outside the except, so not "error: interrupted"
+        raise typer.Exit(EXIT_INTERRUPTED)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    info(f"done in {time.monotonic() - started:.0f}s: {result.step} steps, {result.epoch} full epoch(s), stopped by {result.stopped}",
-         quiet=quiet)
+    info(f"done: {result.describe()}", quiet=quiet)
     if as_json:
-        emit({"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir), "step": result.step,
-              "epoch": result.epoch, "stopped": result.stopped, "metrics": result.metrics,
-              "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}, as_json=True)
+        emit(result.to_dict(), as_json=True)
     else:
         emit(result.checkpoint)
+
+
+def _invocation(data: list[str], model_config: ModelConfig, train_config: TrainConfig, *, device: str,
+                precision: str) -> dict[str, Any]:
+    """The command line and the settings it asked for, for the run's record."""
+    import shlex
+    import sys
+
+    return {"command": shlex.join(["vaetool", *sys.argv[1:]]), "data": list(data), "device": device,
+            "precision": precision, "model_config": model_config.to_dict(), "train_config": train_config.to_dict()}
+
 
 def info_command(
     checkpoint: Checkpoint,

@@ -59,6 +59,15 @@ def broadcast_flag(value: bool, world: World, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def broadcast_value(value: float, world: World, device: torch.device) -> float:
+    """Rank 0's number (its clock, say) for everyone, so decisions that depend on it agree across processes."""
+    if not world.distributed:
+        return value
+    box = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.broadcast(box, src=0)
+    return float(box.item())
+
+
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-
-Callback = Callable[[str, dict[str, Any]], None]
+from ..events import Callback, Epoch, Event, Progress
 LOG_FOLDER = "tensorboard"
 STEP_SCALARS = {"loss": "train/loss", "recon": "train/recon", "kl": "train/kl", "beta": "train/beta",
-                "images_per_s": "speed/images_per_s"}
+                "lr": "train/lr", "images_per_s": "speed/images_per_s"}
 EPOCH_SCALARS = {"train_neg_elbo": "epoch/train_neg_elbo", "val_neg_elbo": "epoch/val_neg_elbo",
                  "val_recon": "epoch/val_recon", "val_kl": "epoch/val_kl", "val_psnr": "epoch/val_psnr",
                  "decoder_log_scale": "epoch/decoder_log_scale"}
@@ -45,15 +43,18 @@ class TensorBoardLogger:
             self.writer = SummaryWriter(log_dir=str(self.run_dir / LOG_FOLDER))
         return self.writer
 
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         if self.inner is not None:
-            self.inner(event, data)
-        if event == "step":
+            self.inner(event)
+        if isinstance(event, Progress) and event.metrics:  # training steps (the cache's progress has no metrics)
             for key, tag in STEP_SCALARS.items():
-                if isinstance(data.get(key), (int, float)):
-                    self._writer().add_scalar(tag, data[key], data["step"])
-        elif event == "epoch":
-            self._log_epoch(data)
+                if isinstance(event.metrics.get(key), (int, float)):
+                    self._writer().add_scalar(tag, event.metrics[key], event.done)
+            for key, value in event.metrics.items():
+                if key.startswith("kl_") and isinstance(value, (int, float)):
+                    self._writer().add_scalar(f"train/{key}", value, event.done)
+        elif isinstance(event, Epoch):
+            self._log_epoch(event.metrics)
 
     def _log_epoch(self, metrics: dict[str, Any]) -> None:
         writer, step = self._writer(), metrics["step"]
