@@ -144,3 +144,16 @@ def test_prior_level_and_stored_levels():
         prior_level(["a", "b"])
     prior = fit_mixture(torch.randn(20, 2), components=1, level="top")
     assert prior_levels(prior.to_tensors() | {"encoder.w": torch.zeros(1)}) == ["top"]
+
+
+def test_the_isotropic_rest_stays_outside_the_principal_subspace():
+    """Mixture std 0.1 along e1, residual std 1 elsewhere: the rest must not leak into e1."""
+    prior = FittedPrior(level="z", shape=(3,), weights=torch.ones(1), means=torch.zeros(1, 1),
+                        scale_tril=torch.full((1, 1, 1), 0.1), center=torch.zeros(3),
+                        basis=torch.tensor([[1.0], [0.0], [0.0]]), residual_std=1.0)
+    std = prior.sample(20000, generator=torch.Generator().manual_seed(0)).std(0)
+    assert torch.allclose(std, torch.tensor([0.1, 1.0, 1.0]), rtol=0.03)
+    z = torch.tensor([[0.3, -1.0, 2.0]])
+    expected = (torch.distributions.Normal(0.0, 0.1).log_prob(z[:, 0])
+                + torch.distributions.Normal(0.0, 1.0).log_prob(z[:, 1:]).sum(1))
+    assert torch.allclose(prior.log_prob(z), expected, atol=1e-5)
