@@ -1,0 +1,95 @@
+"""The sample metric: real against real scores near chance, blurred images are caught, copies are found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faces import draw_face, face_attributes
+from vaetool.errors import DataError
+from vaetool.inference.sample_metric import classifier_two_sample_test, memorisation, nearest_distances
+
+SIZE = 32
+OPTIONS = {"steps": 100, "batch_size": 32, "widths": (8, 16, 32)}
+
+
+def faces(seed: int, count: int) -> torch.Tensor:
+    """(count, 3, 32, 32) cartoon faces in [0, 1] from examples/faces.py."""
+    arrays = [np.asarray(draw_face(face_attributes(seed, i), SIZE)) for i in range(count)]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """A separable Gaussian blur, 5 taps, per channel."""
+    taps = torch.exp(-torch.arange(-2, 3).float().pow(2) / (2 * sigma**2))
+    taps = taps / taps.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), taps.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), taps.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+@pytest.fixture(scope="module")
+def real() -> torch.Tensor:
+    return faces(0, 300)
+
+
+@pytest.fixture(scope="module")
+def other() -> torch.Tensor:
+    return faces(1, 300)
+
+
+def test_real_against_real_scores_near_chance(real, other):
+    result = classifier_two_sample_test(real, other, seed=0, **OPTIONS)
+    assert abs(result.accuracy - 0.5) <= 0.1
+    assert result.p_value > 0.001
+    assert (result.real_train, result.real_test, result.generated_train, result.generated_test) == (150, 150, 150, 150)
+
+
+def test_real_against_blurred_real_is_told_apart(real, other):
+    result = classifier_two_sample_test(real, blur(other), seed=0, **OPTIONS)
+    assert result.accuracy >= 0.8
+    assert result.p_value < 1e-6
+    assert result.log_loss < 0.6931  # better than a coin's log 2
+
+
+def test_the_result_is_seeded_and_states_its_setup(real, other):
+    options = OPTIONS | {"steps": 20}
+    a = classifier_two_sample_test(real[:64], blur(other[:64]), seed=3, **options)
+    b = classifier_two_sample_test(real[:64], blur(other[:64]), seed=3, **options)
+    assert a == b
+    state = torch.get_rng_state()
+    c = classifier_two_sample_test(real[:64], blur(other[:64]), seed=4, **options)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is left alone
+    assert c.log_loss != a.log_loss
+    assert a.to_dict()["steps"] == 20 and a.widths == (8, 16, 32) and a.image_size == (SIZE, SIZE)
+    assert a.parameters > 0 and "20 steps of 32, seed 3" in a.summary()
+
+
+def test_large_images_are_reduced_and_mismatched_ones_refused(real):
+    big = F.interpolate(real[:8], scale_factor=4)  # 128 px: area-averaged to 64 before the classifier
+    assert classifier_two_sample_test(big, big, steps=1, batch_size=4).image_size == (64, 64)
+    with pytest.raises(DataError, match="one size"):
+        classifier_two_sample_test(real[:8], real[:8, :, :16], steps=1)
+    with pytest.raises(DataError, match="N >= 2"):
+        classifier_two_sample_test(real[:1], real[:8], steps=1)
+
+
+def test_copies_of_training_images_are_at_distance_zero(real, other):
+    copies = real[[5, 17, 299]]
+    distance, index = nearest_distances(copies, real, chunk=2)
+    assert index.tolist() == [5, 17, 299]
+    assert distance.tolist() == [0.0, 0.0, 0.0]
+    shifted = (real[:4] + 0.1).clamp(0, 1)
+    assert (nearest_distances(shifted, real)[0] > 0).all()
+
+
+def test_memorisation_compares_samples_with_held_out_real_images(real, other):
+    copied = memorisation(real[:50], real[:200], other[:100])
+    assert copied.mean == 0.0 and copied.min == 0.0 and copied.near_fraction == 1.0
+    assert copied.reference_min > 0.0 and (copied.samples, copied.training, copied.reference) == (50, 200, 100)
+    fresh = memorisation(other[100:200], real[:200], other[:100])
+    assert fresh.mean == pytest.approx(fresh.reference_mean, rel=0.2)  # new faces sit as far as real ones do
+    assert fresh.near_fraction < 0.2
+    assert memorisation(real[:10], real[:200]).near_fraction is None

@@ -1,0 +1,212 @@
+"""How well samples pass for data: a classifier two-sample test, and the distance from samples to the training images.
+
+The two-sample test (Lopez-Paz & Oquab 2017, "Revisiting classifier two-sample tests") trains a small
+convolutional classifier on half of the real images and half of the generated ones and reports its
+accuracy on the other halves: 0.5 means the classifier cannot tell them apart, 1.0 that every sample
+gives itself away. A low score can also come from copying the training set, so the nearest-neighbour
+distance from each sample to the training images is reported beside the same distance for held-out
+real images (a model that memorises puts its samples much nearer than real images of the distribution).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError
+
+MAX_SIZE = 64  # larger images are area-averaged to this side first: the test stays fast at any size
+NEAR_QUANTILE = 0.05
+
+
+@dataclass
+class TwoSampleResult:
+    """The classifier two-sample test's scores on the held-out halves, with the setup that produced them."""
+
+    accuracy: float  # balanced accuracy (mean of the per-class accuracies), so chance is 0.5 at any counts
+    log_loss: float  # nats, per-class mean binary cross-entropy, averaged over the two classes
+    p_value: float  # one-sided, against chance: accuracy ~ N(1/2, (1/n_real + 1/n_generated) / 16) under H0
+    real_accuracy: float
+    generated_accuracy: float
+    real_train: int
+    generated_train: int
+    real_test: int
+    generated_test: int
+    image_size: tuple[int, int]
+    widths: tuple[int, ...]
+    parameters: int
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: the score and the setup, for a report or a log."""
+        return (f"classifier two-sample test: accuracy {self.accuracy:.3f} (0.5 = indistinguishable), "
+                f"log-loss {self.log_loss:.3f}, p {self.p_value:.2g}; conv {list(self.widths)} "
+                f"({self.parameters} parameters), {self.steps} steps of {self.batch_size}, seed {self.seed}, "
+                f"trained on {self.real_train} real + {self.generated_train} generated, "
+                f"tested on {self.real_test} + {self.generated_test}")
+
+
+class Classifier(nn.Module):
+    """Real (logit > 0) or generated: stride-2 convs with GroupNorm and SiLU, global average pool, linear."""
+
+    def __init__(self, channels: int, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        layers, in_ch = [], channels
+        for width in widths:
+            layers += [nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(width, 8), width),
+                       nn.SiLU()]
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(in_ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x * 2.0 - 1.0)  # (B, W, h, w)
+        return self.head(h.mean((2, 3))).squeeze(1)  # (B,) logits
+
+
+def _prepare(images: torch.Tensor, name: str) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise DataError(f"the {name} images must be a batch (N, C, H, W) with N >= 2, got {tuple(images.shape)}")
+    x = images.detach().to("cpu", torch.float32)
+    if max(x.shape[-2:]) > MAX_SIZE:
+        scale = MAX_SIZE / max(x.shape[-2:])
+        size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+        x = F.interpolate(x, size=size, mode="area")
+    return x.nan_to_num(0.0).clamp(0.0, 1.0)
+
+
+def _halves(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(count, generator=generator)
+    return order[: count // 2], order[count // 2:]
+
+
+def _train(model: Classifier, real: torch.Tensor, fake: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+           generator: torch.Generator) -> None:
+    """AdamW on class-balanced batches: half real, half generated, drawn with replacement."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    half = max(1, batch_size // 2)
+    labels = torch.cat([torch.ones(half), torch.zeros(half)])  # (B,)
+    for step in range(steps):
+        # Cosine decay to zero: the last steps refine instead of jumping around the optimum.
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        pick_real = torch.randint(real.shape[0], (half,), generator=generator)
+        pick_fake = torch.randint(fake.shape[0], (half,), generator=generator)
+        x = torch.cat([real[pick_real], fake[pick_fake]])  # (B, C, H, W)
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # mirror images are as real as the originals
+        loss = F.binary_cross_entropy_with_logits(model(x), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def _scores(model: Classifier, images: torch.Tensor, label: float, batch_size: int) -> tuple[float, float]:
+    """Accuracy and mean binary cross-entropy (nats) of the classifier on images of one class."""
+    logits = torch.cat([model(images[i:i + 4 * batch_size]) for i in range(0, images.shape[0], 4 * batch_size)])
+    target = torch.full_like(logits, label)
+    correct = ((logits > 0).float() == target).float().mean()
+    return float(correct), float(F.binary_cross_entropy_with_logits(logits, target))
+
+
+def classifier_two_sample_test(real: torch.Tensor, generated: torch.Tensor, *, seed: int = 0, steps: int = 300,
+                               batch_size: int = 64, widths: tuple[int, ...] = (16, 32, 64),
+                               lr: float = 3e-3) -> TwoSampleResult:
+    """Train a classifier on half the real and half the generated images (N, C, H, W) in [0, 1]; score the rest.
+
+    The halves, the initial weights and every batch come from `seed`, so the same inputs and seed
+    give the same result. Runs on the CPU in float32: the classifier is small, and the same
+    arithmetic everywhere keeps the score comparable between machines.
+    """
+    real, generated = _prepare(real, "real"), _prepare(generated, "generated")
+    if real.shape[1:] != generated.shape[1:]:
+        raise DataError(f"real images {tuple(real.shape[1:])} and generated ones {tuple(generated.shape[1:])} "
+                        f"differ in channels or size; give images of one size")
+    generator = torch.Generator().manual_seed(seed)
+    real_train, real_test = _halves(real.shape[0], generator)
+    fake_train, fake_test = _halves(generated.shape[0], generator)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = Classifier(real.shape[1], tuple(widths))
+    _train(model, real[real_train], generated[fake_train], steps=steps, batch_size=batch_size, lr=lr,
+           generator=generator)
+    real_acc, real_loss = _scores(model, real[real_test], 1.0, batch_size)
+    fake_acc, fake_loss = _scores(model, generated[fake_test], 0.0, batch_size)
+    accuracy = 0.5 * (real_acc + fake_acc)
+    std = math.sqrt((1.0 / len(real_test) + 1.0 / len(fake_test)) / 16.0)
+    return TwoSampleResult(
+        accuracy=accuracy, log_loss=0.5 * (real_loss + fake_loss),
+        p_value=0.5 * math.erfc((accuracy - 0.5) / std / math.sqrt(2.0)),
+        real_accuracy=real_acc, generated_accuracy=fake_acc,
+        real_train=len(real_train), generated_train=len(fake_train), real_test=len(real_test),
+        generated_test=len(fake_test), image_size=(int(real.shape[2]), int(real.shape[3])), widths=tuple(widths),
+        parameters=sum(p.numel() for p in model.parameters()), steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+
+@torch.no_grad()
+def nearest_distances(queries: torch.Tensor, references: torch.Tensor, *,
+                      chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel RMSE from each query image (M, C, H, W) to its nearest reference (N, C, H, W), and its index.
+
+    The search runs in float32 matrix products (|q|^2 + |r|^2 - 2 q.r); the chosen pair's distance is
+    then recomputed exactly, so a copy of a reference is at distance 0, not at float32 round-off.
+    """
+    if queries.shape[1:] != references.shape[1:]:
+        raise DataError(f"images of shape {tuple(queries.shape[1:])} cannot be compared with training images "
+                        f"of shape {tuple(references.shape[1:])}; give images of one size")
+    q = queries.detach().to("cpu", torch.float32).flatten(1)  # (M, P)
+    r = references.detach().to("cpu", torch.float32).flatten(1)  # (N, P)
+    r_norms = r.pow(2).sum(1)  # (N,)
+    best = torch.empty(q.shape[0], dtype=torch.long)
+    for start in range(0, q.shape[0], chunk):
+        block = q[start:start + chunk]  # (m, P)
+        squared = r_norms[None] - 2.0 * (block @ r.T)  # (m, N), |q|^2 left out: it does not move the argmin
+        best[start:start + chunk] = squared.argmin(1)
+    exact = (q.double() - r[best].double()).pow(2).mean(1).sqrt()  # (M,)
+    return exact.float(), best
+
+
+@dataclass
+class Memorisation:
+    """Nearest-training-image distances (per-pixel RMSE in [0, 1]) of the samples, and of held-out real images."""
+
+    mean: float
+    median: float
+    min: float
+    near_fraction: float | None  # samples nearer than the closest 5% of held-out real images are
+    reference_mean: float | None
+    reference_median: float | None
+    reference_min: float | None
+    samples: int
+    training: int
+    reference: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def memorisation(generated: torch.Tensor, training: torch.Tensor,
+                 held_out: torch.Tensor | None = None) -> Memorisation:
+    """How near samples sit to the training images, against the same for held-out real images (N, C, H, W)."""
+    samples, _ = nearest_distances(generated, training)
+    reference = nearest_distances(held_out, training)[0] if held_out is not None and len(held_out) else None
+    near = None
+    if reference is not None:
+        threshold = torch.quantile(reference.double(), NEAR_QUANTILE)
+        near = float((samples.double() < threshold).float().mean())
+    stat = (lambda f: None) if reference is None else (lambda f: float(f(reference)))
+    return Memorisation(
+        mean=float(samples.mean()), median=float(samples.median()), min=float(samples.min()), near_fraction=near,
+        reference_mean=stat(torch.mean), reference_median=stat(torch.median), reference_min=stat(torch.min),
+        samples=len(samples), training=len(training), reference=0 if reference is None else len(reference))
