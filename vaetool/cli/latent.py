@@ -25,7 +25,7 @@ Format = Annotated[ImageFormat, typer.Option("--ext", case_sensitive=False, rich
 def _open(checkpoint: Path, device: str):
     from ..inference.load import load_for_inference
 
-    return load_for_inference(checkpoint, device=device)
+    return load_for_inference(checkpoint, device=device, command="encode/decode/sample/interpolate/reconstruct/traverse")
 
 
 def encode(

@@ -222,7 +222,7 @@ class _Pipeline:
 
 def _prepare_model(checkpoint: Source, *, device: str, precision: str) -> tuple[ModelRunner, tuple | None]:
     """The model on its device, and the corruptions it was trained with (None when unknown: a bare model)."""
-    loaded = load_for_inference(checkpoint, device=device)
+    loaded = load_for_inference(checkpoint, device=device, command="denoise")
     if isinstance(checkpoint, VAEFamily):
         corruptions = None
     else:

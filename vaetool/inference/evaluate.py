@@ -262,7 +262,7 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
         raise ConfigError("--iw-samples and --batch-size must be >= 1")
     given = checkpoint_or_model.model if isinstance(checkpoint_or_model, Checkpoint) else checkpoint_or_model
     was_training = bool(getattr(given, "training", False))
-    loaded = load_for_inference(checkpoint_or_model, device=device)
+    loaded = load_for_inference(checkpoint_or_model, device=device, command="eval")
     model, dev = loaded.model, model_device(loaded)
     source = str(loaded.path) if loaded.path else None
     outcome = Outcome()

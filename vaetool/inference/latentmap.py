@@ -272,7 +272,7 @@ class MapResult:
 
 def _encode_folder(checkpoint: str | Path, data: Sequence[str | Path], *, batch_size: int, device: str,
                    workers: int | None, stdin: Any, callback: Callback) -> tuple[Any, Means, list]:
-    loaded = load_for_inference(checkpoint, device=device)
+    loaded = load_for_inference(checkpoint, device=device, command="latent-map")
     outcome = Outcome()
     callback = outcome.recorder(callback)
     found = find_images(data, stdin=stdin, callback=callback)
