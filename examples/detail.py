@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # detail_parts beside this file, however it is imported
+from faces import _write_atomic  # noqa: E402  (the one atomic writer of the examples)
 from detail_parts import (SUPERSAMPLE, background, draw_extras, draw_icons, draw_shapes, draw_symbols,  # noqa: E402
                           draw_text, load_assets, photo_crop, terrain_crop)
 
@@ -48,18 +47,6 @@ def draw_image(seed: int, index: int, *, size: int = 64, stream: int = 0) -> tup
 
 
 # ------------------------------------------------------------------------------------------ files
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary name in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_one(job: tuple[Path, str, int, int, int, int, bool]) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from ..events import Written
 from .options import IMAGE_SUFFIXES
 
 
@@ -50,24 +51,13 @@ def scratch_beside(source: Path, target: Path, *, force: bool) -> Iterator[Path]
 
 class MoveToTarget:
     """A callback between the engine and the display: the file written in the scratch folder is renamed to
-    the target, and the display is told the target's name.
+    the target, and the display is told the target's name."""
 
-    It takes both the `(event, data)` calls and the typed events of `vaetool.events` (a `Written` payload).
-    """
-
-    def __init__(self, inner: Callable[..., Any], target: Path, *, force: bool) -> None:
+    def __init__(self, inner: Callable[[Any], Any], target: Path, *, force: bool) -> None:
         self.inner, self.target, self.force = inner, target, force
 
-    def __call__(self, *args: Any) -> Any:
-        if len(args) == 2:
-            event, data = args
-            if event == "written":
-                key = "output" if "output" in data else "path"
-                self._move(Path(data[key]))
-                data = {**data, key: str(self.target)}
-            return self.inner(event, data)
-        (event,) = args
-        if type(event).__name__ == "Written":
+    def __call__(self, event: Any) -> Any:
+        if isinstance(event, Written):
             self._move(Path(event.output))
             event = dataclasses.replace(event, output=str(self.target))
         return self.inner(event)
