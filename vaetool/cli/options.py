@@ -25,82 +25,26 @@ BATCH_SIZE = 64  # every command's default, so no command surprises with another
 
 
 # ----- choices --------------------------------------------------------------------------------------
-class ModelKind(str, Enum):
-    """The model family: vector (one latent vector), spatial (a latent map), hierarchical (a top vector and maps)."""
-
-    vector = "vector"
-    spatial = "spatial"
-    hierarchical = "hierarchical"
-
-
-class LrSchedule(str, Enum):
-    """How the learning rate moves after warm-up."""
-
-    cosine = "cosine"
-    constant = "constant"
+def choices(name: str, doc: str, values: str | dict[str, str]) -> type[Enum]:
+    """A str Enum of an option's choices, so `--help` lists them and Typer checks them: `values` is
+    "a b c" (each name its own value) or {name: value}."""
+    members = {v: v for v in values.split()} if isinstance(values, str) else values
+    enum = Enum(name, members, type=str, module=__name__)
+    enum.__doc__ = doc
+    return enum
 
 
-class Likelihood(str, Enum):
-    """The decoder's distribution p(x|z)."""
-
-    gaussian = "gaussian"
-    laplace = "laplace"
-    bernoulli = "bernoulli"
-
-
-class DecoderScale(str, Enum):
-    """How a Gaussian/Laplace decoder's shared scale is set."""
-
-    optimal = "optimal"
-    learned = "learned"
-    fixed = "fixed"
-
-
-class Channels(str, Enum):
-    """Image channels the model works in."""
-
-    auto = "auto"
-    gray = "1"
-    rgb = "3"
-
-
-class Precision(str, Enum):
-    """Autocast precision."""
-
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class PathMethod(str, Enum):
-    """How `interpolate` walks between anchors."""
-
-    slerp = "slerp"
-    lerp = "lerp"
-
-
-class MapMethod(str, Enum):
-    """How `latent-map` projects the latent to 2-D."""
-
-    auto = "auto"
-    pca = "pca"
-    dims = "dims"
-
-
-class ImageFormat(str, Enum):
-    """Image formats vaetool writes: the extensions it reads (io.images.IMAGE_EXTENSIONS)."""
-
-    png = "png"
-    jpg = "jpg"
-    jpeg = "jpeg"
-    tif = "tif"
-    tiff = "tiff"
-    webp = "webp"
-    bmp = "bmp"
-    gif = "gif"
-    ppm = "ppm"
-    pgm = "pgm"
+ModelKind = choices("ModelKind", "The model family: vector (one latent vector), spatial (a latent map), "
+                    "hierarchical (a top vector and maps).", "vector spatial hierarchical")
+LrSchedule = choices("LrSchedule", "How the learning rate moves after warm-up.", "cosine constant")
+Likelihood = choices("Likelihood", "The decoder's distribution p(x|z).", "gaussian laplace bernoulli")
+DecoderScale = choices("DecoderScale", "How a Gaussian/Laplace decoder's shared scale is set.", "optimal learned fixed")
+Channels = choices("Channels", "Image channels the model works in.", {"auto": "auto", "gray": "1", "rgb": "3"})
+Precision = choices("Precision", "Autocast precision.", "auto fp32 bf16 fp16")
+PathMethod = choices("PathMethod", "How `interpolate` walks between anchors.", "slerp lerp")
+MapMethod = choices("MapMethod", "How `latent-map` projects the latent to 2-D.", "auto pca dims")
+ImageFormat = choices("ImageFormat", "Image formats vaetool writes: the extensions it reads.",
+                      "png jpg jpeg tif tiff webp bmp gif ppm pgm")
 
 
 IMAGE_SUFFIXES = frozenset(f".{f.value}" for f in ImageFormat)

@@ -12,69 +12,54 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import DEFAULT_WIDTHS, Corruption, ModelConfig, TrainConfig
-from .common import EXIT_INTERRUPTED, emit, info, make_progress, warn
+from .common import EXIT_INTERRUPTED, Display, emit, info, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
                       DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, Quiet, Widths,
                       batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
                       parse_duration, parse_size, parse_widths, positive, seed_option, workers_option)
 
-class _TrainDisplay:
-    """Turns the trainer's events into a progress bar (terminal) or one line per epoch (logs)."""
+class _TrainDisplay(Display):
+    """The shared display, with training's own start line, bar status and one line per epoch.
+
+    An unreadable training image is skipped with a warning (the run goes on without it), not a failed output.
+    """
 
     def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.progress = make_progress(quiet)
-        self.task = None
+        super().__init__("train", quiet=quiet)
         self.time_limit: float | None = None
-        self.failed = 0
-        self.state_saved = False  # set when an interrupted run has written its resume state
 
-    def __call__(self, event: Any) -> None:
-        from ..events import Epoch, Failed, Progress, Saved, Started, Warning
-
-        if isinstance(event, Started):
-            self.on_started(event)
-        elif isinstance(event, Progress) and self.task is not None:
-            self.on_progress(event)
-        elif isinstance(event, Epoch):
-            self.on_epoch(event.metrics)
-        elif isinstance(event, Failed):
-            self.failed += 1
-            warn(f"skipped {event.input}: {event.reason}")
-        elif isinstance(event, Warning):
-            warn(event.message)
-        elif isinstance(event, Saved):
-            self.state_saved = self.state_saved or event.reason == "interrupted"
-
-    def on_started(self, event: Any) -> None:
-        self.progress.start()
-        if event.command != "train":  # decoding the images into the cache
-            self.task = self.progress.add_task(event.command, total=event.total, status="")
+    def _on_started(self, e: Any) -> None:
+        if e.command != "train":  # decoding the images into the cache
+            self._start_bar(e.command, e.total)
             return
-        d, cfg = event.info, event.info["config"]
+        d, cfg = e.info, e.info["config"]
         if self.failed:
             warn(f"{self.failed} file(s) could not be read and were skipped")
         cache = "reused on-disk cache" if d["cache_reused"] else ("memory-mapped cache" if d["cache_on_disk"] else "in-memory cache")
-        info(f"{d['train']} training and {d['val']} validation images ({cache}); model {cfg['image_size']}px "
-             f"x{cfg['channels']}, latent {cfg['latent_dim']}, widths {cfg['widths']}, {cfg['likelihood']} "
-             f"likelihood; batch {d['batch']} per process x {d['world']} = {d['global_batch']}; "
-             f"device {d['device']} ({d['precision']})", quiet=self.quiet)
+        self._line(f"{d['train']} training and {d['val']} validation images ({cache}); {cfg.get('kind', 'vector')} "
+                   f"model {cfg['image_size']}px x{cfg['channels']}, latent {cfg['latent_dim']}, widths "
+                   f"{cfg['widths']}, {cfg['likelihood']} likelihood; batch {d['batch']} per process x {d['world']} "
+                   f"= {d['global_batch']}; device {d['device']} ({d['precision']})")
         self.time_limit = d["time_limit"]
-        self.task = self.progress.add_task("train", total=event.total, completed=d["start_step"], status="")
+        self._start_bar("train", e.total)
+        self.progress.update(self.task, completed=d["start_step"])
 
-    def on_progress(self, event: Any) -> None:
-        m, total = event.metrics, event.total
+    def _on_progress(self, e: Any) -> None:
+        if self.task is None:
+            return
+        m, total = e.metrics, e.total
         if not m:  # the cache's progress
-            self.progress.update(self.task, completed=event.done, total=total)
+            self.progress.update(self.task, completed=e.done, total=total)
             return
         if self.time_limit and 0 < m["budget"] < 1:  # a time budget: the steps that fit in the time left
-            by_time = int(event.done / m["budget"])
+            by_time = int(e.done / m["budget"])
             total = min(total, by_time) if total else by_time
         status = (f"ep {m['epoch']} loss {m['loss']:.1f} rec {m['recon']:.1f} kl {m['kl']:.1f} "
                   f"{m['images_per_s']:.0f} img/s")
-        self.progress.update(self.task, completed=event.done, total=total, status=status)
+        self.progress.update(self.task, completed=e.done, total=total, status=status)
 
-    def on_epoch(self, d: dict[str, Any]) -> None:
+    def _on_epoch(self, e: Any) -> None:
+        d = e.metrics
         val = (f" val -elbo {d['val_neg_elbo']:.1f} psnr {d['val_psnr']:.2f}dB" if "val_neg_elbo" in d else "")
         mark = " *" if d.get("best") else ""
         line = (f"epoch {d['epoch']} step {d['step']}: loss {d['train_loss']:.1f} (rec {d['train_recon']:.1f}, "
@@ -82,10 +67,11 @@ class _TrainDisplay:
         if self.progress.live.is_started and not self.progress.disable:
             self.progress.console.print(line, markup=False, highlight=False)
         else:
-            info(line, quiet=self.quiet)
+            self._line(line)
 
-    def close(self) -> None:
-        self.progress.stop()
+    def _on_failed(self, e: Any) -> None:
+        self.failed += 1
+        warn(f"skipped {e.input}: {e.reason}")
 
 
 # Options that --resume cannot honour: the run's stored config wins (only the budget, the device and the
@@ -275,12 +261,12 @@ def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, trai
                tensorboard: bool, quiet: bool, as_json: bool) -> None:
     import os
 
-    from ..io.find import find_images
+    from ..training.data import paths_from_stdin
     from ..training.trainer import train as run
 
     if data == ["-"]:
         import sys
-        data = [str(f.path) for f in find_images(["-"], stdin=sys.stdin)]
+        data = paths_from_stdin(sys.stdin)
     display = _TrainDisplay(quiet)
     callback = display
     if tensorboard:

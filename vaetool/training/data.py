@@ -13,8 +13,13 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..events import Callback, Failed, Progress, Started
 from ..io import cache as image_cache
-from ..io.find import FoundImage
+from ..io.find import FoundImage, find_images
 from .distributed import World, barrier
+
+
+def paths_from_stdin(stdin) -> list[str]:
+    """The image paths listed on stdin (one per line, as `find` prints them), for `vaetool train -`."""
+    return [str(found.path) for found in find_images(["-"], stdin=stdin)]
 
 
 def default_cache_memory() -> int:
