@@ -90,3 +90,13 @@ def test_version_and_no_args():
     runner = CliRunner()
     assert "vaetool" in runner.invoke(app, ["--version"]).output
     assert runner.invoke(app, []).exit_code in (0, 2)
+
+
+def test_progress_lines_without_a_terminal_follow_log_every(tmp_path):
+    make_blobs(tmp_path / "data", count=8)
+    result = _run("train", str(tmp_path / "data"), "-o", str(tmp_path / "run"), "--steps", "4", "--log-every", "2",
+                  *[a for a in TINY_ARGS if a != "-q"])
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert "50% of the budget, eta" in lines[0] and "100% of the budget" in lines[1]

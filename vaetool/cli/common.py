@@ -110,14 +110,16 @@ def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def make_progress(quiet: bool):
-    """A Rich progress bar on stderr with N/M and ETA, or a silent stand-in."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+def make_progress(quiet: bool, *, counts: bool = True):
+    """A Rich progress bar on stderr with N/M (or, with `counts=False`, the percentage of a budget) and ETA,
+    or a silent stand-in. The status comes last, so a narrow terminal cuts it rather than the times."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console(), redirect_stdout=False, redirect_stderr=False,
+    amount = MofNCompleteColumn() if counts else TaskProgressColumn()
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), amount, TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                    console=console(), redirect_stdout=False, redirect_stderr=False,
                     disable=not show_progress(quiet), transient=False)
 
 
@@ -174,7 +176,20 @@ class Display:
     def _on_written(self, e: Any) -> None:
         self.written += 1
         record = {"input": e.input, "output": e.output} if e.input is not None else {"path": e.output}
-        emit(record | e.extra if self.as_json else e.output, as_json=self.as_json)
+        self._result(record | e.extra if self.as_json else e.output)
+
+    def _result(self, value: Any) -> None:
+        """A result on stdout that leaves the live bar whole when both share a terminal: the bar's line is
+        cleared, the result written, and the bar drawn again below it, under the bar's own lock."""
+        live = self.progress.live
+        if self.progress.disable or not live.is_started or not sys.stdout.isatty():
+            emit(value, as_json=self.as_json)
+            return
+        with live._lock:  # the refresh thread must not draw between the clear and the result
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+            emit(value, as_json=self.as_json)
+            live.refresh()
 
     def _on_skipped(self, e: Any) -> None:
         self.skipped += 1

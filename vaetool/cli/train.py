@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import DEFAULT_WIDTHS, Corruption, ModelConfig, TrainConfig
-from .common import EXIT_INTERRUPTED, Display, emit, info, warn
+from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
                       DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, Quiet, Widths,
                       batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
@@ -26,7 +26,8 @@ class _TrainDisplay(Display):
 
     def __init__(self, quiet: bool) -> None:
         super().__init__("train", quiet=quiet)
-        self.time_limit: float | None = None
+        self.log_every = 25
+        self.total_steps: int | None = None
 
     def _on_started(self, e: Any) -> None:
         if e.command != "train":  # decoding the images into the cache
@@ -40,23 +41,28 @@ class _TrainDisplay(Display):
                    f"model {cfg['image_size']}px x{cfg['channels']}, latent {cfg['latent_dim']}, widths "
                    f"{cfg['widths']}, {cfg['likelihood']} likelihood; batch {d['batch']} per process x {d['world']} "
                    f"= {d['global_batch']}; device {d['device']} ({d['precision']})")
-        self.time_limit = d["time_limit"]
-        self._start_bar("train", e.total)
-        self.progress.update(self.task, completed=d["start_step"])
+        self.log_every, self.total_steps = d.get("log_every", 25), e.total
+        # The bar counts the share of the budget spent (steps or --time, whichever ends first): a fixed
+        # total whose rate gives a true ETA; the steps are in the status.
+        self.close()
+        self.progress, self.task = make_progress(self.quiet, counts=False), None
+        self._start_bar("train", 1.0)
 
     def _on_progress(self, e: Any) -> None:
         if self.task is None:
             return
-        m, total = e.metrics, e.total
+        m = e.metrics
         if not m:  # the cache's progress
-            self.progress.update(self.task, completed=e.done, total=total)
+            self.progress.update(self.task, completed=e.done, total=e.total)
             return
-        if self.time_limit and 0 < m["budget"] < 1:  # a time budget: the steps that fit in the time left
-            by_time = int(e.done / m["budget"])
-            total = min(total, by_time) if total else by_time
-        status = (f"ep {m['epoch']} loss {m['loss']:.1f} rec {m['recon']:.1f} kl {m['kl']:.1f} "
-                  f"{m['images_per_s']:.0f} img/s")
-        self.progress.update(self.task, completed=e.done, total=total, status=status)
+        steps = f"step {e.done}/{e.total}" if e.total else f"step {e.done}"
+        status = f"{steps} ep {m['epoch']} loss {m['loss']:.1f} kl {m['kl']:.1f} {m['images_per_s']:.0f} img/s"
+        fraction = min(max(m["budget"], 0.0), 1.0)
+        self.progress.update(self.task, completed=fraction, status=status)
+        if self.progress.disable and e.done % self.log_every == 0:  # no bar: a plain line now and then
+            eta = m["elapsed"] * (1 - fraction) / fraction if fraction > 0 else None
+            left = f", eta {_clock(eta)}" if eta is not None else ""
+            self._line(f"{status} lr {m['lr']:.3g}, {100 * fraction:.0f}% of the budget{left}")
 
     def _on_epoch(self, e: Any) -> None:
         d = e.metrics
@@ -72,6 +78,11 @@ class _TrainDisplay(Display):
     def _on_failed(self, e: Any) -> None:
         self.failed += 1
         warn(f"skipped {e.input}: {e.reason}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 # Options that --resume cannot honour: the run's stored config wins (only the budget, the device and the

@@ -58,7 +58,7 @@ def start_info(trainer: Trainer) -> dict[str, Any]:
             "world": trainer.world.size, "steps_per_epoch": split.steps_per_epoch,
             "total_steps": trainer.total_steps, "start_step": trainer.counters.step,
             "device": str(trainer.device), "precision": trainer.record["precision"],
-            "config": trainer.model_config.to_dict(), "time_limit": cfg.time_limit, "lr_schedule": cfg.lr_schedule,
+            "config": trainer.model_config.to_dict(), "time_limit": cfg.time_limit, "lr_schedule": cfg.lr_schedule, "log_every": cfg.log_every,
             "cache_on_disk": cache.on_disk, "cache_reused": cache.reused}
 
 

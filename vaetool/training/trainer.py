@@ -32,6 +32,7 @@ from .state import Counters, ResumeState, run_record, save_state, write_run_reco
 from .summary import SteadySpeed, TrainResult, start_info, write_report_safely
 
 DEFAULT_EPOCHS = 30
+PROGRESS_SECONDS = 1.0  # the longest the progress bar waits for news
 
 __all__ = ["train", "TrainResult", "make_optimizer", "update_ema", "default_cache_memory", "DEFAULT_EPOCHS"]
 
@@ -132,7 +133,7 @@ class Trainer:
         self.check_every = self.config.log_every if (world.distributed or device.type != "cpu") else 1
         # The clocks start here, right before run(): training time, and this invocation's --time budget.
         self.clock = time.monotonic() - self.counters.elapsed
-        self.session_start = time.monotonic()
+        self.session_start = self.last_report = time.monotonic()
         self.elapsed = self.counters.elapsed  # rank 0's training seconds at the last synchronised point
 
     # ----- set-up -------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class Trainer:
                 c.step += 1
                 c.step_in_epoch += 1
             last_of_epoch = c.step_in_epoch == split.steps_per_epoch
-            if c.step % self.config.log_every == 0 or last_of_epoch:
+            if c.step % self.config.log_every == 0 or last_of_epoch or self._report_due():
                 self._report_progress()
             elif c.step % self.check_every == 0:
                 self._check_loss()
@@ -279,8 +280,14 @@ class Trainer:
             f"{what} at step {self.counters.step} ({kept}); lower the learning rate "
             f"(--lr, now {self.config.lr:g}) or the gradient clip (--grad-clip, now {self.config.grad_clip:g})")
 
+    def _report_due(self) -> bool:
+        # A bar that moves about once a second whatever --log-every says; one process only, because under
+        # DDP every rank must take part in the report's reduction at the same step.
+        return not self.world.distributed and time.monotonic() - self.last_report >= PROGRESS_SECONDS
+
     def _report_progress(self) -> None:
         """Reduce the sums since the last report over processes and send them as one Progress event."""
+        self.last_report = time.monotonic()
         sums = all_reduce_sum(self.sums.clone(), self.world).tolist()
         if not all(math.isfinite(v) for v in sums):
             self._diverged("the loss became NaN or infinite")
