@@ -37,6 +37,27 @@ def conv_gflops(batch: int = 64, channels: int = 64, size: int = 32, seconds: fl
     return flops * count / (time.perf_counter() - start) / 1e9
 
 
+def conv_training_gflops(batch: int = 64, channels: int = 64, size: int = 32, seconds: float = 2.0,
+                         dtype: torch.dtype = torch.float32) -> float:
+    """3x3 convolution throughput for training (forward, input gradient and weight gradient together, each
+    as many FLOPs as the forward), channels_last, GFLOP/s: the peak a training step is measured against."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, dtype=dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    flops = 3 * 2 * batch * channels * channels * 9 * size * size
+
+    def once() -> None:
+        conv(x).sum().backward()
+
+    for _ in range(3):
+        once()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        once()
+        count += 1
+    return flops * count / (time.perf_counter() - start) / 1e9
+
+
 def training_flops_per_image(model: torch.nn.Module, loss_fn, x: torch.Tensor) -> float:
     """FLOPs of one forward + backward pass per image, from torch's FLOP counter."""
     counter = FlopCounterMode(display=False)
