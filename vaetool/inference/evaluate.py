@@ -199,8 +199,9 @@ def _evaluate_batch(model: VAEFamily, x: torch.Tensor, k: int, generator: torch.
     recon = model.mean_image(model.decode(means))  # (B, C, H, W)
     mse = (recon.double() - x.double()).pow(2).flatten(1).mean(1)
     kls = level_kl(model, x, posterior, noise)
-    sums.add(recon=-log_lik.mean(0), kl=sum(kls.values()), iwae=iwae, iwae_sq=iwae.pow(2), mse=mse,
-             psnr=psnr(recon, x), ssim=ssim(recon, x), **{f"kl_{name}": value for name, value in kls.items()})
+    kl = sum(value.double() for value in kls.values())  # (B,)
+    sums.add(recon=-log_lik.mean(0), kl=kl, iwae=iwae, iwae_sq=iwae.pow(2), mse=mse, psnr=psnr(recon, x),
+             ssim=ssim(recon, x), **{f"kl_{name}": value for name, value in kls.items()})
     for name, value in means.items():
         moments.setdefault(name, Moments()).update(value.flatten(1))  # (B, elements of the level)
 

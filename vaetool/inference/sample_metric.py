@@ -228,7 +228,7 @@ class SampleReport:
     two_sample: TwoSampleResult
     memorisation: Memorisation
     samples: int
-    prior: str  # what the samples were drawn from
+    prior: str  # what the samples were drawn from: "standard", the family's own (N(0, I), ancestral in a hierarchy)
     temperature: float
     seed: int
     reference: str  # which images the nearest-image distances are to
@@ -302,9 +302,8 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
         reference = "half of the evaluated images (give --train-data for the training images)"
         notes.append("nearest-image distances are to evaluated images, not the training set: "
                      "they show copying only of those")
-    report = SampleReport(test, memo, count, prior="standard: model.sample_prior (N(0, I) at the top, "
-                          "ancestral below)", temperature=temperature, seed=seed, reference=reference,
-                          setup=test.summary(), notes=notes)
+    report = SampleReport(test, memo, count, prior="standard", temperature=temperature, seed=seed,
+                          reference=reference, setup=test.summary(), notes=notes)
     for note in notes:
         callback(Note(note))
     return report
