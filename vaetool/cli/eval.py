@@ -52,8 +52,8 @@ def _sample_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     reference = f"; real images: mean {m['reference_mean']:.4f}" if m["reference_mean"] is not None else ""
     return [
         ("samples", f"{s['samples']} from the {s['prior']} prior, temperature {s['temperature']:g}, seed {s['seed']}"),
-        ("C2ST accuracy", f"{t['accuracy']:.3f} (0.5: indistinguishable; real {t['real_accuracy']:.3f}, "
-                          f"samples {t['generated_accuracy']:.3f}), log-loss {t['log_loss']:.3f}, p {t['p_value']:.2g}"),
+        ("C2ST accuracy", f"{t['accuracy']:.3f} (0.5: indistinguishable; real {t['real_accuracy']:.3f}, samples "
+                          f"{t['generated_accuracy']:.3f}), log-loss {t['log_loss']:.3f}, p {t['p_value']:.2g}"),
         ("C2ST setup", s["setup"]),
         ("nearest image", f"RMSE to {s['reference']}: mean {m['mean']:.4f}, median {m['median']:.4f}, "
                           f"min {m['min']:.4f}{reference}{near}"),

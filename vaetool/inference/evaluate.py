@@ -249,7 +249,8 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
 
 
 def _float_batches(data: Sequence[str | Path] | torch.Tensor, model: VAEFamily, batch_size: int, dev: torch.device,
-                   workers: int | None, callback: Callback, state: dict[str, Any], sums: _Sums) -> Iterator[torch.Tensor]:
+                   workers: int | None, callback: Callback, state: dict[str, Any],
+                   sums: _Sums) -> Iterator[torch.Tensor]:
     """(B, C, H, W) float images in [0, 1] on `dev`; counts failures and whether every pixel is 0 or 1 in `state`."""
     if isinstance(data, torch.Tensor):
         callback(Started("eval", int(data.shape[0])))

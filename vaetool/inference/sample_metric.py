@@ -278,7 +278,7 @@ def _training_images(checkpoint: Checkpoint, train_data: Sequence[str | Path], *
 
 def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, seed: int = 0, temperature: float = 1.0,
                   train_data: Sequence[str | Path] | None = None, batch_size: int = 64, workers: int | None = None,
-                  steps: int = 300, callback: Callback = ignore) -> SampleReport:
+                  steps: int = 300, widths: tuple[int, ...] = (16, 32, 64), callback: Callback = ignore) -> SampleReport:
     """Draw `count` prior samples and score them against `real` images (N, C, H, W; uint8 or [0, 1] floats).
 
     The classifier two-sample test uses half of each set to train, half to score. The nearest-image
@@ -291,7 +291,7 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
     callback(Started("sample", count))
     generated = draw_samples(checkpoint, count, seed=seed, temperature=temperature)
     real = real.float() / 255.0 if real.dtype == torch.uint8 else real.float()
-    test = classifier_two_sample_test(real, generated, seed=seed, steps=steps)
+    test = classifier_two_sample_test(real, generated, seed=seed, steps=steps, widths=widths)
     notes = []
     if train_data:
         training = _training_images(checkpoint, train_data, batch_size=batch_size, workers=workers, callback=callback)
