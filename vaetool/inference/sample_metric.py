@@ -278,12 +278,13 @@ def _training_images(checkpoint: Checkpoint, train_data: Sequence[str | Path], *
 
 def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, seed: int = 0, temperature: float = 1.0,
                   train_data: Sequence[str | Path] | None = None, batch_size: int = 64, workers: int | None = None,
-                  steps: int = 300, widths: tuple[int, ...] = (16, 32, 64), callback: Callback = ignore) -> SampleReport:
+                  test_options: dict[str, Any] | None = None, callback: Callback = ignore) -> SampleReport:
     """Draw `count` prior samples and score them against `real` images (N, C, H, W; uint8 or [0, 1] floats).
 
     The classifier two-sample test uses half of each set to train, half to score. The nearest-image
     distances are to the `train_data` images (held-out reference: `real`) when given; else to the half
     of `real` the classifier trained on (reference: the other half), which shows copying of those images only.
+    `test_options` go to `classifier_two_sample_test` (steps, batch_size, widths, lr).
     """
     if count < 2 or real.shape[0] < 2:
         raise DataError(f"the sample metric needs at least 2 samples and 2 real images, not {count} and "
@@ -291,7 +292,7 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
     callback(Started("sample", count))
     generated = draw_samples(checkpoint, count, seed=seed, temperature=temperature)
     real = real.float() / 255.0 if real.dtype == torch.uint8 else real.float()
-    test = classifier_two_sample_test(real, generated, seed=seed, steps=steps, widths=widths)
+    test = classifier_two_sample_test(real, generated, seed=seed, **(test_options or {}))
     notes = []
     if train_data:
         training = _training_images(checkpoint, train_data, batch_size=batch_size, workers=workers, callback=callback)
