@@ -143,3 +143,30 @@ def test_installed_command_evaluates_the_family(kind, checkpoints, blob_folder):
     data = json.loads(done.stdout)
     assert data["family"] == kind and data["images"] == 12 and math.isfinite(data["iwae_nll"])
     assert list(data["levels"]) == list(_model(kind).latent_shapes(16, 16))
+
+
+def test_prior_samples_are_seeded_for_every_family():
+    from types import SimpleNamespace
+
+    from vaetool.inference.sample_metric import draw_samples
+
+    for kind in FAMILIES:
+        checkpoint = SimpleNamespace(model=_model(kind))
+        a, b = draw_samples(checkpoint, 5, seed=1), draw_samples(checkpoint, 5, seed=1)
+        assert a.shape == (5, 3, 16, 16) and torch.equal(a, b) and 0 <= float(a.min()) <= float(a.max()) <= 1
+        assert not torch.equal(a, draw_samples(checkpoint, 5, seed=2))
+
+
+def test_cli_samples_reports_the_two_sample_test_with_its_setup(checkpoints, blob_folder):
+    result = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
+                                      "cpu", "--samples", "8", "--train-data", str(blob_folder), "--json", "-q"])
+    assert result.exit_code == 0, result.stderr
+    samples = json.loads(result.stdout)["samples"]
+    assert samples["samples"] == 8 and samples["prior"] == "standard" and samples["reference"].startswith("the --train")
+    test = samples["two_sample"]
+    assert (test["real_train"], test["real_test"], test["generated_train"], test["generated_test"]) == (6, 6, 4, 4)
+    assert 0.0 <= test["accuracy"] <= 1.0 and "seed 0" in samples["setup"]
+    assert samples["memorisation"]["training"] == 12 and samples["memorisation"]["reference"] == 12
+    table = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
+                                     "cpu", "--samples", "1", "-q"])
+    assert table.exit_code == 1 and "at least 2 samples" in table.stderr

@@ -217,8 +217,10 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
     With `samples` N > 0, N prior samples are scored against the evaluated images (`sample_metric`),
     their nearest-image distances against `train_data` when given.
     """
-    if iw_samples < 1 or batch_size < 1 or samples < 0:
-        raise ConfigError("--iw-samples and --batch-size must be >= 1, --samples >= 0")
+    if iw_samples < 1 or batch_size < 1:
+        raise ConfigError("--iw-samples and --batch-size must be >= 1")
+    if samples < 0 or samples == 1:  # before the evaluation, not after it
+        raise ConfigError(f"the sample metric needs at least 2 samples, not {samples}; give --samples 2 or more")
     given = checkpoint_or_model.model if isinstance(checkpoint_or_model, Checkpoint) else checkpoint_or_model
     was_training = bool(getattr(given, "training", False))
     loaded = load_for_inference(checkpoint_or_model, device=device, command="eval")
