@@ -236,17 +236,17 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
             if kept is not None:
                 kept.append((x * 255.0).round().to(torch.uint8).cpu())
             callback(Progress(sums.count + state["failed"], None))
+        if sums.count == 0:
+            raise DataError(f"none of the {len(outcome.failed)} input images could be read; nothing to evaluate")
+        result = _result(model, sums, moments, iw_samples, seed, str(loaded.path) if loaded.path else None,
+                         outcome.failed, state["binary"], callback)
+        if samples:  # still in eval mode: the decoder scale is the stored one
+            from .sample_metric import sample_report
+
+            result.samples = sample_report(loaded, torch.cat(kept), samples, seed=seed, train_data=train_data,
+                                           batch_size=batch_size, workers=workers, callback=callback).to_dict()
     finally:
         model.train(was_training)
-    if sums.count == 0:
-        raise DataError(f"none of the {len(outcome.failed)} input images could be read; nothing to evaluate")
-    result = _result(model, sums, moments, iw_samples, seed, str(loaded.path) if loaded.path else None,
-                     outcome.failed, state["binary"], callback)
-    if samples:
-        from .sample_metric import sample_report
-
-        result.samples = sample_report(loaded, torch.cat(kept), samples, seed=seed, train_data=train_data,
-                                       batch_size=batch_size, workers=workers, callback=callback).to_dict()
     return result
 
 
