@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import make_blobs
@@ -17,6 +18,9 @@ from vaetool.training.trainer import train
 
 COMMON = ["--steps", "4", "--val-fraction", "0.2", "--log-every", "1", "--image-size", "16", "--widths", "8,16",
           "--latent-dim", "4", "--device", "cpu", "-q"]
+# Each family's smallest settings: spatial a 4x4 map, hierarchical a top vector and maps at 1/4 and 1/2.
+FAMILY_ARGS = {"vector": [], "spatial": ["--model", "spatial", "--latent-channels", "2", "--downsample", "4"],
+               "hierarchical": ["--model", "hierarchical", "--latent-channels", "2", "--downsample", "2"]}
 
 
 def _env():
@@ -34,26 +38,31 @@ def _torchrun(tmp_path, *args, installed: bool = False):
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
 
 
-def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("family", list(FAMILY_ARGS))
+def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, family):
     data = tmp_path / "data"
     make_blobs(data, count=20)
     ddp = _torchrun(tmp_path, "train", str(data), "-o", str(tmp_path / "ddp"), "--batch-size", "2",
-                    "--cache-dir", str(tmp_path / "cache"), *COMMON)
+                    "--cache-dir", str(tmp_path / "cache"), *COMMON, *FAMILY_ARGS[family])
     assert ddp.returncode == 0, ddp.stderr
     # only rank 0 prints the result, and the checkpoint loads in a single process
     assert ddp.stdout.strip().splitlines() == [str(tmp_path / "ddp" / "model.safetensors")]
     single = subprocess.run([sys.executable, "-m", "vaetool", "train", str(data), "-o", str(tmp_path / "one"),
-                             "--batch-size", "4", "--no-disk-cache", *COMMON],
+                             "--batch-size", "4", "--no-disk-cache", *COMMON, *FAMILY_ARGS[family]],
                             capture_output=True, text=True, env=_env(), timeout=300)
     assert single.returncode == 0, single.stderr
-    a = load_model(tmp_path / "ddp" / "last.safetensors").model.state_dict()
-    b = load_model(tmp_path / "one" / "last.safetensors").model.state_dict()
+    ddp_model = load_model(tmp_path / "ddp" / "last.safetensors")
+    one_model = load_model(tmp_path / "one" / "last.safetensors")
+    assert ddp_model.config.kind == one_model.config.kind == family
+    a, b = ddp_model.model.state_dict(), one_model.model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-3, rtol=1e-3, msg=key)
+    if family != "vector":
+        return  # resume is per family in test_train_families; under torchrun once, to keep this file fast
     # resume under torchrun continues the distributed run (here the installed torchrun and vaetool commands)
     more = _torchrun(tmp_path, "train", str(data), "-o", str(tmp_path / "ddp"), "--batch-size", "2",
-                     "--cache-dir", str(tmp_path / "cache"), *COMMON[:1], "6", *COMMON[2:], "--resume",
-                     installed=True)
+                     "--cache-dir", str(tmp_path / "cache"), *COMMON[:1], "6", *COMMON[2:], *FAMILY_ARGS[family],
+                     "--resume", installed=True)
     assert more.returncode == 0, more.stderr
     assert load_model(tmp_path / "ddp" / "last.safetensors").training["step"] == 6
 

@@ -142,7 +142,8 @@ def test_iwae_log_weights_match_torch_distributions(likelihood):
     k = 5
     got = iwae_bound(model, x, k, generator=torch.Generator().manual_seed(2), chunk=2)
     with torch.no_grad():
-        noise = torch.randn((k, 3, 3), generator=torch.Generator().manual_seed(2))  # the same draws
+        gen = torch.Generator().manual_seed(2)  # the same draws: image by image, K x latent each
+        noise = torch.stack([torch.randn((k, 3), generator=gen) for _ in range(3)], dim=1)  # (K, B, D)
         posterior = model.encode(x)
         q = D.Normal(posterior.mu, (0.5 * posterior.logvar).exp())
         z = posterior.mu + q.scale * noise  # (K, B, D)

@@ -93,3 +93,51 @@ def test_memorisation_compares_samples_with_held_out_real_images(real, other):
     assert fresh.mean == pytest.approx(fresh.reference_mean, rel=0.2)  # new faces sit as far as real ones do
     assert fresh.near_fraction < 0.2
     assert memorisation(real[:10], real[:200]).near_fraction is None
+
+
+# ------------------------------------------------------------------- wired into `vaetool eval --samples`
+
+
+class _Bank:
+    """A stand-in model whose prior samples are the next images of a fixed bank: the metric's wiring, tested alone."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.taken = images, 0
+
+    def sample_prior(self, count, *, temperature=1.0, generator=None, size=None):
+        rows = torch.arange(self.taken, self.taken + count) % len(self.images)
+        self.taken += count
+        return {"rows": rows}
+
+    def decode(self, latents):
+        return self.images[latents["rows"]]
+
+    def mean_image(self, logits):
+        return logits
+
+
+def _report(real, bank, **options):
+    from types import SimpleNamespace
+
+    from vaetool.inference.sample_metric import sample_report
+
+    checkpoint = SimpleNamespace(model=_Bank(bank), config=None)
+    return sample_report(checkpoint, (real * 255).round().to(torch.uint8), len(bank), seed=0,
+                         test_options=OPTIONS | options)
+
+
+def test_eval_sample_report_real_against_real_near_chance_and_blurred_well_above(real, other):
+    same = _report(real[:200], other[:200])
+    assert abs(same.two_sample.accuracy - 0.5) <= 0.12
+    blurred = _report(real[:200], blur(other[:200]))
+    assert blurred.two_sample.accuracy >= 0.75 and blurred.two_sample.log_loss < same.two_sample.log_loss
+    data = blurred.to_dict()
+    assert data["samples"] == 200 and data["prior"] == "standard" and data["seed"] == 0
+    assert "100 steps of 32, seed 0" in data["setup"] and data["two_sample"]["real_test"] == 100
+    assert data["notes"] and "half of the evaluated images" in data["reference"]
+
+
+def test_eval_sample_report_finds_copies_of_the_images(real):
+    copies = _report(real[:64], real[:64], steps=2)  # a model that returns the images themselves
+    assert copies.memorisation.min == 0.0 and copies.memorisation.near_fraction >= 0.4
+    assert copies.memorisation.training == 32 and copies.memorisation.reference == 32

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -26,10 +26,38 @@ def _table(r: dict[str, Any]) -> str:
         ("MSE", f"{r['mse']:.6f}"),
         ("PSNR", f"{r['psnr']:.3f} dB"),
         ("SSIM", f"{r['ssim']:.4f}"),
-        ("active units", f"{r['active_units']} of {r['latent_dim']} (Var_x E_q[z_d] > 0.01)"),
-        ("bits/dim rule", r["bits_per_dim_convention"]),
+        ("family", r["family"]),
+        ("active units", f"{r['active_units']} of {r['latent_dim']} in {_which(r)} (Var_x E_q[z_d] > 0.01)"),
     ]
+    if len(r["levels"]) > 1:
+        rows += [(f"level {name}", f"{'x'.join(map(str, v['shape']))}: KL {v['kl']:.3f} nats/image, "
+                  f"{v['active_units']} of {v['units']} units active") for name, v in r["levels"].items()]
+    rows.append(("bits/dim rule", r["bits_per_dim_convention"]))
+    if r.get("samples"):
+        rows += _sample_rows(r["samples"])
     return "\n".join(f"{name:<17}{value}" for name, value in rows)
+
+
+def _which(r: dict[str, Any]) -> str:
+    if r["active_units_of"] == "all levels":
+        return "all latent elements"
+    return f"level {r['active_units_of']}"
+
+
+def _sample_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The sample metric: the two-sample test's scores and setup, and the nearest-image distances."""
+    t, m = s["two_sample"], s["memorisation"]
+    near = f", {m['near_fraction']:.0%} nearer than the closest 5% of real images" if m["near_fraction"] is not None \
+        else ""
+    reference = f"; real images: mean {m['reference_mean']:.4f}" if m["reference_mean"] is not None else ""
+    return [
+        ("samples", f"{s['samples']} from the {s['prior']} prior, temperature {s['temperature']:g}, seed {s['seed']}"),
+        ("C2ST accuracy", f"{t['accuracy']:.3f} (0.5: indistinguishable; real {t['real_accuracy']:.3f}, samples "
+                          f"{t['generated_accuracy']:.3f}), log-loss {t['log_loss']:.3f}, p {t['p_value']:.2g}"),
+        ("C2ST setup", s["setup"]),
+        ("nearest image", f"RMSE to {s['reference']}: mean {m['mean']:.4f}, median {m['median']:.4f}, "
+                          f"min {m['min']:.4f}{reference}{near}"),
+    ]
 
 
 def eval_command(
@@ -41,10 +69,14 @@ def eval_command(
     seed: Seed = 0,
     device: Device = "auto",
     workers: Workers = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Also draw N samples from the prior and score "
+                                         "them against the images (classifier two-sample test).")] = 0,
+    train_data: Annotated[Optional[list[str]], typer.Option("--train-data", metavar="PATH", help="With --samples: "
+                          "the training images, for each sample's distance to its nearest one (repeatable).")] = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Measure a checkpoint on images: -ELBO, -log p(x), bits/dim, PSNR, SSIM.
+    """Measure a checkpoint of any family on images: -ELBO, -log p(x), bits/dim, PSNR, SSIM.
 
     Likelihoods are nats per image (summed over pixels). -log p(x) is the
     importance-weighted bound of Burda et al. 2015 with K samples from q(z|x):
@@ -61,25 +93,38 @@ def eval_command(
     MSE, PSNR and SSIM (Gaussian window 11x11, sigma 1.5) compare each image
     with its reconstruction from the posterior mean. Active units: latent
     dimensions whose posterior mean varies over the images by more than 0.01
-    (Burda et al. 2015). The same --seed and --batch-size give the same numbers.
+    (Burda et al. 2015): for the vector level (a vector model's z, a hierarchy's
+    top), else every element of a spatial map. Models with several levels get
+    a line per level: its shape, KL and active units. The importance samples
+    draw every level (a hierarchy's top-down); the KL of a level below the
+    top is exact given the levels above, drawn once per image. The same
+    --seed gives the same numbers, whatever the --batch-size.
+
+    --samples N draws N images from the model's prior and trains a small
+    classifier on half of them and half of the images given, scoring it on
+    the other halves (Lopez-Paz & Oquab 2017): accuracy 0.5 means the samples
+    cannot be told from the images. Each sample's distance (per-pixel RMSE)
+    to its nearest --train-data image, beside the same for the real images,
+    shows memorisation; without --train-data the distances are to half of
+    the images given.
 
     Prints a table on stdout (one JSON object with --json). Unreadable files
     are skipped with a warning each and make the exit status 3.
     """
     display = Display("eval", quiet=quiet)
     result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                  workers=workers, display=display)
+                  workers=workers, samples=samples, train_data=train_data, display=display)
     summary = result.to_dict()
     emit(summary if as_json else _table(summary), as_json=as_json)
     display.finish(summary=False)  # exit 3 when some inputs could not be read
 
 
 def _run(checkpoint, data: list[str], *, iw_samples: int, batch_size: int, seed: int, device: str,
-         workers: int | None, display: Display):
+         workers: int | None, samples: int, train_data: list[str] | None, display: Display):
     from ..inference.evaluate import evaluate
 
     try:  # `-` among the inputs reads paths from stdin (find_images does it)
         return evaluate(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                        workers=workers, callback=display)
+                        workers=workers, samples=samples, train_data=train_data, callback=display)
     finally:
         display.close()

@@ -333,10 +333,12 @@ def info_command(
     from ..models.base import count_parameters
 
     loaded = load_model(checkpoint)
+    size = loaded.config.image_size
     summary = {
         "path": str(loaded.path), "format_version": int(loaded.metadata.get("format_version", 0)),
         "vaetool_version": loaded.metadata.get("vaetool_version"), "created": loaded.metadata.get("created"),
-        "parameters": count_parameters(loaded.model), "identity": loaded.identity,
+        "parameters": count_parameters(loaded.model), "identity": loaded.identity, "family": loaded.config.kind,
+        "levels": {name: list(shape) for name, shape in loaded.model.latent_shapes(size, size).items()},
         "model": loaded.config.to_dict(),
         "train": loaded.train_config.to_dict() if loaded.train_config else None,
         "training": loaded.training,
@@ -351,7 +353,8 @@ def _print_info(s: dict[str, Any]) -> None:
     rows: list[tuple[str, Any]] = [
         ("checkpoint", s["path"]),
         ("format", f"vaetool checkpoint v{s['format_version']} (vaetool {s['vaetool_version']}, {s['created']})"),
-        ("parameters", f"{s['parameters']:,}"), ("identity", s["identity"])]
+        ("parameters", f"{s['parameters']:,}"), ("identity", s["identity"]), ("family", s["family"]),
+        ("latents", ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in s["levels"].items()))]
     rows += [(f"model.{k}", v) for k, v in s["model"].items()]
     training = s["training"] or {}
     rows += [(f"training.{k}", training[k]) for k in ("step", "epoch", "images", "train_images", "val_images",

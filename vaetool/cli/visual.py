@@ -64,8 +64,10 @@ def latent_map(
 ) -> None:
     """Draw each image at its posterior mean, projected to 2-D.
 
-    A 2-D latent is shown as it is; a larger one by its two principal axes (PCA of the means), or
-    by two chosen dimensions with --method dims. Thumbnails are picked on a grid so thousands of
+    The means are the vector level's (a vector model's z, a hierarchy's top), or for a spatial
+    model each channel's mean over the latent map (C numbers per image). A 2-D latent is shown as
+    it is; a larger one by its two principal axes (PCA of the means), or by two chosen dimensions
+    with --method dims. Thumbnails are picked on a grid so thousands of
     images do not pile up; --color-by colours every point by a CSV column (one row per image,
     matched by path or file name). Prints the written path.
     """
@@ -81,10 +83,10 @@ def latent_map(
     if result.unlabeled:
         warn(f"{result.unlabeled} image(s) have no {result.label_name!r} value and are drawn in light grey")
     info(f"{len(result.means.found)} images, {len(result.placed)} thumbnails; axes {result.projection.labels[0]}, "
-         f"{result.projection.labels[1]}", quiet=quiet)
+         f"{result.projection.labels[1]}; each image at the {result.means.what}", quiet=quiet)
     emit({"path": str(result.path), "images": len(result.means.found), "thumbnails": len(result.placed),
-          "method": result.projection.method, "axes": list(result.projection.labels)} if as_json
-         else result.path, as_json=as_json)
+          "method": result.projection.method, "axes": list(result.projection.labels),
+          "latent": result.means.what} if as_json else result.path, as_json=as_json)
     display.finish(summary=False)  # exit 3 when some images could not be read
 
 
@@ -105,7 +107,8 @@ def correlate(
     """Find the latent dimensions that track each attribute of the images.
 
     Correlates every latent dimension's posterior mean with every numeric column of the CSV
-    (Pearson r over the images). Prints one tab-separated line per (attribute, dimension):
+    (Pearson r over the images): the vector level's dimensions (a vector model's z, a hierarchy's
+    top), or a spatial model's channels, each averaged over the map. Prints one tab-separated line per (attribute, dimension):
     attribute, dimension, r; strongest |r| first.
     """
     display = Display("encode", quiet=quiet)
@@ -117,9 +120,10 @@ def correlate(
     finally:
         display.close()
     chosen = _select(ranking, attribute, top, attributes)
+    info(f"dimensions of {means.symbol}: the {means.what}", quiet=quiet)
     for c in chosen:
-        emit({"attribute": c.attribute, "dimension": c.dimension, "r": round(c.r, 6), "images": c.images}
-             if as_json else f"{c.attribute}\t{c.dimension}\t{c.r:+.3f}", as_json=as_json)
+        emit({"attribute": c.attribute, "dimension": c.dimension, "r": round(c.r, 6), "images": c.images,
+              "latent": means.what} if as_json else f"{c.attribute}\t{c.dimension}\t{c.r:+.3f}", as_json=as_json)
     display.finish(summary=False)  # exit 3 when some images could not be read
 
 

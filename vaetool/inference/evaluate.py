@@ -1,15 +1,16 @@
-"""Model quality on a folder: -ELBO, importance-weighted -log p(x), bits/dim, PSNR, SSIM and active units."""
+"""Model quality on a folder, for every model family: -ELBO with each level's KL, importance-weighted -log p(x),
+bits/dim, PSNR, SSIM, active units, and (with `samples`) how well prior samples pass for the images."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError, DataError
@@ -17,18 +18,17 @@ from ..events import Callback, Progress, Started, Warning, ignore
 from ..io.batches import iter_batches
 from ..io.decode import to_float
 from ..io.find import find_images
-from ..models.base import FactorizedPosterior, VAEFamily
+from ..models.base import FactorizedPosterior, Latents, Posterior, VAEFamily
 from .folder import Outcome
 from .load import load_for_inference, model_device
+from .metrics import ACTIVE_THRESHOLD, BPD_CONVENTION, LN2, LN256, Moments, active_units, bits_per_dim, psnr, ssim
 
+__all__ = ["ACTIVE_THRESHOLD", "BPD_CONVENTION", "LN2", "LN256", "EvalResult", "active_units", "bits_per_dim",
+           "draw_noise", "evaluate", "iwae_bound", "psnr", "ssim"]
+
+_Moments = Moments  # the name the tests and older callers use
 IW_IMAGES_PER_PASS = 256  # images per decoder pass for the importance samples: bounds memory
-ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015: a unit is active when Cov_x(E_q[z_d]) > 0.01
-LN2, LN256 = math.log(2.0), math.log(256.0)
-BPD_CONVENTION = {
-    "continuous": "8-bit data, uniform dequantization: x in [0, 1] is rescaled to [0, 256), so "
-                  "bits/dim = (-log p(x) + D ln 256) / (D ln 2), the density taken at x = k/255",
-    "bernoulli": "binary data: bits/dim = -log p(x) / (D ln 2), no dequantization term",
-}
+ALL_LEVELS = "all levels"
 
 
 @dataclass
@@ -38,7 +38,7 @@ class EvalResult:
     images: int
     neg_elbo: float  # -ELBO = recon + kl
     recon: float  # E_q[-log p(x|z)], estimated with the importance samples
-    kl: float  # KL(q(z|x) || N(0, I)), closed form
+    kl: float  # sum of the levels' KL(q || p); below a hierarchy's top, given the levels above drawn once
     iwae_nll: float  # -IWAE_K bound: an upper bound on -log p(x) that tightens as K grows
     iwae_nll_sem: float  # standard error of iwae_nll's mean over images
     iw_samples: int
@@ -47,8 +47,8 @@ class EvalResult:
     mse: float  # of posterior-mean reconstructions, pixels in [0, 1]
     psnr: float  # dB, per image then averaged
     ssim: float  # Wang et al. 2004, per image then averaged
-    active_units: int
-    latent_dim: int
+    active_units: int  # of the level `active_units_of` (the vector level, else every level's elements)
+    latent_dim: int  # the units `active_units` counts among
     likelihood: str
     dims: int  # C * H * W
     decoder_scale: float | None  # the Gaussian std / Laplace scale used, None for Bernoulli
@@ -57,6 +57,10 @@ class EvalResult:
     checkpoint: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     warnings: list[str] = field(default_factory=list)
+    family: str = "vector"
+    active_units_of: str = "z"
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)  # level -> shape, kl, active_units, units
+    samples: dict[str, Any] | None = None  # the sample metric (sample_metric.SampleReport.to_dict()), if asked
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready values, failures as {"path", "reason"}."""
@@ -65,81 +69,43 @@ class EvalResult:
         return data
 
 
-# ------------------------------------------------------------------------------ pure functions
+# ------------------------------------------------------------------------------ the IWAE bound
 
 
-def bits_per_dim(nll_nats: float | torch.Tensor, dims: int, likelihood: str) -> float | torch.Tensor:
-    """Convert -log p(x) in nats per image to bits per dimension.
+def draw_noise(shapes: dict[str, tuple[int, ...]], k: int, batch: int,
+               generator: torch.Generator | None) -> Latents:
+    """level -> (K, B, *shape) standard normal noise on the CPU, drawn image by image, then level by level.
 
-    Continuous likelihoods (Gaussian, Laplace) give a density on [0, 1]^D; with uniform
-    dequantization of 8-bit data, x = (k + u) / 256, the density on [0, 256)^D is p / 256^D, so
-    -log P(k) <= -log p_[0,1](x) + D ln 256 (Theis et al. 2016). Bernoulli is already a probability.
+    Image i of a folder gets the same draws whatever batch it falls in, so a seed fixes the numbers
+    whatever the batch size (and on any device).
     """
-    offset = 0.0 if likelihood == "bernoulli" else dims * LN256
-    return (nll_nats + offset) / (dims * LN2)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image, (B,) dB, for (B, C, H, W) images; capped at 100 dB."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)  # (B,)
-    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-10 * data_range**2))
-
-
-def _gaussian_window(size: int, sigma: float, *, device: torch.device) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2.0
-    weights = torch.exp(-coords.pow(2) / (2.0 * sigma**2))
-    return weights / weights.sum()  # (size,)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 11, sigma: float = 1.5, k1: float = 0.01,
-         k2: float = 0.03, data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity per image, (B,), averaged over channels and window positions.
-
-    Wang et al. 2004: an 11x11 Gaussian window (sigma 1.5), weighted (not Bessel-corrected)
-    moments, valid positions only. Images smaller than the window use the largest odd window that fits.
-    """
-    if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
-    n, c, h, w = a.shape
-    size = min(window, h, w)
-    size -= 1 - size % 2  # odd, so the window has a centre
-    g = _gaussian_window(size, sigma, device=a.device)
-    x, y = a.double().reshape(n * c, 1, h, w), b.double().reshape(n * c, 1, h, w)
-    stack = torch.cat([x, y, x * x, y * y, x * y])  # (5 N C, 1, H, W)
-    # Separable Gaussian: rows then columns. float64, because var = E[x^2] - mu^2 cancels.
-    moments = F.conv2d(F.conv2d(stack, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
-    mu_x, mu_y, xx, yy, xy = moments.chunk(5)  # (N C, 1, H', W') each
-    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.reshape(n, c, -1).mean(dim=(1, 2))  # (B,)
-
-
-def active_units(mus: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
-    """Latent units whose posterior mean varies over the data: Var_x(E_q[z_d]) > threshold (Burda et al. 2015)."""
-    return int((mus.double().var(dim=0, unbiased=False) > threshold).sum())
+    per_image = [{name: torch.randn((k, *shape), generator=generator) for name, shape in shapes.items()}
+                 for _ in range(batch)]
+    return {name: torch.stack([draws[name] for draws in per_image], dim=1) for name in shapes}
 
 
 def _log_weights(model: VAEFamily, x: torch.Tensor, k: int, *, generator: torch.Generator | None,
-                 chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, FactorizedPosterior]:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) and log p(x|z_k), both (K, B) float64."""
-    posterior = model.encode(x)  # one diagonal Gaussian per level, each (B, ...)
+                 chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, Posterior, Latents]:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) and log p(x|z_k), both (K, B) float64.
+
+    `model.importance_sample` draws every level of the family (a hierarchy's conditionally, top-down).
+    """
+    posterior = model.encode(x)
     batch = x.shape[0]
     chunk = max(1, min(k, chunk or max(1, IW_IMAGES_PER_PASS // batch)))
     # All noise drawn up front (K x B x latent is small beside the images), so chunking never changes the result.
-    noise = {name: torch.randn((k, *q.mu.shape), generator=generator, device=x.device)
-             for name, q in posterior.levels.items()}  # level -> (K, B, ...)
+    shapes = model.latent_shapes(*x.shape[-2:])
+    noise = {name: value.to(x.device) for name, value in draw_noise(shapes, k, batch, generator).items()}
     log_w = torch.empty(k, batch, dtype=torch.float64, device=x.device)
     log_lik = torch.empty_like(log_w)
     for start in range(0, k, chunk):
-        z = posterior.sample(noise={name: n[start: start + chunk] for name, n in noise.items()})  # (c, B, ...)
-        c = next(iter(z.values())).shape[0]
-        logits = model.decode({name: v.reshape(c * batch, *v.shape[2:]) for name, v in z.items()})  # (c B, C, H, W)
+        drawn = model.importance_sample(posterior, {name: n[start: start + chunk] for name, n in noise.items()})
+        c = drawn.log_q.shape[0]
         target = x.unsqueeze(0).expand(c, *x.shape).reshape(c * batch, *x.shape[1:])
-        ll = model.log_likelihood(target, logits).view(c, batch).double()
+        ll = model.log_likelihood(target, drawn.logits).view(c, batch).double()
         log_lik[start: start + c] = ll
-        log_w[start: start + c] = ll + posterior.prior_log_prob(z).double() - posterior.log_prob(z).double()
-    return log_w, log_lik, posterior
+        log_w[start: start + c] = ll + drawn.log_p.double() - drawn.log_q.double()
+    return log_w, log_lik, posterior, noise
 
 
 @torch.inference_mode()
@@ -149,53 +115,39 @@ def iwae_bound(model: VAEFamily, x: torch.Tensor, k: int, *, generator: torch.Ge
 
     log p(x) >= E[logsumexp_k log w_k - log K], z_k ~ q(z|x); K = 1 is the ELBO and the bound
     tightens as K grows. `chunk` importance samples are decoded per pass (memory stays bounded).
+    `generator` is a CPU generator; the noise comes from it image by image (`draw_noise`).
     """
     if k < 1:
         raise ConfigError(f"the number of importance samples must be >= 1, not {k}")
     was_training = model.training
     model.eval()  # the decoder scale at evaluation is the stored one, never a batch statistic
     try:
-        log_w, _, _ = _log_weights(model, x, k, generator=generator, chunk=chunk)
+        log_w, _, _, _ = _log_weights(model, x, k, generator=generator, chunk=chunk)
     finally:
         model.train(was_training)
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
+def level_kl(model: VAEFamily, x: torch.Tensor, posterior: Posterior, noise: Latents) -> dict[str, torch.Tensor]:
+    """Level -> (B,) KL(q || p) in nats per image.
+
+    Closed form for a factorized posterior. In a hierarchy each level's KL to its conditional prior is
+    closed form given the levels above, which are drawn once per image (the first importance sample's
+    noise): the estimate the ELBO is trained with.
+    """
+    if isinstance(posterior, FactorizedPosterior):
+        return {name: kl.flatten(1).sum(1) for name, kl in posterior.kl_terms().items()}
+    return model(x, sample=True, noise={name: value[0] for name, value in noise.items()}).kl_per_level()
+
+
 # ---------------------------------------------------------------------------- the engine
 
 
-class _Moments:
-    """Streaming per-dimension mean and variance in float64 (Chan et al. 1979), for active units."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def update(self, values: torch.Tensor) -> None:
-        """Fold in a batch of rows (B, D)."""
-        values = values.detach().double().cpu()  # (B, D)
-        n, mean = values.shape[0], values.mean(0)
-        m2 = (values - mean).pow(2).sum(0)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * n / total
-        self.m2 = self.m2 + m2 + delta.pow(2) * self.count * n / total
-        self.count = total
-
-    def variance(self) -> torch.Tensor:
-        """Per-dimension population variance (D,) of the rows so far."""
-        return self.m2 / max(self.count, 1)
-
-
 class _Sums:
-    """Per-image quantities summed in float64."""
-
-    KEYS = ("recon", "kl", "iwae", "iwae_sq", "mse", "psnr", "ssim")
+    """Per-image quantities summed in float64; any key (the levels' KL among them)."""
 
     def __init__(self) -> None:
-        self.values = dict.fromkeys(self.KEYS, 0.0)
+        self.values: dict[str, float] = defaultdict(float)
         self.count = 0
 
     def add(self, **per_image: torch.Tensor) -> None:
@@ -240,56 +192,92 @@ def _as_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def _evaluate_batch(model: VAEFamily, x: torch.Tensor, k: int, generator: torch.Generator, sums: _Sums,
-                    moments: _Moments) -> None:
-    log_w, log_lik, posterior = _log_weights(model, x, k, generator=generator, chunk=None)
+                    moments: dict[str, Moments]) -> None:
+    log_w, log_lik, posterior, noise = _log_weights(model, x, k, generator=generator, chunk=None)
     iwae = -(torch.logsumexp(log_w, dim=0) - math.log(k))  # (B,)
-    recon = model.mean_image(model.decode(posterior.mode()))  # (B, C, H, W)
+    means = posterior.mode()  # level -> (B, ...): in a hierarchy each level's mean given the means above
+    recon = model.mean_image(model.decode(means))  # (B, C, H, W)
     mse = (recon.double() - x.double()).pow(2).flatten(1).mean(1)
-    sums.add(recon=-log_lik.mean(0), kl=posterior.kl(), iwae=iwae, iwae_sq=iwae.pow(2), mse=mse,
-             psnr=psnr(recon, x), ssim=ssim(recon, x))
-    moments.update(posterior.mu)
+    kls = level_kl(model, x, posterior, noise)
+    kl = sum(value.double() for value in kls.values())  # (B,)
+    sums.add(recon=-log_lik.mean(0), kl=kl, iwae=iwae, iwae_sq=iwae.pow(2), mse=mse, psnr=psnr(recon, x),
+             ssim=ssim(recon, x), **{f"kl_{name}": value for name, value in kls.items()})
+    for name, value in means.items():
+        moments.setdefault(name, Moments()).update(value.flatten(1))  # (B, elements of the level)
 
 
 def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Sequence[str | Path] | torch.Tensor, *,
              iw_samples: int = 100, batch_size: int = 32, seed: int = 0, device: str = "auto",
-             workers: int | None = None, callback: Callback = ignore) -> EvalResult:
-    """Evaluate a model on image files/folders (or a (N, C, H, W) uint8 or [0, 1] float tensor).
+             workers: int | None = None, samples: int = 0, train_data: Sequence[str | Path] | None = None,
+             callback: Callback = ignore) -> EvalResult:
+    """Evaluate a model of any family on image files/folders (or a (N, C, H, W) uint8 or [0, 1] float tensor).
 
-    The same seed and batch size give the same numbers. Unreadable files are left out, reported as
-    `Failed` and listed in `failures`; progress is `Started`, `Progress` and `Warning` events.
+    The same seed gives the same numbers, whatever the batch size. Unreadable files are left out,
+    reported as `Failed` and listed in `failures`; progress is `Started`, `Progress` and `Warning` events.
+    With `samples` N > 0, N prior samples are scored against the evaluated images (`sample_metric`),
+    their nearest-image distances against `train_data` when given.
     """
     if iw_samples < 1 or batch_size < 1:
         raise ConfigError("--iw-samples and --batch-size must be >= 1")
+    if samples < 0 or samples == 1:  # before the evaluation, not after it
+        raise ConfigError(f"the sample metric needs at least 2 samples, not {samples}; give --samples 2 or more")
     given = checkpoint_or_model.model if isinstance(checkpoint_or_model, Checkpoint) else checkpoint_or_model
     was_training = bool(getattr(given, "training", False))
     loaded = load_for_inference(checkpoint_or_model, device=device, command="eval")
     model, dev = loaded.model, model_device(loaded)
-    source = str(loaded.path) if loaded.path else None
     outcome = Outcome()
     callback = outcome.recorder(callback)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    sums, moments, failed, binary = _Sums(), _Moments(), 0, True
+    generator = torch.Generator().manual_seed(seed)  # CPU: the same draws on any device
+    sums, moments, state = _Sums(), {}, {"failed": 0, "binary": True}
+    kept: list[torch.Tensor] | None = [] if samples else None  # the real images, for the sample metric
+    try:
+        for x in _float_batches(data, model, batch_size, dev, workers, callback, state, sums):
+            _evaluate_batch(model, x, iw_samples, generator, sums, moments)
+            if kept is not None:
+                kept.append((x * 255.0).round().to(torch.uint8).cpu())
+            callback(Progress(sums.count + state["failed"], None))
+        if sums.count == 0:
+            raise DataError(f"none of the {len(outcome.failed)} input images could be read; nothing to evaluate")
+        result = _result(model, sums, moments, iw_samples, seed, str(loaded.path) if loaded.path else None,
+                         outcome.failed, state["binary"], callback)
+        if samples:  # still in eval mode: the decoder scale is the stored one
+            from .sample_metric import sample_report
+
+            result.samples = sample_report(loaded, torch.cat(kept), samples, seed=seed, train_data=train_data,
+                                           batch_size=batch_size, workers=workers, callback=callback).to_dict()
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _float_batches(data: Sequence[str | Path] | torch.Tensor, model: VAEFamily, batch_size: int, dev: torch.device,
+                   workers: int | None, callback: Callback, state: dict[str, Any],
+                   sums: _Sums) -> Iterator[torch.Tensor]:
+    """(B, C, H, W) float images in [0, 1] on `dev`; counts failures and whether every pixel is 0 or 1 in `state`."""
     if isinstance(data, torch.Tensor):
         callback(Started("eval", int(data.shape[0])))
         batches = _tensor_batches(data, model, batch_size)
     else:
         batches = _file_batches(data, model, batch_size, callback, workers)
-    try:
-        for batch, failures in batches:
-            failed += failures
-            if batch.shape[0]:
-                x = _as_float(batch, dev)  # (B, C, H, W) in [0, 1]
-                binary = binary and bool(((x == 0) | (x == 1)).all())
-                _evaluate_batch(model, x, iw_samples, generator, sums, moments)
-            callback(Progress(sums.count + failed, None))
-    finally:
-        model.train(was_training)
-    if sums.count == 0:
-        raise DataError(f"none of the {len(outcome.failed)} input images could be read; nothing to evaluate")
-    return _result(model, sums, moments, iw_samples, seed, source, outcome.failed, binary, callback)
+    for batch, failures in batches:
+        state["failed"] += failures
+        if batch.shape[0]:
+            x = _as_float(batch, dev)
+            state["binary"] = state["binary"] and bool(((x == 0) | (x == 1)).all())
+            yield x
+        elif failures:
+            callback(Progress(sums.count + state["failed"], None))
 
 
-def _result(model: VAEFamily, sums: _Sums, moments: _Moments, k: int, seed: int, source: str | None,
+def _levels(model: VAEFamily, sums: _Sums, moments: dict[str, Moments]) -> dict[str, dict[str, Any]]:
+    cfg = model.config
+    shapes = model.latent_shapes(cfg.image_size, cfg.image_size)
+    return {name: {"shape": list(shape), "kl": sums.mean(f"kl_{name}"),
+                   "active_units": int((moments[name].variance() > ACTIVE_THRESHOLD).sum()),
+                   "units": math.prod(shape)} for name, shape in shapes.items()}
+
+
+def _result(model: VAEFamily, sums: _Sums, moments: dict[str, Moments], k: int, seed: int, source: str | None,
             failures: list, binary: bool, callback: Callback) -> EvalResult:
     cfg = model.config
     dims = cfg.channels * cfg.image_size**2
@@ -304,11 +292,16 @@ def _result(model: VAEFamily, sums: _Sums, moments: _Moments, k: int, seed: int,
         callback(Warning(message))
     log_scale = model.log_scale.detach().clamp_min(cfg.min_log_scale)
     scale = None if cfg.likelihood == "bernoulli" else float(log_scale.exp())
+    levels = _levels(model, sums, moments)
+    counted = model.vector_level if model.vector_level in levels else None
+    active = levels[counted]["active_units"] if counted else sum(v["active_units"] for v in levels.values())
+    units = levels[counted]["units"] if counted else sum(v["units"] for v in levels.values())
     return EvalResult(
         images=n, neg_elbo=recon + kl, recon=recon, kl=kl, iwae_nll=nll, iwae_nll_sem=math.sqrt(spread / n),
         iw_samples=k, bits_per_dim=float(bits_per_dim(nll, dims, cfg.likelihood)),
         elbo_bits_per_dim=float(bits_per_dim(recon + kl, dims, cfg.likelihood)), mse=sums.mean("mse"),
-        psnr=sums.mean("psnr"), ssim=sums.mean("ssim"), active_units=int((moments.variance() > ACTIVE_THRESHOLD).sum()),
-        latent_dim=cfg.latent_dim, likelihood=cfg.likelihood, dims=dims, decoder_scale=scale,
+        psnr=sums.mean("psnr"), ssim=sums.mean("ssim"), active_units=active, latent_dim=units,
+        likelihood=cfg.likelihood, dims=dims, decoder_scale=scale,
         bits_per_dim_convention=BPD_CONVENTION["bernoulli" if cfg.likelihood == "bernoulli" else "continuous"],
-        seed=seed, checkpoint=source, failures=failures, warnings=warnings)
+        seed=seed, checkpoint=source, failures=failures, warnings=warnings, family=cfg.kind,
+        active_units_of=counted or ALL_LEVELS, levels=levels)

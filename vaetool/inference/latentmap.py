@@ -16,6 +16,7 @@ from ..io.atomic import atomic_path
 from ..io.batches import iter_batches
 from ..io.decode import load_image, to_float
 from ..io.find import FoundImage, find_images
+from ..models.base import FactorizedPosterior
 from .attributes import (Correlation, attribute_table, correlate_attributes, parse_column_spec, read_labels,
                          read_table)
 from .folder import Outcome
@@ -28,11 +29,13 @@ MAX_CATEGORIES = 20  # more distinct labels than this are drawn without a legend
 
 @dataclass
 class Means:
-    """Posterior means of the images that could be read, in input order."""
+    """Posterior means of the images that could be read, in input order: one row of D numbers per image."""
 
     mu: torch.Tensor  # (N, D) float32
     found: list[FoundImage]
     failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    symbol: str = "z"  # the level the D numbers come from: z[d] names one
+    what: str = "posterior means of the latent z"  # what the D numbers are, for the output and notes
 
 
 @dataclass
@@ -50,28 +53,55 @@ class Projection:
 # --------------------------------------------------------------------------------- posterior means
 
 
+def map_features(model: Any) -> tuple[str, str]:
+    """(symbol, description) of the numbers a map or a correlation shows for this model's family.
+
+    The vector level when the family has one (vector: z, hierarchical: top); else each channel of the
+    spatial latent's posterior mean, averaged over the map (C numbers per image, at any image size).
+    """
+    if model.vector_level is not None:
+        return model.vector_level, f"posterior means of the level {model.vector_level!r} (one vector per image)"
+    shapes = model.latent_shapes(model.config.image_size, model.config.image_size)
+    names = ", ".join(f"{name!r} ({'x'.join(map(str, shape))})" for name, shape in shapes.items())
+    return "+".join(shapes), f"posterior means of {names}, each channel averaged over the map"
+
+
+def features(model: Any, posterior: Any) -> torch.Tensor:
+    """(B, D): the vector level's posterior means, or every level's per-channel means pooled over the map."""
+    name = model.vector_level
+    if isinstance(posterior, FactorizedPosterior):
+        means = {level: q.mu for level, q in posterior.levels.items()}
+    else:  # a hierarchy's levels below the top are conditional; its means come level by level
+        means = posterior.mode()
+    if name is not None:
+        return means[name]
+    return torch.cat([mu.flatten(2).mean(2) for mu in means.values()], dim=1)  # (B, C) per level, joined
+
+
 @torch.inference_mode()
 def posterior_means(model: Any, found: Sequence[FoundImage], *, batch_size: int = 64,
                     device: torch.device | str = "cpu", workers: int | None = None,
                     callback: Callback = ignore) -> Means:
-    """E_q[z|x] for every image, streamed in batches (memory bounded by the batch, not the folder).
+    """E_q[z|x] for every image (`features`: the vector level, or pooled channel means of a spatial map),
+    streamed in batches (memory bounded by the batch, not the folder).
 
     Unreadable files are reported as `Failed` and listed in `failures`.
     """
     config = model.config
     outcome = Outcome()
     callback = outcome.recorder(callback)
+    symbol, what = map_features(model)
     rows, kept, done = [], [], 0
     for good, batch, failed in iter_batches(found, image_size=config.image_size, channels=config.channels,
                                             batch_size=batch_size, workers=workers, callback=callback):
         if len(good):
-            rows.append(model.encode(to_float(batch, device)).mu.float().cpu())  # (B, D)
+            rows.append(features(model, model.encode(to_float(batch, device))).float().cpu())  # (B, D)
             kept.extend(good)
         done += len(good) + len(failed)
         callback(Progress(done, len(found)))
     if not kept:
         raise DataError(f"none of the {len(found)} images could be read; see the warnings above")
-    return Means(torch.cat(rows), kept, outcome.failed)
+    return Means(torch.cat(rows), kept, outcome.failed, symbol, what)
 
 
 # ------------------------------------------------------------------------------------- projection
@@ -107,7 +137,8 @@ def _check_dims(dims: Sequence[int], latent_dim: int) -> tuple[int, int]:
     return int(dims[0]), int(dims[1])
 
 
-def project(mu: torch.Tensor, *, method: str = "auto", dims: Sequence[int] | None = None) -> Projection:
+def project(mu: torch.Tensor, *, method: str = "auto", dims: Sequence[int] | None = None,
+            symbol: str = "z") -> Projection:
     """Project (N, D) means to 2-D: the latent dimensions themselves ("dims") or the top two principal axes.
 
     "auto" shows the dimensions when the latent is 2-D (or `dims` is given), else PCA. Without
@@ -131,7 +162,7 @@ def project(mu: torch.Tensor, *, method: str = "auto", dims: Sequence[int] | Non
         dims = sorted(torch.argsort(spread, descending=True, stable=True)[:2].tolist())
     pair = _check_dims(list(dims), latent_dim)
     points = mu.double()[:, list(pair)]  # (N, 2)
-    return Projection(points, "dims", (f"z[{pair[0]}]", f"z[{pair[1]}]"), dims=pair)
+    return Projection(points, "dims", (f"{symbol}[{pair[0]}]", f"{symbol}[{pair[1]}]"), dims=pair)
 
 
 # ------------------------------------------------------------------------------------- placement
@@ -271,8 +302,9 @@ class MapResult:
 
 
 def _encode_folder(checkpoint: str | Path, data: Sequence[str | Path], *, batch_size: int, device: str,
-                   workers: int | None, stdin: Any, callback: Callback) -> tuple[Any, Means, list]:
-    loaded = load_for_inference(checkpoint, device=device, command="latent-map")
+                   workers: int | None, stdin: Any, callback: Callback,
+                   command: str = "latent-map") -> tuple[Any, Means, list]:
+    loaded = load_for_inference(checkpoint, device=device, command=command)
     outcome = Outcome()
     callback = outcome.recorder(callback)
     found = find_images(data, stdin=stdin, callback=callback)
@@ -302,7 +334,7 @@ def latent_map(checkpoint: str | Path, data: Sequence[str | Path], output: str |
     loaded, means, found = _encode_folder(checkpoint, data, batch_size=batch_size, device=device, workers=workers,
                                           stdin=stdin, callback=callback)
     label_name, labels = _labels(color_by, found, means) if color_by is not None else (None, None)
-    projection = project(means.mu, method=method, dims=dims)
+    projection = project(means.mu, method=method, dims=dims, symbol=means.symbol)
     bounds = map_bounds(projection.points, extent=extent)
     show = thumbnails if thumbnails is not None else color_by is None
     placed = grid_pick(projection.points, bounds, cells=cells) if show else []
@@ -348,7 +380,7 @@ def correlate_folder(checkpoint: str | Path, data: Sequence[str | Path], attribu
     """Correlate the posterior means of the images with the numeric columns of a CSV (one row per image)."""
     read_table(attributes)  # a bad CSV fails before any image is encoded
     _, means, _ = _encode_folder(checkpoint, data, batch_size=batch_size, device=device, workers=workers,
-                                 stdin=stdin, callback=callback)
+                                 stdin=stdin, callback=callback, command="correlate")
     table = attribute_table(attributes, means.found)
     if not table:
         raise DataError(f"{attributes} has no numeric column to correlate; give a CSV with numeric attributes")

@@ -31,7 +31,7 @@ def load_for_inference(source: Source, *, device: str | torch.device | None = "a
         checkpoint = Checkpoint(source, source.config, None)
     else:
         checkpoint = load_model(source, device=where or "cpu")
-    if command is not None and checkpoint.config.kind != "vector":
+    if command not in (None, "eval", "latent-map", "correlate") and checkpoint.config.kind != "vector":
         raise ConfigError(f"`vaetool {command}` handles vector-family checkpoints only so far; this one is "
                           f"{checkpoint.config.kind} (from Python: vaetool.checkpoint.load_model(path).model has encode, decode, sample_prior and reconstruct)")
     if where is not None:

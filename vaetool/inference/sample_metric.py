@@ -11,16 +11,22 @@ real images (a model that memorises puts its samples much nearer than real image
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..errors import DataError
+from ..events import Callback, Note, Started, ignore
 
 MAX_SIZE = 64  # larger images are area-averaged to this side first: the test stays fast at any size
 NEAR_QUANTILE = 0.05
+SAMPLE_CHUNK = 64  # prior samples decoded per pass (fixed, so the batch size never changes the draws)
 
 
 @dataclass
@@ -210,3 +216,95 @@ def memorisation(generated: torch.Tensor, training: torch.Tensor,
         mean=float(samples.mean()), median=float(samples.median()), min=float(samples.min()), near_fraction=near,
         reference_mean=stat(torch.mean), reference_median=stat(torch.median), reference_min=stat(torch.min),
         samples=len(samples), training=len(training), reference=0 if reference is None else len(reference))
+
+
+# ------------------------------------------------------------------------------ `vaetool eval --samples N`
+
+
+@dataclass
+class SampleReport:
+    """A checkpoint's prior samples against real images, and how near they sit to training images."""
+
+    two_sample: TwoSampleResult
+    memorisation: Memorisation
+    samples: int
+    prior: str  # what the samples were drawn from: "standard", the family's own (N(0, I), ancestral in a hierarchy)
+    temperature: float
+    seed: int
+    reference: str  # which images the nearest-image distances are to
+    setup: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["two_sample"], data["memorisation"] = self.two_sample.to_dict(), self.memorisation.to_dict()
+        return data
+
+
+def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """`count` images (N, C, H, W) in [0, 1] on the CPU, decoded from the model's own prior (any family).
+
+    The latents come from a CPU generator seeded with `seed` (`model.sample_prior`), so a seed gives the
+    same images on any device; drawn SAMPLE_CHUNK at a time whatever the batch size, so it never
+    changes which draws an image gets.
+    """
+    model = checkpoint.model
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, count, SAMPLE_CHUNK):
+            latents = model.sample_prior(min(SAMPLE_CHUNK, count - start), temperature=temperature,
+                                         generator=generator)
+            parts.append(model.mean_image(model.decode(latents)).float().cpu())
+    return torch.cat(parts).clamp(0.0, 1.0)
+
+
+def _training_images(checkpoint: Checkpoint, train_data: Sequence[str | Path], *, batch_size: int,
+                     workers: int | None, callback: Callback) -> torch.Tensor:
+    """The training images at the model's size, (N, C, H, W) floats in [0, 1] on the CPU."""
+    from ..io.batches import iter_batches
+    from ..io.find import find_images
+
+    cfg = checkpoint.config
+    found = find_images(train_data, callback=callback)
+    callback(Started("read training images", len(found)))
+    parts = [batch for _, batch, _ in iter_batches(found, image_size=cfg.image_size, channels=cfg.channels,
+                                                   batch_size=batch_size, workers=workers, callback=callback)]
+    images = torch.cat(parts) if parts else torch.empty(0)
+    if images.shape[0] == 0:
+        raise DataError("none of the --train-data images could be read; give the folder the model was trained on")
+    return images.float() / 255.0
+
+
+def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, seed: int = 0, temperature: float = 1.0,
+                  train_data: Sequence[str | Path] | None = None, batch_size: int = 64, workers: int | None = None,
+                  test_options: dict[str, Any] | None = None, callback: Callback = ignore) -> SampleReport:
+    """Draw `count` prior samples and score them against `real` images (N, C, H, W; uint8 or [0, 1] floats).
+
+    The classifier two-sample test uses half of each set to train, half to score. The nearest-image
+    distances are to the `train_data` images (held-out reference: `real`) when given; else to the half
+    of `real` the classifier trained on (reference: the other half), which shows copying of those images only.
+    `test_options` go to `classifier_two_sample_test` (steps, batch_size, widths, lr).
+    """
+    if count < 2 or real.shape[0] < 2:
+        raise DataError(f"the sample metric needs at least 2 samples and 2 real images, not {count} and "
+                        f"{real.shape[0]}; give --samples 2 or more and more images")
+    callback(Started("sample", count))
+    generated = draw_samples(checkpoint, count, seed=seed, temperature=temperature)
+    real = real.float() / 255.0 if real.dtype == torch.uint8 else real.float()
+    test = classifier_two_sample_test(real, generated, seed=seed, **(test_options or {}))
+    notes = []
+    if train_data:
+        training = _training_images(checkpoint, train_data, batch_size=batch_size, workers=workers, callback=callback)
+        memo, reference = memorisation(generated, training, real), "the --train-data images"
+    else:
+        fit, held = _halves(real.shape[0], torch.Generator().manual_seed(seed))
+        memo = memorisation(generated, real[fit], real[held])
+        reference = "half of the evaluated images (give --train-data for the training images)"
+        notes.append("nearest-image distances are to evaluated images, not the training set: "
+                     "they show copying only of those")
+    report = SampleReport(test, memo, count, prior="standard", temperature=temperature, seed=seed,
+                          reference=reference, setup=test.summary(), notes=notes)
+    for note in notes:
+        callback(Note(note))
+    return report

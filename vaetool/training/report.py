@@ -63,6 +63,36 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return {}
 
 
+def latent_levels(model_config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Each latent level's shape (without the batch) at the config's image size, from the family itself.
+
+    The model is built on the meta device: shapes only, no memory and no initialisation cost. None
+    when the config cannot be read (a run made by a newer version, say).
+    """
+    import torch
+
+    from ..config import ModelConfig
+    from ..errors import VaetoolError
+    from ..models.base import build_model
+
+    try:
+        config = ModelConfig.from_dict(model_config)
+        with torch.device("meta"):
+            model = build_model(config)
+        return model.latent_shapes(config.image_size, config.image_size)
+    except (VaetoolError, TypeError, ValueError):
+        return None
+
+
+def describe_latents(model_config: dict[str, Any] | None) -> str:
+    """`hierarchical model, latents top 4, z4 2x4x4`: the family and each level's shape ('' if unknown)."""
+    levels = latent_levels(model_config) if model_config else None
+    if levels is None:
+        return ""
+    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in levels.items())
+    return f"{model_config.get('kind', 'vector')} model, latents {shapes}"
+
+
 def _grid_paths(run_dir: Path) -> tuple[Path | None, Path | None]:
     """The latest samples and reconstructions grids: the run's own copies, else the newest per-epoch files."""
     found = []
@@ -204,7 +234,8 @@ def report_figure(run_dir: str | Path, rows: Sequence[dict[str, Any]] | None = N
     _show_image(fig.add_subplot(grid[1, 0:2]), samples, f"samples from the prior (epoch {epoch})")
     _show_image(fig.add_subplot(grid[1, 2:6]), recons, "validation images (top) and reconstructions (bottom)")
     origin = provenance_line(read_run_record(run_dir))
-    fig.suptitle(_summary(run_dir, rows) + (f"\n{origin}" if origin else ""))
+    family = describe_latents(read_run_config(run_dir).get("model_config"))
+    fig.suptitle(_summary(run_dir, rows) + (f"; {family}" if family else "") + (f"\n{origin}" if origin else ""))
     return fig
 
 
@@ -280,6 +311,9 @@ def _img(png: bytes, alt: str, *, grid: bool) -> str:
 
 def _config_table(config: dict[str, Any]) -> str:
     rows = []
+    family = describe_latents(config.get("model_config"))
+    if family:  # the family and its levels' shapes first: what the other rows configure
+        rows.append(f'<tr><td class="key">latents</td><td class="key">{_esc(family)}</td></tr>')
     for section in ("model_config", "train_config", "training"):
         values = config.get(section) or {}
         for key, value in values.items():
