@@ -80,7 +80,8 @@ def _encode_found(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_
                   callback: Callback) -> Iterator[tuple[list[FoundImage], dict[str, torch.Tensor]]]:
     callback(Started("encode", len(found)))
     generator = torch.Generator().manual_seed(seed)
-    names = level_names(checkpoint.model)
+    size = checkpoint.config.image_size
+    names = checkpoint.model.latent_shapes(size, size)
     for items, _, posterior, levels in _stream(checkpoint, found, batch_size=batch_size, callback=callback):
         rows = {}
         for name, q in levels.items():

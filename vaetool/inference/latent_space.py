@@ -71,8 +71,8 @@ def fit_levels(model: VAEFamily, latents: Latents, source: str) -> tuple[int, in
         got = tuple(latents[name].shape[1:])
         if got == shape:
             continue
-        if len(shape) == 1:
-            raise DataError(f"{source}: latents are {got[-1] if got else 0}-dimensional but the checkpoint's "
+        if len(shape) == 1 and len(got) == 1:
+            raise DataError(f"{source}: latents are {got[0]}-dimensional but the checkpoint's "
                             f"latent_dim is {shape[0]}; use latents encoded with the same checkpoint")
         raise DataError(f"{source}: latent level {name} has shape {got}; this model's is {shape} (for {height}x"
                         f"{width} images); use latents encoded with the same checkpoint")

@@ -19,10 +19,10 @@ KEYS = ("mu", "logvar", "z")
 FIELDS = KEYS  # what a latents file stores per level: the posterior mean and log-variance, and a drawn z
 
 
-def tensor_key(level: str, field: str, levels: list[str]) -> str:
-    """The safetensors key of one level's field: a one-level file whose level is "z" (the vector family's)
-    keeps the bare `mu` / `logvar` / `z` of the files written before the families; every other is `level.field`."""
-    return field if levels == ["z"] else f"{level}.{field}"
+def tensor_key(level: str, field: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The safetensors key of one level's field: a file of one vector level "z" (the vector family's) keeps the
+    bare `mu` / `logvar` / `z` of the files written before the families; every other is `level.field`."""
+    return field if list(shapes) == ["z"] and len(shapes["z"]) == 1 else f"{level}.{field}"
 
 
 def save_latents(path: str | Path, tensors: dict[str, torch.Tensor], *, paths: list[str], relative: list[str],
@@ -157,7 +157,7 @@ def _read_safetensors(path: Path, key: str | None) -> tuple[dict[str, torch.Tens
 def _level_key(path: Path, level: str, field: str, recorded: list, keys: list[str]) -> str:
     if field not in FIELDS:
         raise DataError(f"{path} stores {', '.join(FIELDS)} per latent level; --key {field} is none of them")
-    name = tensor_key(level, field, [n for n, _ in recorded])
+    name = tensor_key(level, field, dict(recorded))
     if name not in keys:
         hint = "; encode with --sample to store z" if field == "z" else ""
         raise DataError(f"{path} has no {name} tensor{hint}")
