@@ -154,8 +154,7 @@ def interpolate(
     steps: Annotated[int, typer.Option("--steps", min=2, help="Frames per segment, endpoints included.")] = 8,
     method: Annotated[PathMethod, typer.Option("--method", case_sensitive=False, help="slerp: Gaussian latents live near a sphere; lerp: straight lines.")] = PathMethod.slerp,
     levels: Annotated[LevelsChoice, typer.Option("--levels", case_sensitive=False, help="all: walk every latent level's posterior means; top (hierarchical): walk the top latent, the levels below from their conditional priors.")] = LevelsChoice.all,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="With --levels top: the std multiplier of the levels below (0: their prior means; above 0: drawn with --seed).")] = 0.0,
-    seed: Seed = 0,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="With --levels top: the std multiplier of the levels below (0: their prior means; above 0: drawn from a fixed seed, so a run repeats).")] = 0.0,
     grid: Grid = None,
     gif: Annotated[Optional[Path], typer.Option("--gif", callback=gif_file, rich_help_panel=OUTPUT, help="Also write an animated GIF of the frames.")] = None,
     fps: Annotated[int, typer.Option("--fps", min=1, rich_help_panel=OUTPUT, help="GIF frames per second.")] = 12,
@@ -171,7 +170,7 @@ def interpolate(
 
     ckpt = _open_any(checkpoint, device)
     z = interpolate_latents(ckpt, anchor_latents(ckpt, anchors), steps=steps, method=method.value,
-                            levels=levels.value, temperature=temperature, seed=seed)
+                            levels=levels.value, temperature=temperature, seed=0)
     paths = [output / f"frame_{i:04d}.png" for i in range(count_of(z))]
     display = Display("interpolate", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")

@@ -85,8 +85,8 @@ Latents = LatentsFile  # the name this class had before latents had levels
 def load_latents(path: str | Path, *, key: str | None = None) -> LatentsFile:
     """Read latents; `key` picks the field of every level (default `mu`), or a plain file's tensor.
 
-    Refuses NaN/inf, levels of different lengths, and a one-level table that is not N x D (unless the
-    file records its levels' shapes, or a .npy holds an N-D array).
+    Refuses NaN/inf and levels of different lengths; a 1-D tensor is one row. Whether the shapes fit a
+    model is for its reader to check (`inference.latent_space.fit_levels`).
     """
     path = Path(path)
     if not path.is_file():
@@ -95,12 +95,11 @@ def load_latents(path: str | Path, *, key: str | None = None) -> LatentsFile:
         levels, names, metadata = {"z": _read_npy(path)}, None, {}
     else:
         levels, names, metadata = _read_safetensors(path, key)
-    shaped = "levels" in metadata or path.suffix.lower() == ".npy"
     for name, values in list(levels.items()):
         if values.ndim == 1:
             levels[name] = values = values[None]
-        if values.ndim != 2 and not shaped:
-            raise DataError(f"{path}: latents must be an N x D table, not shape {tuple(values.shape)}")
+        if values.ndim == 0:
+            raise DataError(f"{path}: latents must be rows (an N x D table, or N latent maps), not one number")
         if not torch.isfinite(values).all():
             raise DataError(f"{path}: latents contain NaN or infinite values; re-encode or fix the file")
         levels[name] = values.float()
