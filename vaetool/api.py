@@ -1,4 +1,5 @@
-"""The Python API: `vaetool.load(path)` returns a `VAEModel` with encode, decode, sample, interpolate, reconstruct."""
+"""The Python API: `vaetool.load(path)` returns a `VAEModel` with encode, decode, sample, interpolate, reconstruct,
+for every model family."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import DataError
-from .inference.latent_ops import decode_images, path_segments, prior_latents
-from .inference.load import load_for_inference, model_device
 from .events import Failed
+from .inference.latent_ops import as_level_dict, decode_images
+from .inference.latent_space import (fit_levels, interpolate_latents, level_names, posterior_levels,
+                                     sample_latents)
+from .inference.load import load_for_inference, model_device
 from .io.batches import iter_batches
 from .io.decode import match_channels
 from .io.find import find_images
-from .models.base import DiagonalGaussian
+from .models.base import DiagonalGaussian, Latents
 
 ImageInput = torch.Tensor | str | Path | Sequence[str | Path]
 
@@ -53,56 +56,130 @@ class VAEModel:
         return torch.cat(parts).float() / 255.0  # (N, C, S, S)
 
     def _as_batch(self, inputs: ImageInput) -> torch.Tensor:
-        """A (B, C, S, S) float batch with the model's channel count (gray <-> RGB converted)."""
+        """A (B, C, H, W) float batch with the model's channel count (gray <-> RGB converted); a family
+        that takes any size (spatial, hierarchical) takes any H, W its factor divides."""
         x = inputs if isinstance(inputs, torch.Tensor) else self.load_images(inputs)
         x = x[None] if x.ndim == 3 else x
         size, channels = self.config.image_size, self.config.channels
-        if x.ndim != 4 or x.shape[-2:] != (size, size) or x.shape[1] not in (1, 3):
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise DataError(f"images must be (B, 1 or 3, {size}, {size}) for this model, not {tuple(x.shape)}; "
                             f"pass file paths to have them resized")
+        if self.model.size_multiple is None and x.shape[-2:] != (size, size):
+            raise DataError(f"images must be (B, 1 or 3, {size}, {size}) for this model, not {tuple(x.shape)}; "
+                            f"pass file paths to have them resized")
+        self.model.check_size(*x.shape[-2:])
         return match_channels(x, channels).float()
 
     @torch.inference_mode()
-    def encode(self, inputs: ImageInput) -> DiagonalGaussian:
-        """q(z|x) for images (a tensor, files or folders): `.mu`, `.logvar`, `.sample(generator)`, `.kl()`."""
-        x = self._as_batch(inputs)  # (B, C, S, S)
-        mus, logvars = [], []
+    def encode(self, inputs: ImageInput) -> Encoding:
+        """q(z|x) for images (a tensor, files or folders), every level's Gaussian on the CPU: `.levels`,
+        `.mode()`, `.kl()`, and for one-level or vector-topped families `.mu`, `.logvar`, `.sample(generator)`."""
+        x = self._as_batch(inputs)  # (B, C, H, W)
+        parts = []
         for start in range(0, len(x), self.batch_size):
             part = x[start:start + self.batch_size].to(self.device).contiguous(memory_format=torch.channels_last)
-            posterior = self.model.encode(part)
-            mus.append(posterior.mu.float().cpu())
-            logvars.append(posterior.logvar.float().cpu())
-        return DiagonalGaussian(torch.cat(mus), torch.cat(logvars))
+            found = posterior_levels(self.model.encode(part))
+            parts.append(({n: DiagonalGaussian(q.mu.float().cpu(), q.logvar.float().cpu())
+                           for n, q in found.levels.items()}, {n: kl.float().cpu() for n, kl in found.kl.items()}))
+        levels = {n: DiagonalGaussian(torch.cat([p[0][n].mu for p in parts]), torch.cat([p[0][n].logvar for p in parts]))
+                  for n in parts[0][0]}
+        return Encoding(levels, {n: torch.cat([p[1][n] for p in parts]) for n in parts[0][1]},
+                        vector_level=self.model.vector_level)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean images (B, C, H, W) for latents (B, D)."""
-        z = z if z.ndim == 2 else z[None]
-        if z.shape[1] != self.config.latent_dim:
-            raise DataError(f"latents are {z.shape[1]}-dimensional; this model's latent_dim is "
-                             f"{self.config.latent_dim}")
+    def decode(self, z: torch.Tensor | Latents) -> torch.Tensor:
+        """Mean images (B, C, H, W) for latents: a dict of levels (B, ...), or a one-level family's tensor
+        (a vector model's (B, D) or (D,))."""
+        if isinstance(z, torch.Tensor):
+            names = level_names(self.model)
+            if len(names) == 1 and z.ndim == len(self.model.latent_shapes(*(self.config.image_size,) * 2)[names[0]]):
+                z = z[None]  # one latent without the batch
+            z = as_level_dict(self.checkpoint, z)
+        fit_levels(self.model, z, "latents")
         return decode_images(self.checkpoint, z, batch_size=self.batch_size)
 
-    def sample(self, n: int = 16, *, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
-        """n new images from z ~ N(0, T^2 I); the same seed gives the same images."""
-        return self.decode(prior_latents(self.checkpoint, n, temperature=temperature, seed=seed))
+    def sample(self, n: int = 16, *, temperature: float | dict[str, float] = 1.0, seed: int = 0,
+               prior: str = "auto", size: tuple[int, int] | None = None) -> torch.Tensor:
+        """n new images from the prior (ancestral for a hierarchy; `temperature` a float or {level: T});
+        `prior` "auto" uses a fitted prior when the checkpoint has one. The same seed gives the same images."""
+        latents = sample_latents(self.checkpoint, n, temperature=temperature, seed=seed, size=size, prior=prior,
+                                 batch_size=self.batch_size)
+        return self.decode(latents)
 
     def reconstruct(self, inputs: ImageInput) -> torch.Tensor:
-        """Reconstructions from the posterior means."""
-        return self.decode(self.encode(inputs).mu)
+        """Reconstructions from the posterior means (in a hierarchy, level by level)."""
+        return self.decode(self.encode(inputs).mode())
 
     def interpolate(self, a: ImageInput, b: ImageInput, *more: ImageInput, steps: int = 8,
-                    method: str = "slerp") -> torch.Tensor:
+                    method: str = "slerp", levels: str = "all", temperature: float = 0.0,
+                    seed: int = 0) -> torch.Tensor:
         """Frames along the path through the posterior means of a, b, ...: `steps` per segment, shared
-        endpoints once. An anchor may be an image (tensor, file) or a latent vector (D,)."""
+        endpoints once, every level walked with the same t (`levels="top"`: a hierarchy's top only, the
+        levels below from their conditional priors at `temperature`). An anchor may be an image (tensor,
+        file), a vector model's latent (D,), or a dict of levels (each without the batch)."""
         if steps < 2:
             raise DataError(f"steps must be at least 2, not {steps}")
-        anchors = torch.stack([self._anchor(x) for x in (a, b, *more)])  # (K, D)
-        return self.decode(path_segments(anchors, steps=steps, method=method))
+        rows = [self._anchor(x) for x in (a, b, *more)]
+        anchors = {name: torch.cat([r[name] for r in rows]) for name in rows[0]}  # level -> (K, ...)
+        fit_levels(self.model, anchors, "anchors")
+        frames = interpolate_latents(self.checkpoint, anchors, steps=steps, method=method, levels=levels,
+                                     temperature=temperature, seed=seed)
+        return self.decode(frames)
 
-    def _anchor(self, x: ImageInput) -> torch.Tensor:
+    def _anchor(self, x: ImageInput | Latents) -> Latents:
+        if isinstance(x, dict):
+            return {name: value.float().cpu()[None] for name, value in x.items()}
         if isinstance(x, torch.Tensor) and x.ndim == 1:
-            return x.float().cpu()  # already a latent vector
-        return self.encode(x).mu[0]
+            return as_level_dict(self.checkpoint, x.float().cpu()[None])  # already a latent vector
+        return {name: value[:1] for name, value in self.encode(x).mode().items()}
+
+
+class Encoding:
+    """q(z|x) for a batch, level by level, on the CPU (in a hierarchy each level given the means above).
+
+    `.mu`, `.logvar`, `.std` and `.sample(generator)` are the one level's of a one-level family, else the
+    vector level's (a hierarchy's top), so code written for the vector family keeps working.
+    """
+
+    def __init__(self, levels: dict[str, DiagonalGaussian], kl: dict[str, torch.Tensor], *,
+                 vector_level: str | None) -> None:
+        self.levels = levels  # level -> Gaussian over (B, ...)
+        self.kl_levels = kl  # level -> (B,) KL to its prior, nats
+        self.vector_level = vector_level
+
+    def _main(self) -> DiagonalGaussian:
+        if len(self.levels) == 1:
+            return next(iter(self.levels.values()))
+        if self.vector_level is None:
+            raise DataError(f"these latents have the levels {', '.join(self.levels)}; use .levels or .mode()")
+        return self.levels[self.vector_level]
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self._main().mu
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self._main().logvar
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._main().std
+
+    def mode(self) -> Latents:
+        """Every level's means: what `VAEModel.decode` turns into the reconstructions."""
+        return {name: q.mu for name, q in self.levels.items()}
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ q of the one level (or the vector level); `sample_levels` draws every level."""
+        return self._main().sample(generator)
+
+    def sample_levels(self, generator: torch.Generator | None = None) -> Latents:
+        """Each level drawn from its Gaussian (in a hierarchy, the conditionals at the means above)."""
+        return {name: q.sample(generator) for name, q in self.levels.items()}
+
+    def kl(self) -> torch.Tensor:
+        """The KL of every level to its prior, summed, (B,) nats."""
+        return sum(self.kl_levels.values())
 
 
 def load(path: str | Path, *, device: str = "auto", batch_size: int = 64) -> VAEModel:

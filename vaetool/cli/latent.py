@@ -11,8 +11,9 @@ import typer
 
 from .common import Display, emit, fail, info, warn
 from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Ext, Force, ImageFormat, Inputs,
-                      Json, PathMethod, Quiet, Seed, SkipExisting, flag, gif_file, image_file, latents_output,
-                      parse_dims, positive, value_of)
+                      Json, LevelsChoice, PathMethod, PriorChoice, Quiet, Seed, SkipExisting, Temperature,
+                      TemperatureSpec, flag, gif_file, image_file, latents_output, parse_dims, positive,
+                      temperature_value, value_of)
 from .single import MoveToTarget, scratch_beside, single_target, target_done
 
 OutDir = Annotated[Path, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Output folder.")]
@@ -23,9 +24,17 @@ Format = Annotated[ImageFormat, typer.Option("--ext", case_sensitive=False, rich
 
 
 def _open(checkpoint: Path, device: str):
+    """The checkpoint for `reconstruct`, which handles the vector family only so far."""
     from ..inference.load import load_for_inference
 
-    return load_for_inference(checkpoint, device=device, command="encode/decode/sample/interpolate/reconstruct/traverse")
+    return load_for_inference(checkpoint, device=device, command="reconstruct")
+
+
+def _open_any(checkpoint: Path, device: str):
+    """The checkpoint for the latent commands, which handle every model family."""
+    from ..inference.load import load_for_inference
+
+    return load_for_inference(checkpoint, device=device)
 
 
 def encode(
@@ -33,15 +42,16 @@ def encode(
     inputs: Inputs,
     output: Annotated[Optional[str], typer.Option(
         "--output", "-o", callback=latents_output, show_default=False, rich_help_panel=OUTPUT,
-        help="FILE.safetensors (mu, logvar and the image paths), FILE.npy (mu only: one N x D array for numpy), "
-             "FOLDER/ (FOLDER/latents.safetensors), or - for JSON lines on stdout.")] = None,
+        help="FILE.safetensors (each latent level's mu and logvar, and the image paths), FILE.npy (a vector model's "
+             "mu only: one N x D array for numpy), FOLDER/ (FOLDER/latents.safetensors), or - for JSON lines.")] = None,
     sample: flag("--sample", help="Also store a z drawn from each posterior (--seed sets the draw).") = False,
-    jsonl: flag("--jsonl", help='One JSON object per image on stdout ({"path", "mu", "logvar"}).', panel=OUTPUT) = False,
+    jsonl: flag("--jsonl", help='One JSON object per image on stdout ({"path", "mu", "logvar"}; with latent levels, '
+                                'each is {level: flattened values} beside "shapes").', panel=OUTPUT) = False,
     seed: Seed = 0,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
-    """Encode images to their posterior means and log-variances (N x D) in a safetensors file."""
+    """Encode images to each latent level's posterior means and log-variances in a safetensors file."""
     if output is None and not jsonl:
         raise typer.BadParameter("give -o FILE.safetensors, -o FILE.npy, or -o - / --jsonl for JSON lines",
                                  param_hint="'--output'")
@@ -50,17 +60,18 @@ def encode(
     if path is not None and path.suffix.lower() == ".npy" and sample:
         raise typer.BadParameter(f"{path} holds one array (mu); write .safetensors to keep z as well",
                                  param_hint="'--sample'")
+    from ..inference.latent_files import encode_to_npy, json_rows
     from ..inference.latent_ops import encode_rows, encode_to_file
 
-    ckpt = _open(checkpoint, device)
+    ckpt = _open_any(checkpoint, device)
     display = Display("encode", quiet=quiet, as_json=as_json)
     if to_stdout:
         for items, rows in encode_rows(ckpt, inputs, batch_size=batch_size, sample=sample, seed=seed,
                                        stdin=sys.stdin, callback=display):
-            for i, item in enumerate(items):
-                emit({"path": str(item.path)} | {k: v[i].tolist() for k, v in rows.items()}, as_json=True)
+            for obj in json_rows(ckpt, items, rows):
+                emit(obj, as_json=True)
     else:
-        write = _encode_to_npy if path.suffix.lower() == ".npy" else encode_to_file
+        write = encode_to_npy if path.suffix.lower() == ".npy" else encode_to_file
         written, count = write(ckpt, inputs, path, batch_size=batch_size, sample=sample, seed=seed, force=force,
                                stdin=sys.stdin, callback=display)
         if written is not None:
@@ -76,50 +87,28 @@ def _latents_path(output: str) -> Path:
     return path
 
 
-def _encode_to_npy(checkpoint, inputs, path: Path, *, batch_size: int, sample: bool, seed: int, force: bool,
-                   stdin, callback) -> tuple[Path | None, int]:
-    """The posterior means as one (N, D) float32 .npy array, which numpy.load and `vaetool decode` read.
-
-    A .npy holds one array and no metadata, so the paths and logvar are left out: the safetensors file keeps them.
-    """
-    import numpy as np
-
-    from ..errors import OutputError
-    from ..inference.latent_ops import encode_rows
-    from ..io.latents import save_npy
-
-    if path.exists() and not force:  # fail before the work, not after it
-        raise OutputError(f"{path} already exists; pass --force to overwrite it")
-    means = [rows["mu"].numpy() for _, rows in encode_rows(checkpoint, inputs, batch_size=batch_size, sample=sample,
-                                                           seed=seed, stdin=stdin, callback=callback)]
-    if not means:
-        return None, 0
-    table = np.concatenate(means).astype(np.float32)  # (N, D)
-    return save_npy(path, table, force=force), len(table)
-
-
 def decode(
     checkpoint: Checkpoint,
     latents: Annotated[Path, typer.Argument(metavar="LATENTS", show_default=False, help="A latents file from `vaetool encode`, or a .npy / .safetensors holding one N x D tensor.")],
     output: OutDir,
-    key: Annotated[Optional[str], typer.Option("--key", help="Tensor to decode: mu (default), z or logvar; or the name in a plain file.")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="What to decode: mu (default), z or logvar of every level; or the tensor's name in a plain file.")] = None,
     ext: Format = ImageFormat.png,
     force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
-    """Decode latent vectors to images, named after the encoded images' paths (or an index)."""
-    from ..io.latents import load_latents
+    """Decode latents (every level, checked against the model) to images, named after the encoded images' paths."""
+    from ..inference.latent_files import read_latents
     from ..inference.latent_ops import decoded_paths, write_decoded
 
-    ckpt = _open(checkpoint, device)
-    table = load_latents(latents, key=key)
+    ckpt = _open_any(checkpoint, device)
+    table = read_latents(ckpt, latents, key=key)
     made_by = table.metadata.get("checkpoint")
     if made_by and made_by != ckpt.identity:
         warn(f"{latents} was encoded by another checkpoint ({made_by}, this one is {ckpt.identity}); "
              f"the images will not match the encoded ones")
-    paths = decoded_paths(output, table.names, len(table.values), ext=ext.value)
+    paths = decoded_paths(output, table.names, table.count, ext=ext.value)
     display = Display("decode", quiet=quiet, as_json=as_json)
-    write_decoded(ckpt, table.values, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
+    write_decoded(ckpt, table.levels, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
                   callback=display, source=str(latents), command="decode")
     display.finish()
 
@@ -128,7 +117,8 @@ def sample(
     checkpoint: Checkpoint,
     output: OutDir,
     count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", callback=positive, help="z ~ N(0, T^2 I); below 1 gives more typical, less varied images.")] = 1.0,
+    temperature: Temperature = TemperatureSpec("1"),
+    prior: Annotated[PriorChoice, typer.Option("--prior", case_sensitive=False, help="auto: the fitted prior when the checkpoint has one (`vaetool fit-prior`), else the model's own; fitted; standard: the model's own prior.")] = PriorChoice.auto,
     seed: Seed = 0,
     grid: Grid = None,
     prefix: Annotated[str, typer.Option("--prefix", rich_help_panel=OUTPUT, help="File name prefix.")] = "sample_",
@@ -136,12 +126,14 @@ def sample(
     force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
-    """Draw new images from the prior; prints the written paths, one per line."""
-    from ..io.write import save_grid
-    from ..inference.latent_ops import decode_images, prior_latents, write_decoded
+    """Draw new images from the prior (ancestrally, level by level, for a hierarchy); prints the written paths."""
+    from ..inference.latent_files import save_grid
+    from ..inference.latent_ops import decode_images, write_decoded
+    from ..inference.latent_space import sample_latents
 
-    ckpt = _open(checkpoint, device)
-    z = prior_latents(ckpt, count, temperature=temperature, seed=seed)
+    ckpt = _open_any(checkpoint, device)
+    z = sample_latents(ckpt, count, temperature=temperature_value(temperature), seed=seed, prior=prior.value,
+                       batch_size=batch_size)
     paths = [output / f"{prefix}{i:05d}.{ext.value}" for i in range(count)]
     display = Display("sample", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
@@ -155,31 +147,14 @@ def sample(
     display.finish()
 
 
-def _anchor(ckpt, text: str):
-    """An interpolation anchor: an image's posterior mean, or a row of a latents file (`file.safetensors:3`)."""
-    from ..api import VAEModel
-    from ..errors import DataError
-    from ..io.latents import load_latents, split_row_reference
-
-    reference = split_row_reference(text)
-    if reference is not None:
-        path, row = reference
-        values = load_latents(path).values
-        if row >= len(values):
-            raise DataError(f"{path} has {len(values)} rows; row {row} does not exist")
-        if values.shape[1] != ckpt.config.latent_dim:
-            raise DataError(f"{path}: latents are {values.shape[1]}-dimensional but the checkpoint's latent_dim is "
-                            f"{ckpt.config.latent_dim}; use latents encoded with the same checkpoint")
-        return values[row]
-    return VAEModel(ckpt).encode([text]).mu[0]
-
-
 def interpolate(
     checkpoint: Checkpoint,
     anchors: Annotated[list[str], typer.Argument(metavar="ANCHORS", show_default=False, help="Two or more images, or rows of a latents file (latents.safetensors:3).")],
     output: OutDir,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Frames per segment, endpoints included.")] = 8,
     method: Annotated[PathMethod, typer.Option("--method", case_sensitive=False, help="slerp: Gaussian latents live near a sphere; lerp: straight lines.")] = PathMethod.slerp,
+    levels: Annotated[LevelsChoice, typer.Option("--levels", case_sensitive=False, help="all: walk every latent level's posterior means; top (hierarchical): walk the top latent, the levels below from their conditional priors.")] = LevelsChoice.all,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="With --levels top: the std multiplier of the levels below (0: their prior means; above 0: drawn from a fixed seed, so a run repeats).")] = 0.0,
     grid: Grid = None,
     gif: Annotated[Optional[Path], typer.Option("--gif", callback=gif_file, rich_help_panel=OUTPUT, help="Also write an animated GIF of the frames.")] = None,
     fps: Annotated[int, typer.Option("--fps", min=1, rich_help_panel=OUTPUT, help="GIF frames per second.")] = 12,
@@ -189,34 +164,22 @@ def interpolate(
     """Walk the latent space through the posterior means of the given images; writes the frames."""
     if len(anchors) < 2:
         raise typer.BadParameter("give at least two images or latent rows", param_hint="'ANCHORS'")
-    import torch
+    from ..inference.latent_files import anchor_latents, save_grid, write_gif
+    from ..inference.latent_ops import decode_images, write_decoded
+    from ..inference.latent_space import count_of, interpolate_latents
 
-    from ..io.write import save_grid
-    from ..inference.latent_ops import decode_images, path_segments, write_decoded
-
-    ckpt = _open(checkpoint, device)
-    z = path_segments(torch.stack([_anchor(ckpt, a) for a in anchors]), steps=steps, method=method.value)
-    paths = [output / f"frame_{i:04d}.png" for i in range(len(z))]
+    ckpt = _open_any(checkpoint, device)
+    z = interpolate_latents(ckpt, anchor_latents(ckpt, anchors), steps=steps, method=method.value,
+                            levels=levels.value, temperature=temperature, seed=0)
+    paths = [output / f"frame_{i:04d}.png" for i in range(count_of(z))]
     display = Display("interpolate", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
     frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
     if grid is not None:
         save_grid(grid, frames, nrow=steps, force=force)
     if gif is not None:
-        _write_gif(gif, frames, fps=fps, force=force)
+        write_gif(gif, frames, fps=fps, force=force)
     display.finish()
-
-
-def _write_gif(path: Path, frames, *, fps: int, force: bool) -> None:
-    from PIL import Image
-
-    from ..io.atomic import atomic_path
-
-    arrays = (frames.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    pictures = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-    pictures += pictures[-2:0:-1]  # there and back again, so the loop has no jump
-    with atomic_path(path, force=force) as tmp:
-        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=1000 // fps, loop=0)
 
 
 def reconstruct(
@@ -260,16 +223,18 @@ def traverse(
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
-    """A grid whose rows are latent dimensions and whose columns sweep each one: what each dimension controls."""
+    """A grid whose rows are the latent vector's dimensions (a hierarchy's top; the levels below at their
+    conditional prior means) and whose columns sweep each one: what each dimension controls."""
     import torch
 
-    from ..api import VAEModel
-    from ..io.write import save_grid
+    from ..inference.latent_files import image_means, save_grid
     from ..inference.latent_ops import average_kl_per_dim, traverse_grid
+    from ..inference.latent_space import vector_level
 
-    ckpt = _open(checkpoint, device)
+    ckpt = _open_any(checkpoint, device)
+    level = vector_level(ckpt)  # a spatial model has none: one line saying so, before any work
     latent_dim = ckpt.config.latent_dim
-    base = VAEModel(ckpt).encode([str(image)]).mu[0] if image else torch.zeros(latent_dim)
+    base = image_means(ckpt, [image])[level][0] if image else torch.zeros(latent_dim)
     ranking, ranked = None, Display("rank", quiet=quiet)
     if dims:
         chosen = list(dims)

@@ -255,3 +255,52 @@ Ext = Annotated[Optional[ImageFormat], typer.Option(
     "--ext", case_sensitive=False, show_default=False, rich_help_panel=OUTPUT,
     help="Write this image format instead of each input's own.")]
 Debug = flag("--debug", help="Show full tracebacks (also VAETOOL_DEBUG=1).", panel=GLOBAL)
+
+
+# ----- latent commands: per-level temperatures, the prior to sample, the levels to interpolate ----------
+class TemperatureSpec(str):
+    """`--temperature`: one positive number for every level, or per level, `top=1,z8=0.6` (the rest at 1)."""
+
+
+def parse_temperature(text: str) -> TemperatureSpec:
+    """Check `0.8` or `top=1,z8=0.6` at parse time; `temperature_value` turns it into a float or a dict."""
+    try:
+        value = temperature_value(text)
+    except ValueError:
+        raise typer.BadParameter(f"cannot read {text!r}; write a number (0.8) or levels, e.g. top=1,z8=0.6") from None
+    values = value.values() if isinstance(value, dict) else [value]
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise typer.BadParameter(f"temperatures must be finite and > 0, not {text!r}")
+    return TemperatureSpec(text)
+
+
+def temperature_value(text: str) -> float | dict[str, float]:
+    """`0.8` -> 0.8; `top=1,z8=0.6` -> {"top": 1.0, "z8": 0.6}; ValueError when it is neither."""
+    text = text.replace(" ", "")
+    if "=" not in text:
+        return float(text)
+    pairs = [part.split("=") for part in text.split(",") if part]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise ValueError(text)
+    return {name: float(value) for name, value in pairs}
+
+
+class PriorChoice(str, Enum):
+    """Which prior `sample` draws from: a fitted one when the checkpoint has it (auto), it, or N(0, I)."""
+
+    auto = "auto"
+    fitted = "fitted"
+    standard = "standard"
+
+
+class LevelsChoice(str, Enum):
+    """Which latent levels `interpolate` walks: all of them, or a hierarchy's top (the rest from its prior)."""
+
+    all = "all"
+    top = "top"
+
+
+Temperature = Annotated[TemperatureSpec, typer.Option(
+    "--temperature", "-t", parser=parse_temperature, metavar="T|LEVEL=T,...",
+    help="Prior std multiplier: one number, or per level (top=1,z8=0.6; levels not named stay at 1). "
+         "Below 1 gives more typical, less varied images.")]

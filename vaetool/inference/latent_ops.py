@@ -1,4 +1,4 @@
-"""Latent operations on folders and tensors: encode rows, decode, prior latents, path segments, traverse.
+"""Latent operations on folders and tensors, for every model family: encode rows, decode, prior latents, traverse.
 
 Inputs stream through `io.batches.iter_batches` (decoded on worker threads), the model runs in
 batches under inference mode, and outputs go through the folder layer's background `Writer` while
@@ -23,22 +23,20 @@ from ..io.atomic import check_writable_dirs
 from ..io.batches import iter_batches
 from ..io.decode import to_float
 from ..io.find import FoundImage, find_images
-from ..io.latents import lerp, save_latents, slerp
+from ..io.latents import lerp, save_latents, slerp, tensor_key
 from ..io.write import quantize, save_grid
-from ..models.base import DiagonalGaussian, FactorizedPosterior, Latents
+from ..models.base import DiagonalGaussian, FactorizedPosterior, Latents, Posterior
 from .folder import Outcome, Writer, check_not_inside, plan_outputs, prepare_outputs, tasks_for
+from .latent_space import count_of, fit_levels, level_names, posterior_levels, rows_of, traverse_latents
 from .load import model_device
 
 Inputs = Sequence[str | os.PathLike]
 
 
-def stream_posteriors(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_size: int,
-                      callback: Callback = ignore, workers: int | None = None, done: int = 0,
-                      total: int | None = None) -> Iterator[tuple[list[FoundImage], torch.Tensor, FactorizedPosterior]]:
-    """Yield (items, uint8 images, q(z|x) on the CPU in float32) per batch; unreadable files are `Failed`.
-
-    `Progress` counts from `done` up to `total` (default: the files given).
-    """
+def _stream(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_size: int, callback: Callback,
+            workers: int | None = None, done: int = 0, total: int | None = None,
+            ) -> Iterator[tuple[list[FoundImage], torch.Tensor, Posterior, dict[str, DiagonalGaussian]]]:
+    """Yield (items, uint8 images, q(z|x) on the device, each level's Gaussian on the CPU in float32)."""
     cfg = checkpoint.config
     total = len(found) + done if total is None else total
     device = model_device(checkpoint)
@@ -49,16 +47,31 @@ def stream_posteriors(checkpoint: Checkpoint, found: Sequence[FoundImage], *, ba
             with torch.inference_mode():
                 x = to_float(batch, device).contiguous(memory_format=torch.channels_last)  # (B, C, S, S)
                 posterior = checkpoint.model.encode(x)
-            levels = {name: DiagonalGaussian(q.mu.float().cpu(), q.logvar.float().cpu())
-                      for name, q in posterior.levels.items()}
-            yield items, batch, FactorizedPosterior(levels)
+                levels = {name: DiagonalGaussian(q.mu.float().cpu(), q.logvar.float().cpu())
+                          for name, q in posterior_levels(posterior).levels.items()}
+            yield items, batch, posterior, levels
         callback(Progress(done, total))
+
+
+def stream_posteriors(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_size: int,
+                      callback: Callback = ignore, workers: int | None = None, done: int = 0,
+                      total: int | None = None) -> Iterator[tuple[list[FoundImage], torch.Tensor, FactorizedPosterior]]:
+    """Yield (items, uint8 images, each level's q on the CPU in float32) per batch; unreadable files are `Failed`.
+
+    In a hierarchy a level's Gaussian is q(z_l | x, z_<l) with the levels above at their means, so
+    `.mode()` decodes to the reconstruction (its `kl_terms` are to N(0, I), right for the top only).
+    `Progress` counts from `done` up to `total` (default: the files given).
+    """
+    for items, batch, _, levels in _stream(checkpoint, found, batch_size=batch_size, callback=callback,
+                                           workers=workers, done=done, total=total):
+        yield items, batch, FactorizedPosterior(levels)
 
 
 def encode_rows(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int, sample: bool = False, seed: int = 0,
                 stdin: TextIO | None = None, callback: Callback = ignore,
                 ) -> Iterator[tuple[list[FoundImage], dict[str, torch.Tensor]]]:
-    """Yield (items, {"mu", "logvar"[, "z"]}) per batch, each (B, D); z ~ q(z|x) from a CPU generator."""
+    """Yield (items, tensors) per batch, keyed as the latents file stores them (`tensor_key`: "mu", "logvar"
+    [, "z"] for the vector family, "level.mu"... for the others), each (B, ...); z ~ q(z|x) from a CPU generator."""
     found = find_images(inputs, stdin=stdin, callback=callback)
     return _encode_found(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed, callback=callback)
 
@@ -67,11 +80,29 @@ def _encode_found(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_
                   callback: Callback) -> Iterator[tuple[list[FoundImage], dict[str, torch.Tensor]]]:
     callback(Started("encode", len(found)))
     generator = torch.Generator().manual_seed(seed)
-    for items, _, posterior in stream_posteriors(checkpoint, found, batch_size=batch_size, callback=callback):
-        rows = {"mu": posterior.mu, "logvar": posterior.logvar}
-        if sample:  # noise drawn on the CPU in input order, so the seed fixes z whatever the batch size
-            rows["z"] = posterior.sample(generator)["z"]
+    size = checkpoint.config.image_size
+    names = checkpoint.model.latent_shapes(size, size)
+    for items, _, posterior, levels in _stream(checkpoint, found, batch_size=batch_size, callback=callback):
+        rows = {}
+        for name, q in levels.items():
+            rows[tensor_key(name, "mu", names)], rows[tensor_key(name, "logvar", names)] = q.mu, q.logvar
+        if sample:
+            for name, z in _posterior_sample(checkpoint, posterior, levels, generator).items():
+                rows[tensor_key(name, "z", names)] = z
         yield items, rows
+
+
+def _posterior_sample(checkpoint: Checkpoint, posterior: Posterior, levels: dict[str, DiagonalGaussian],
+                      generator: torch.Generator) -> Latents:
+    """z ~ q(z|x) (ancestral in a hierarchy) with eps drawn on the CPU image by image, level by level,
+    so the seed fixes every image's z whatever the batch size and device."""
+    count = len(next(iter(levels.values())).mu)
+    per_image = [{name: torch.randn(1, *q.mu.shape[1:], generator=generator) for name, q in levels.items()}
+                 for _ in range(count)]
+    device = model_device(checkpoint)
+    noise = {name: torch.cat([eps[name] for eps in per_image]).to(device) for name in levels}
+    with torch.inference_mode():
+        return {name: z.float().cpu() for name, z in posterior.sample(noise=noise).items()}
 
 
 def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batch_size: int, sample: bool = False,
@@ -87,7 +118,7 @@ def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batc
     for items, rows in _encode_found(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed,
                                      callback=callback):
         if not table:
-            # One (N, D) table per key, allocated when the first batch arrives: many small tensors kept while
+            # One (N, ...) table per key, allocated when the first batch arrives: many small tensors kept while
             # large activations come and go would fragment the heap, and RSS would grow with the folder.
             table = {key: torch.empty(len(found), *value.shape[1:]) for key, value in rows.items()}
         for key, value in rows.items():
@@ -95,9 +126,12 @@ def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batc
         done += items
     if not done:
         return None, 0
+    size = checkpoint.config.image_size
     path = save_latents(output, {k: v[:len(done)] for k, v in table.items()}, paths=[str(i.path) for i in done],
                         relative=[str(i.relative) for i in done], identity=checkpoint.identity,
-                        config=checkpoint.config.to_dict(), force=force)
+                        config=checkpoint.config.to_dict(), force=force,
+                        levels=checkpoint.model.latent_shapes(size, size), family=checkpoint.config.kind,
+                        image_size=(size, size))
     return path, len(done)
 
 
@@ -134,30 +168,39 @@ def _is_safe_relative(name: str) -> bool:
         and ".." not in path.parts and "\\" not in name
 
 
-def _check_width(checkpoint: Checkpoint, z: torch.Tensor, source: str) -> None:
-    if z.ndim != 2 or z.shape[1] != checkpoint.config.latent_dim:
-        raise DataError(f"{source}: latents are {z.shape[-1]}-dimensional but the checkpoint's latent_dim is "
-                        f"{checkpoint.config.latent_dim}; use latents encoded with the same checkpoint")
+def as_level_dict(checkpoint: Checkpoint, z: torch.Tensor | Latents) -> Latents:
+    """Latents as levels: a bare tensor is a one-level family's only level."""
+    if isinstance(z, dict):
+        return z
+    names = level_names(checkpoint.model)
+    if len(names) != 1:
+        raise DataError(f"a {checkpoint.config.kind} model's latents have the levels {', '.join(names)}, not one "
+                        f"tensor")
+    return {names[0]: z}
 
 
-def write_decoded(checkpoint: Checkpoint, z: torch.Tensor, paths: Sequence[Path], *, batch_size: int,
+def write_decoded(checkpoint: Checkpoint, z: torch.Tensor | Latents, paths: Sequence[Path], *, batch_size: int,
                   force: bool = False, skip_existing: bool = False, callback: Callback = ignore,
                   source: str = "latents", command: str = "decode") -> Outcome:
-    """Decode each row of z to the matching path (written on background threads); `command` names the work."""
-    _check_width(checkpoint, z, source)
+    """Decode each row of the latents (every level checked against the model) to the matching path, written
+    on background threads; `command` names the work."""
+    latents = as_level_dict(checkpoint, z)
+    fit_levels(checkpoint.model, latents, source)
+    count = count_of(latents)
     started, outcome = time.monotonic(), Outcome()
     callback = outcome.recorder(callback)
-    callback(Started(command, len(z)))
+    callback(Started(command, count))
     tasks = tasks_for(paths)
     todo = {t.output: t for t in prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=False,
                                                  callback=callback)}
     with Writer(callback, force=force) as writer:
-        for start in range(0, len(z), batch_size):
-            rows = [i for i in range(start, min(start + batch_size, len(z))) if tasks[i].output in todo]
+        for start in range(0, count, batch_size):
+            rows = [i for i in range(start, min(start + batch_size, count)) if tasks[i].output in todo]
             if rows:
-                for i, pixels in zip(rows, quantize(decode_images(checkpoint, z[rows]))):  # one op per batch
-                    writer.submit(todo[tasks[i].output], pixels)
-            callback(Progress(min(start + batch_size, len(z)), len(z)))
+                pixels = quantize(decode_images(checkpoint, rows_of(latents, rows)))  # one op per batch
+                for i, image in zip(rows, pixels):
+                    writer.submit(todo[tasks[i].output], image)
+            callback(Progress(min(start + batch_size, count), count))
     outcome.seconds = time.monotonic() - started
     return outcome
 
@@ -212,14 +255,17 @@ def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *,
 
 def average_kl_per_dim(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int, stdin: TextIO | None = None,
                        callback: Callback = ignore) -> torch.Tensor:
-    """Mean KL(q(z_d|x) || p(z_d)) over a folder, per latent element (the levels flattened and joined):
-    how much each dimension is used."""
+    """Mean KL(q(z_d|x) || N(0, 1)) over a folder per element of the vector level (a hierarchy's top), or of
+    every level flattened and joined for a family without one: how much each dimension is used."""
     found = find_images(inputs, stdin=stdin, callback=callback)
     callback(Started("rank", len(found)))
     total: torch.Tensor | None = None
     count = 0
+    keep = checkpoint.model.vector_level
     for items, _, posterior in stream_posteriors(checkpoint, found, batch_size=batch_size, callback=callback):
-        kl = torch.cat([t.flatten(1) for t in posterior.kl_terms().values()], dim=1).double().sum(0)  # (D,)
+        terms = posterior.kl_terms()
+        terms = {keep: terms[keep]} if keep is not None else terms
+        kl = torch.cat([t.flatten(1) for t in terms.values()], dim=1).double().sum(0)  # (D,)
         total = kl if total is None else total + kl
         count += len(items)
     if total is None or count == 0:
@@ -229,11 +275,6 @@ def average_kl_per_dim(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: in
 
 def traverse_grid(checkpoint: Checkpoint, base: torch.Tensor, dims: Sequence[int], *, steps: int,
                   span: float) -> torch.Tensor:
-    """Images (len(dims) * steps, C, H, W): row r sweeps dimension dims[r] over base +- span (prior sigmas)."""
-    offsets = torch.linspace(-span, span, steps)
-    rows = []
-    for dim in dims:
-        z = base.repeat(steps, 1)  # (steps, D)
-        z[:, dim] = base[dim] + offsets
-        rows.append(z)
-    return decode_images(checkpoint, torch.cat(rows))
+    """Images (len(dims) * steps, C, H, W): row r sweeps dimension dims[r] of the vector level (a hierarchy's
+    top) over base +- span (prior sigmas); the levels below at their conditional prior means."""
+    return decode_images(checkpoint, traverse_latents(checkpoint, base, list(dims), steps=steps, span=span))

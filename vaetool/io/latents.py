@@ -1,4 +1,4 @@
-"""Latent vectors: the latents file format, path-to-row references, and spherical/linear interpolation."""
+"""Latents files (one tensor per level and field, docs/latents.md), path-to-row references, and slerp/lerp."""
 
 from __future__ import annotations
 
@@ -16,45 +16,103 @@ from ..errors import DataError
 
 KIND = "latents"
 KEYS = ("mu", "logvar", "z")
+FIELDS = KEYS  # what a latents file stores per level: the posterior mean and log-variance, and a drawn z
+
+
+def tensor_key(level: str, field: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The safetensors key of one level's field: a file of one vector level "z" (the vector family's) keeps the
+    bare `mu` / `logvar` / `z` of the files written before the families; every other is `level.field`."""
+    return field if list(shapes) == ["z"] and len(shapes["z"]) == 1 else f"{level}.{field}"
 
 
 def save_latents(path: str | Path, tensors: dict[str, torch.Tensor], *, paths: list[str], relative: list[str],
-                 identity: str, config: dict[str, Any], force: bool = False) -> Path:
-    """Write (N, D) tensors with the input paths, the checkpoint identity and config in the metadata."""
+                 identity: str, config: dict[str, Any], force: bool = False,
+                 levels: dict[str, tuple[int, ...]] | None = None, family: str | None = None,
+                 image_size: tuple[int, int] | None = None) -> Path:
+    """Write the latents (N, ...) with the input paths, the checkpoint identity and config in the metadata.
+
+    `tensors` are keyed as `tensor_key` names them; `levels` (level -> shape without N, in top-down order),
+    `family` and `image_size` (H, W the latents were encoded at) describe them for `load_latents`.
+    """
     metadata = {"format": "vaetool", "kind": KIND, "vaetool_version": __version__, "paths": json.dumps(paths),
                 "relative": json.dumps(relative), "checkpoint": identity, "model_config": json.dumps(config)}
+    if levels is not None:
+        metadata["levels"] = json.dumps([[name, list(shape)] for name, shape in levels.items()])
+    if family is not None:
+        metadata["family"] = family
+    if image_size is not None:
+        metadata["image_size"] = json.dumps(list(image_size))
     with atomic_path(path, force=force) as tmp:
         write_safetensors(tmp, {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, metadata)
     return Path(path)
 
 
-class Latents:
-    """An (N, D) latent table read from a vaetool latents file, a plain safetensors file or a .npy."""
+class LatentsFile:
+    """Latents read from a vaetool latents file, a plain safetensors file or a .npy: one field (mu, logvar
+    or z) of every level, each (N, ...), in top-down order."""
 
-    def __init__(self, values: torch.Tensor, names: list[str] | None, source: Path,
+    def __init__(self, levels: dict[str, torch.Tensor], names: list[str] | None, source: Path,
                  metadata: dict[str, str] | None = None) -> None:
-        self.values = values  # (N, D) float32
+        self.levels = levels  # level -> (N, ...) float32
         self.names = names  # relative paths of the encoded images, when known
         self.source = source
         self.metadata = metadata or {}
 
+    @property
+    def values(self) -> torch.Tensor:
+        """The only level's (N, ...) tensor (a vector family's (N, D) table)."""
+        if len(self.levels) != 1:
+            raise DataError(f"{self.source} holds the latent levels {', '.join(self.levels)}, not one table")
+        return next(iter(self.levels.values()))
 
-def load_latents(path: str | Path, *, key: str | None = None) -> Latents:
-    """Read latents; `key` picks a tensor (default `mu`, or the only tensor). Refuses NaN/inf and non-2-D."""
+    @property
+    def count(self) -> int:
+        return len(next(iter(self.levels.values())))
+
+    @property
+    def family(self) -> str | None:
+        return self.metadata.get("family")
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        size = self.metadata.get("image_size")
+        return tuple(json.loads(size)) if size else None
+
+
+Latents = LatentsFile  # the name this class had before latents had levels
+
+
+def load_latents(path: str | Path, *, key: str | None = None) -> LatentsFile:
+    """Read latents; `key` picks the field of every level (default `mu`), or a plain file's tensor.
+
+    Refuses NaN/inf and levels of different lengths; a 1-D tensor is one row. Whether the shapes fit a
+    model is for its reader to check (`inference.latent_space.fit_levels`).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; give a latents file made by `vaetool encode` (or .npy/.safetensors)")
     if path.suffix.lower() == ".npy":
-        values, names, metadata = _read_npy(path), None, {}
+        levels, names, metadata = {"z": _read_npy(path)}, None, {}
     else:
-        values, names, metadata = _read_safetensors(path, key)
-    if values.ndim == 1:
-        values = values[None]
-    if values.ndim != 2:
-        raise DataError(f"{path}: latents must be an N x D table, not shape {tuple(values.shape)}")
-    if not torch.isfinite(values).all():
-        raise DataError(f"{path}: latents contain NaN or infinite values; re-encode or fix the file")
-    return Latents(values.float(), names, path, metadata)
+        levels, names, metadata = _read_safetensors(path, key)
+    for name, values in list(levels.items()):
+        if values.ndim == 1:
+            levels[name] = values = values[None]
+        if values.ndim == 0:
+            raise DataError(f"{path}: latents must be rows (an N x D table, or N latent maps), not one number")
+        if not torch.isfinite(values).all():
+            raise DataError(f"{path}: latents contain NaN or infinite values; re-encode or fix the file")
+        levels[name] = values.float()
+    if len({len(v) for v in levels.values()}) > 1:
+        raise DataError(f"{path}: its latent levels hold different numbers of rows; re-encode the images")
+    return LatentsFile(levels, names, path, metadata)
+
+
+def file_levels(metadata: dict[str, str]) -> list[tuple[str, tuple[int, ...]]] | None:
+    """The (level, shape) pairs a latents file records, top-down; None for a file without them."""
+    if "levels" not in metadata:
+        return None
+    return [(name, tuple(shape)) for name, shape in json.loads(metadata["levels"])]
 
 
 def _read_npy(path: Path) -> torch.Tensor:
@@ -69,7 +127,8 @@ def _read_npy(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.astype("float32"))
 
 
-def _read_safetensors(path: Path, key: str | None) -> tuple[torch.Tensor, list[str] | None, dict[str, str]]:
+def _read_safetensors(path: Path, key: str | None) -> tuple[dict[str, torch.Tensor], list[str] | None,
+                                                             dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -77,16 +136,40 @@ def _read_safetensors(path: Path, key: str | None) -> tuple[torch.Tensor, list[s
             if metadata.get("format") == "vaetool" and metadata.get("kind") != KIND:
                 raise DataError(f"{path} is a vaetool model checkpoint, not a latents file; "
                                 f"make one with `vaetool encode`")
-            if key is None:
-                key = "mu" if "mu" in keys else (keys[0] if len(keys) == 1 else None)
-            if key is None or key not in keys:
-                shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-                raise DataError(f"{path} holds tensors {shown or 'none'}; choose one with --key")
-            values = handle.get_tensor(key)
-    except (SafetensorError, OSError) as exc:
+            recorded = file_levels(metadata)
+            if recorded is not None:
+                levels = {name: handle.get_tensor(_level_key(path, name, key or "mu", recorded, keys))
+                          for name, _ in recorded}
+            else:
+                levels = {"z": handle.get_tensor(_plain_key(path, key, keys))}
+    except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if recorded is not None:
+        for name, shape in recorded:
+            if tuple(levels[name].shape[1:]) != shape:
+                raise DataError(f"{path}: level {name} has shape {tuple(levels[name].shape[1:])}, not the "
+                                f"{shape} its metadata records; re-encode the images")
     names = json.loads(metadata["relative"]) if metadata.get("kind") == KIND and "relative" in metadata else None
-    return values, names, metadata
+    return levels, names, metadata
+
+
+def _level_key(path: Path, level: str, field: str, recorded: list, keys: list[str]) -> str:
+    if field not in FIELDS:
+        raise DataError(f"{path} stores {', '.join(FIELDS)} per latent level; --key {field} is none of them")
+    name = tensor_key(level, field, dict(recorded))
+    if name not in keys:
+        hint = "; encode with --sample to store z" if field == "z" else ""
+        raise DataError(f"{path} has no {name} tensor{hint}")
+    return name
+
+
+def _plain_key(path: Path, key: str | None, keys: list[str]) -> str:
+    if key is None:
+        key = "mu" if "mu" in keys else (keys[0] if len(keys) == 1 else None)
+    if key is None or key not in keys:
+        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        raise DataError(f"{path} holds tensors {shown or 'none'}; choose one with --key")
+    return key
 
 
 def split_row_reference(text: str) -> tuple[Path, int] | None:

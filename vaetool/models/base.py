@@ -18,7 +18,8 @@ What the other layers call, for every family:
 - `model.decode(latents)` -> logits; `model.mean_image(logits)` -> pixels; `model.reconstruct(x)`.
 - `model.importance_sample(posterior, noise)` with noise (K, B, ...) per level -> `ImportanceSample`
   (latents, logits (K B, C, H, W), log q (K, B), log p (K, B)): the IWAE bound's terms in one pass.
-- `model.sample_prior(count, temperature=float | {level: float}, generator=, size=(H, W))` -> latents.
+- `model.sample_prior(count, temperature=float | {level: float}, generator=, size=(H, W), given=, noise=)` -> latents;
+  levels in `given` are kept (a hierarchy draws the levels below from their conditional priors given them).
 - `model.size_multiple` (None: only the config's image size; else the sides must be multiples of it),
   `model.check_size(H, W)`, `model.vector_level` (the level that is one vector per image, or None).
 """
@@ -270,11 +271,14 @@ class VAEFamily(Likelihood, nn.Module, ABC):
 
     @abstractmethod
     def sample_prior(self, count: int, *, temperature: float | dict[str, float] = 1.0,
-                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> Latents:
+                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
+                     given: Latents | None = None, noise: Latents | None = None) -> Latents:
         """Latents drawn from the prior (ancestrally for a hierarchy), on the model's device.
 
         The noise comes from `generator` on the CPU, so a seed gives the same latents on any device;
-        `size` (H, W) defaults to the config's image size.
+        `size` (H, W) defaults to the config's image size. Levels in `given` (count, ...) are used
+        instead of drawn (in a hierarchy the levels below are then drawn given them); `noise` gives
+        each drawn level's standard normal eps (count, ...) instead of the generator.
         """
 
     def importance_sample(self, posterior: Posterior, noise: Latents) -> ImportanceSample:
@@ -308,12 +312,32 @@ class FactorizedFamily(VAEFamily):
         return ModelOutput(latents, self.decode(latents), posterior.kl_terms(), posterior)
 
     def sample_prior(self, count: int, *, temperature: float | dict[str, float] = 1.0,
-                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> Latents:
+                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
+                     given: Latents | None = None, noise: Latents | None = None) -> Latents:
         size = size or (self.config.image_size, self.config.image_size)
         shapes = self.latent_shapes(*size)
         temperatures = level_temperatures(temperature, list(shapes))
-        return {name: (temperatures[name] * torch.randn(count, *shape, generator=generator)).to(self.device)
-                for name, shape in shapes.items()}
+        given, noise = check_given(given, shapes, count), noise or {}
+        latents = {}
+        for name, shape in shapes.items():  # the levels are independent: a given one leaves the others as they are
+            if name in given:
+                latents[name] = given[name].to(self.device)
+                continue
+            eps = noise[name] if name in noise else torch.randn(count, *shape, generator=generator)
+            latents[name] = (temperatures[name] * eps).to(self.device)
+        return latents
+
+
+def check_given(given: Latents | None, shapes: dict[str, tuple[int, ...]], count: int) -> Latents:
+    """The levels a caller fixes for `sample_prior`, checked against the model's levels and shapes."""
+    given = given or {}
+    for name, value in given.items():
+        if name not in shapes:
+            raise DataError(f"no latent level {name!r} in this model; its levels are {', '.join(shapes)}")
+        if tuple(value.shape) != (count, *shapes[name]):
+            raise DataError(f"latent level {name!r} has shape {tuple(value.shape)}; this model needs "
+                            f"{(count, *shapes[name])}")
+    return given
 
 
 FAMILIES: dict[str, type[VAEFamily]] = {}

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import (DiagonalGaussian, ImportanceSample, Latents, ModelOutput, Posterior, VAEFamily, as_latents,
-                   level_temperatures, register, standard_normal_log_prob)
+                   check_given, level_temperatures, register, standard_normal_log_prob)
 from .layers import (GroupNorm32, ResidualBlock, down_stages, full_precision, groups, output_conv, run_down,
                      run_output, scale_init_, up_stages)
 
@@ -303,19 +303,28 @@ class HierarchicalVAE(VAEFamily):
 
     @torch.no_grad()
     def sample_prior(self, count: int, *, temperature: float | dict[str, float] = 1.0,
-                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> Latents:
-        """Ancestral sampling, z_l ~ p(z_l | z_<l) with each level's std times its temperature (VDVAE)."""
+                     generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
+                     given: Latents | None = None, noise: Latents | None = None) -> Latents:
+        """Ancestral sampling, z_l ~ p(z_l | z_<l) with each level's std times its temperature (VDVAE);
+        a level in `given` is taken as it is, and the levels below are drawn given it."""
         size = size or (self.config.image_size, self.config.image_size)
         shapes = self.latent_shapes(*size)
         temperatures = level_temperatures(temperature, list(shapes))
-        noise = {name: torch.randn(count, *shape, generator=generator).to(self.device)
-                 for name, shape in shapes.items()}
+        given = {name: value.to(self.device) for name, value in check_given(given, shapes, count).items()}
+        noise = dict(noise or {})
+        for name, shape in shapes.items():  # top-down order, so a seed gives the same draws level by level
+            if name not in given and name not in noise:
+                noise[name] = torch.randn(count, *shape, generator=generator)
+        noise = {name: value.to(self.device) for name, value in noise.items()}
         bottom = (size[0] // self.size_multiple, size[1] // self.size_multiple)
 
         def pick(name: str, q: DiagonalGaussian | None, p: DiagonalGaussian) -> torch.Tensor:
+            if name in given:
+                return given[name]
             return p.sample(noise=noise[name], temperature=temperatures[name])
 
-        return self.top_down(temperatures[TOP] * noise[TOP], bottom, pick, to_pixels=False).latents
+        top = given[TOP] if TOP in given else temperatures[TOP] * noise[TOP]
+        return self.top_down(top, bottom, pick, to_pixels=False).latents
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
