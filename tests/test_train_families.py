@@ -64,8 +64,7 @@ def test_the_folder_commands_refuse_a_family_they_do_not_handle_in_one_line(blob
     torch.manual_seed(0)
     path = save_model(tmp_path / "spatial.safetensors", build_model(SPATIAL))
     for args in (["sample", str(path), "-n", "2", "-o", str(tmp_path / "s")],
-                 ["eval", str(path), str(blob_folder), "-k", "2"],
-                 ["denoise", str(path), str(blob_folder), "-o", str(tmp_path / "d")]):
+                 ["eval", str(path), str(blob_folder), "-k", "2"]):
         result = CliRunner().invoke(app, [*args, "--device", "cpu", "-q"])
         assert result.exit_code == 1 and result.stdout == "", (args, result.output)
         assert result.stderr.strip().count("\n") == 0 and "vector-family checkpoints only" in result.stderr

@@ -14,7 +14,7 @@ from .options import (BATCH_SIZE, OUTPUT, PERFORMANCE, Checkpoint, Device, Ext, 
 from .single import MoveToTarget, scratch_beside, single_target, target_done
 
 
-def _tile(value: str) -> str:
+def tile_value(value: str) -> str:
     """Option callback: auto, off, or a positive number of pixels."""
     text = value.strip().lower()
     if text in ("auto", "off") or (text.isdigit() and int(text) >= 2):
@@ -23,9 +23,16 @@ def _tile(value: str) -> str:
 
 
 Tile = Annotated[str, typer.Option(
-    callback=_tile, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
-    help="auto: overlapping tiles of the model's size, blended with a smooth window; N: tiles of N px, each resized "
-         "to the model's size and back; off: the whole image resized to the model's size and back (loses detail).")]
+    callback=tile_value, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
+    help="Vector models: auto is overlapping tiles of the model's size, blended with a smooth window; N: tiles of N "
+         "px, each resized to the model's size and back; off: the whole image resized (loses detail). Spatial and "
+         "hierarchical models: auto runs each image whole at its own size, in blended tiles only above 4 Mpx; "
+         "off: always whole; N: tiles of N px, not resized.")]
+
+ReconstructTile = Annotated[str, typer.Option(
+    "--tile", callback=tile_value, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
+    help="Spatial and hierarchical models: auto runs each image whole at its own size, in blended tiles only "
+         "above a memory bound (4 Mpx); off: always whole; N: tiles of N px.")]
 
 
 def denoise(
@@ -48,7 +55,7 @@ def denoise(
 ) -> None:
     """Denoise images with a VAE checkpoint, writing a mirrored tree of images under OUTPUT.
 
-    Images of any size are denoised in overlapping tiles of the model's size; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end). `denoise CKPT page.png -o page_clean.png` writes that one file.
+    Images of any size are denoised: whole at their own size by a spatial or hierarchical model, in overlapping tiles of the model's size by a vector one; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end). `denoise CKPT page.png -o page_clean.png` writes that one file.
 
     Note: a checkpoint trained with `vaetool train --corrupt ...` (e.g. --corrupt gaussian:0.05-0.2) is a denoiser. One trained without --corrupt works too, but then this is a plain VAE reconstruction: it smooths rather than removes the noise it was never shown.
     """

@@ -28,7 +28,8 @@ from ..models.base import VAEFamily
 from ..runtime import resolve_precision
 from .folder import Outcome, Task, Writer, check_not_inside, counting, plan_outputs, prepare_outputs
 from .load import Source, load_for_inference, model_device
-from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix, resolve_tile, split_image
+from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix
+from .tiling import round_up
 
 WRITE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "PPM", "GIF")
 
@@ -57,19 +58,25 @@ class _Job:
 
 
 class _Batcher:
-    """Packs model inputs from many images into batches of exactly `size` and routes the outputs back."""
+    """Packs model inputs from many images into batches and routes the outputs back.
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
-        self.run, self.size = run, size
+    Inputs of one shape (tiles, or whole images of one size) share a batch of up to `rows(shape)`
+    rows; a change of shape closes the batch, so a folder of same-sized images still runs in full batches.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], rows: Callable[[torch.Size], int]) -> None:
+        self.run, self.rows = run, rows
         self.queue: deque[tuple[_Job, int]] = deque()  # (job, first row not yet queued into a batch)
-        self.queued = 0
+        self.queued = 0  # rows queued, all of one shape
 
     def add(self, job: _Job) -> list[_Job]:
         """Queue a job's inputs; run every full batch; return the jobs now complete."""
+        finished: list[_Job] = []
+        if self.queue and job.inputs.shape[1:] != self.queue[0][0].inputs.shape[1:]:
+            finished += self.flush()  # the head's shape can grow no more: run it, smaller batch or not
         self.queue.append((job, 0))
         self.queued += job.layout.count
-        finished: list[_Job] = []
-        while self.queued >= self.size:
+        while self.queue and self.queued >= self.rows(job.inputs.shape):
             finished += self._run_one()
         return finished
 
@@ -81,7 +88,7 @@ class _Batcher:
         return finished
 
     def _run_one(self) -> list[_Job]:
-        pieces, need = [], self.size
+        pieces, need = [], self.rows(self.queue[0][0].inputs.shape)
         while need and self.queue:
             job, start = self.queue[0]
             stop = min(job.layout.count, start + need)
@@ -112,7 +119,7 @@ def _reason(exc: BaseException) -> str:
     return failure_reason(exc) if isinstance(exc, DataError) else (str(exc) or type(exc).__name__)
 
 
-class _Pipeline:
+class Pipeline:
     """Decode on threads -> batch tiles through the model on this thread -> blend and write on the writer's threads.
 
     Decodes run ahead and writes trail behind by about two batches of tiles (at least a few images),
@@ -121,8 +128,10 @@ class _Pipeline:
     """
 
     def __init__(self, run: ModelRunner, *, tile: int | None, overlap: float, strength: float, batch_size: int,
-                 workers: int, callback: Callback) -> None:
+                 workers: int, callback: Callback, max_pixels: int | None = None,
+                 keep: Callable[[Task, torch.Tensor, torch.Tensor], None] | None = None) -> None:
         self.run, self.tile, self.overlap, self.strength = run, tile, overlap, strength
+        self.max_pixels, self.keep = max_pixels, keep  # keep(task, input, output) sees each image on a writer thread
         self.batch_size, self.workers, self.callback = batch_size, workers, callback
         self.warned: set[str] = set()
         self.max_tiles = 2 * batch_size  # model inputs held ahead of the model, and again behind it
@@ -131,7 +140,7 @@ class _Pipeline:
 
     def process(self, tasks: Sequence[Task], *, force: bool) -> None:
         """Denoise every task, reporting each written or failed file; a full disk stops the batch."""
-        batcher = _Batcher(self.run, self.batch_size)
+        batcher = _Batcher(self.run, functools.partial(self.run.rows_per_batch, self.batch_size))
         readers = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="vaetool-read")
         writer = Writer(self.callback, force=force, workers=self.workers, chunk=1, max_weight=self.max_tiles,
                         min_jobs=self.min_images)
@@ -175,8 +184,8 @@ class _Pipeline:
         """On a worker thread: decode the file and cut it into model inputs."""
         format_for_path(task.output)  # an unwritable extension fails here, before any model time
         image = read_image(task.source.path)
-        inputs, layout = split_image(image.pixels, model_size=self.run.size, model_channels=self.run.channels,
-                                     tile=self.tile, overlap=self.overlap)
+        inputs, layout = self.run.split(image.pixels, tile=self.tile, max_pixels=self.max_pixels,
+                                        overlap=self.overlap)
         return _Job(task, image, layout, inputs)
 
     def _take(self, task: Task, future: Future) -> _Job | None:
@@ -194,7 +203,10 @@ class _Pipeline:
         """On a writer thread: blend the tiles and mix with the input by strength."""
         denoised = join_outputs(torch.cat(job.outputs), job.layout)  # (C, H, W)
         job.outputs = []
-        return mix(denoised, job.image.pixels, self.strength)
+        result = mix(denoised, job.image.pixels, self.strength)
+        if self.keep is not None:
+            self.keep(job.task, job.image.pixels, result)
+        return result
 
     def _warn_once(self, job: _Job) -> None:
         """Say once (naming the first file) when an output cannot hold what the input had."""
@@ -231,6 +243,22 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str) -> tuple[
     return ModelRunner(loaded.model, amp_dtype=amp), corruptions
 
 
+def _describe(run: ModelRunner) -> str:
+    if run.multiple is None:
+        return f"{run.size} px x{run.channels}"
+    return f"{run.model.kind}, any size (multiples of {run.multiple} px) x{run.channels}"
+
+
+def _describe_tiling(run: ModelRunner, tile: int | None, max_pixels: int | None) -> str:
+    if run.multiple is None:
+        return "off (whole image resized)" if tile is None else f"{tile} px"
+    if tile is not None:
+        return f"{round_up(tile, run.multiple)} px"
+    if max_pixels is None:
+        return "off (each image whole, at its own size)"
+    return f"off up to {max_pixels / 1e6:.1f} Mpx (each image whole, at its own size), tiles above"
+
+
 def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                   tile: TileSpec = "auto", overlap: float = 0.25, strength: float = 1.0, batch_size: int = 64,
                   ext: str | None = None, suffix: str = "", skip_existing: bool = False, force: bool = False,
@@ -257,15 +285,15 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     counted = counting(callback, total=len(tasks))
     todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=True, callback=counted)
     run, corruptions = _prepare_model(checkpoint, device=device, precision=precision)
-    tile_side = resolve_tile(tile, run.size)
+    tile_side, max_pixels = run.tiling(tile)
     callback(Started("denoise", len(tasks), info={
-        "device": str(run.device), "model": f"{run.size} px x{run.channels}",
-        "tile": "off (whole image resized)" if tile_side is None else f"{tile_side} px", "batch": batch_size}))
+        "device": str(run.device), "model": _describe(run), "tile": _describe_tiling(run, tile_side, max_pixels),
+        "batch": batch_size}))
     if corruptions is not None and not corruptions:
         callback(Note("this checkpoint was trained without --corrupt, so the output is a plain VAE reconstruction "
                       "(smoother, not a trained denoiser)"))
-    pipeline = _Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
-                         workers=workers or default_workers(), callback=counted)
+    pipeline = Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
+                         workers=workers or default_workers(), callback=counted, max_pixels=max_pixels)
     try:
         pipeline.process(todo, force=force)
     finally:
