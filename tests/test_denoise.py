@@ -347,7 +347,8 @@ def test_same_sized_images_share_a_batch_and_other_sizes_run_alone():
 
     shapes = []
 
-    def run(batch):
+    def run(batch, keys):
+        assert len(keys) == len(batch)
         shapes.append(tuple(batch.shape))
         return batch
 

@@ -10,6 +10,7 @@ image above `WHOLE_IMAGE_PIXELS` (or any image, with an explicit tile side) goes
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from ..errors import ConfigError
 from ..io.decode import match_channels, to_gray
 from ..models.base import VAEFamily
 from ..runtime import autocast
+from .mmse import RowKey, estimate
 from .tiling import TilePlan, auto_tile, blend_tiles, extract_tiles, pad_to, plan_tiles, round_up
 
 TileSpec = int | str | None  # "auto", "off" / None, or a tile side in pixels
@@ -151,15 +153,28 @@ def mix(denoised: torch.Tensor, original: torch.Tensor, strength: float) -> torc
 
 
 class ModelRunner:
-    """Posterior-mean reconstruction of batches: (B, C, S, S) float on CPU in, the same out."""
+    """The model's clean estimate of batches: (B, C, S, S) float on CPU in, the same out.
 
-    def __init__(self, model: VAEFamily, *, amp_dtype: torch.dtype | None = None) -> None:
+    `samples` 0: the decode of the posterior means (deterministic, one pass). K > 0: the MMSE estimate,
+    the mean of K posterior samples' decodes (`mmse.py`), with noise seeded by `seed` and each row's key.
+    """
+
+    def __init__(self, model: VAEFamily, *, amp_dtype: torch.dtype | None = None, samples: int = 0,
+                 seed: int = 0) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.amp_dtype = amp_dtype
         self.size = model.config.image_size
         self.channels = model.config.channels
         self.multiple = model.size_multiple  # None: a fixed-size model; else any size whose sides it divides
+        self.samples, self.seed = samples, seed
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor, keys: Sequence[RowKey] | None = None) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            out = estimate(self.model, x, keys, samples=self.samples, seed=self.seed)
+        return out.float().cpu()  # (B, C, S, S)
 
     def tiling(self, tile: TileSpec) -> tuple[int | None, int | None]:
         """(tile side or None for whole images, the most pixels taken whole or None for no bound) for `tile`.
@@ -184,14 +199,6 @@ class ModelRunner:
         so whole images of any size take no more memory per pass than a batch of tiles."""
         pixels = input_shape[-1] * input_shape[-2]
         return max(1, min(batch_size, batch_size * self.size * self.size // pixels))
-
-    @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp_dtype):
-            # The posterior mean, not a sample: the output is deterministic and has no sampling noise.
-            logits = self.model.decode(self.model.encode(x).mode())
-        return self.model.mean_image(logits).float().cpu()  # (B, C, S, S)
 
 
 def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
