@@ -97,7 +97,7 @@ RESUME_IGNORES = {
     **{name: ("model_config", name) for name in ("image_size", "channels", "latent_dim", "latent_channels",
                                                   "downsample", "level_cells", "widths", "blocks", "patch",
                                                   "likelihood", "decoder_scale", "fixed_scale")},
-    "model": ("model_config", "kind"),
+    "model": ("model_config", "kind"), "noise_model": ("model_config", "noise_model"),
     **{name: ("train_config", name) for name in ("batch_size", "lr", "lr_schedule", "warmup_steps", "seed", "beta", "free_bits", "val_fraction",
                                                   "ema", "patience", "grad_clip", "log_every")},
     "kl_warmup": ("train_config", "kl_warmup_steps"), "corrupt": ("train_config", "corruptions"),
@@ -215,6 +215,7 @@ def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
             continue
         section, key = RESUME_IGNORES[param.name]
         given, kept = _comparable(ctx.params[param.name]), stored.get(section, {}).get(key)
+        given = parse_noise_model(given)[0] if param.name == "noise_model" else given  # the kind; sigma may be estimated
         if given != kept and not (param.name == "channels" and given == "auto"):
             conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
     if conflicts:
