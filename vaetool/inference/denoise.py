@@ -281,6 +281,17 @@ def _diverse_tasks(found: Sequence[FoundImage], tasks: list[Task], *, count: int
     return ordered, draws
 
 
+def _announce(callback: Callback, run: ModelRunner, count: int, corruptions: tuple | None, *, tile: int | None,
+              max_pixels: int | None, batch_size: int) -> None:
+    """`Started` with what the run does, and a `Note` when the model was never trained to denoise."""
+    callback(Started("denoise", count, info={
+        "device": str(run.device), "model": _describe(run), "tile": _describe_tiling(run, tile, max_pixels),
+        "batch": batch_size, "estimate": _describe_estimate(run)}))
+    if corruptions is not None and not corruptions and run.model.config.noise_model == "none":
+        callback(Note("this checkpoint was trained without --corrupt, so the output is a plain VAE reconstruction "
+                      "(smoother, not a trained denoiser)"))
+
+
 def _describe(run: ModelRunner) -> str:
     if run.multiple is None:
         return f"{run.size} px x{run.channels}"
@@ -340,12 +351,7 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=True, callback=counted)
     run, corruptions = _prepare_model(checkpoint, device=device, precision=precision, samples=samples, seed=seed)
     tile_side, max_pixels = run.tiling(tile)
-    callback(Started("denoise", len(tasks), info={
-        "device": str(run.device), "model": _describe(run), "tile": _describe_tiling(run, tile_side, max_pixels),
-        "batch": batch_size, "estimate": _describe_estimate(run)}))
-    if corruptions is not None and not corruptions and run.model.config.noise_model == "none":
-        callback(Note("this checkpoint was trained without --corrupt, so the output is a plain VAE reconstruction "
-                      "(smoother, not a trained denoiser)"))
+    _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size)
     pipeline = Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
                          workers=workers or default_workers(), callback=counted, max_pixels=max_pixels, draws=draws)
     try:
