@@ -30,13 +30,13 @@ Tile = Annotated[str, typer.Option(
     callback=tile_value, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
     help="Vector models: auto is overlapping tiles of the model's size, blended with a smooth window; N: tiles of N "
          "px, each resized to the model's size and back; off: the whole image resized (loses detail). Spatial and "
-         "hierarchical models: auto runs each image whole at its own size, in blended tiles only above 4 Mpx; "
+         "hierarchical models: auto runs each image whole at its own size, in blended tiles only above 2048x2048 px; "
          "off: always whole; N: tiles of N px, not resized.")]
 
 ReconstructTile = Annotated[str, typer.Option(
     "--tile", callback=tile_value, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
     help="Spatial and hierarchical models: auto runs each image whole at its own size, in blended tiles only "
-         "above a memory bound (4 Mpx); off: always whole; N: tiles of N px.")]
+         "above a memory bound (2048x2048 px); off: always whole; N: tiles of N px.")]
 
 
 def denoise(

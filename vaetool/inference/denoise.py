@@ -7,6 +7,7 @@ over an input, the background writer); one image's tiling and blending is `tiled
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import zlib
@@ -311,7 +312,8 @@ def _describe_tiling(run: ModelRunner, tile: int | None, max_pixels: int | None)
         return f"{round_up(tile, run.multiple)} px"
     if max_pixels is None:
         return "off (each image whole, at its own size)"
-    return f"off up to {max_pixels / 1e6:.1f} Mpx (each image whole, at its own size), tiles above"
+    side = math.isqrt(max_pixels)
+    return f"off (each image whole, at its own size; tiles above {side}x{side} px)"
 
 
 def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
