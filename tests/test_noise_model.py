@@ -184,3 +184,14 @@ def test_samples_and_diverse_usage_errors(tmp_path):
     assert result.exit_code == 2 and "--diverse" in result.stderr
     result = CliRunner().invoke(app, ["denoise", "x.safetensors", "in", "-o", "out", "--samples", "-1"])
     assert result.exit_code == 2
+
+
+def test_the_in_memory_mmse_estimate_does_not_depend_on_the_batch_size(trained):
+    from vaetool.inference.tiledenoise import denoise_image
+
+    model = load_model(trained["checkpoint"]).model.eval()
+    image = _noisy(_clean(1, size=40, seed=9), SIGMA, seed=10)[0]  # (3, 40, 40): tiles of 16 px
+    one = denoise_image(model, image, tile=16, batch_size=1, samples=3, seed=2)
+    many = denoise_image(model, image, tile=16, batch_size=64, samples=3, seed=2)
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
+    assert not torch.allclose(one, denoise_image(model, image, tile=16, samples=3, seed=3))

@@ -88,7 +88,8 @@ class _Batcher:
             finished += self.flush()  # the head's shape can grow no more: run it, smaller batch or not
         self.queue.append((job, 0))
         self.queued += job.layout.count
-        while self.queue and self.queued >= self.rows(job.inputs.shape):
+        full = self.rows(job.inputs.shape)
+        while self.queued >= full:
             finished += self._run_one()
         return finished
 

@@ -212,13 +212,17 @@ def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
 
 
 def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile: TileSpec = "auto", overlap: float = 0.25,
-                  strength: float = 1.0, batch_size: int = 64) -> torch.Tensor:
-    """Denoise one image (C, H, W) in [0, 1], C 1 or 3, any size; returns (C, H, W) float32 on the CPU."""
+                  strength: float = 1.0, batch_size: int = 64, samples: int = 0, seed: int = 0) -> torch.Tensor:
+    """Denoise one image (C, H, W) in [0, 1], C 1 or 3, any size; returns (C, H, W) float32 on the CPU.
+
+    `samples` K > 0 (for a bare model) gives the MMSE estimate over K posterior samples seeded by `seed`.
+    """
     check_options(overlap=overlap, strength=strength, batch_size=batch_size)
-    run = model if isinstance(model, ModelRunner) else ModelRunner(model)
+    run = model if isinstance(model, ModelRunner) else ModelRunner(model, samples=samples, seed=seed)
     original = pixels.detach().to("cpu", torch.float32)
     side, max_pixels = run.tiling(tile)
     inputs, layout = run.split(original, tile=side, max_pixels=max_pixels, overlap=overlap)
     rows = run.rows_per_batch(batch_size, inputs.shape)
-    outputs = torch.cat([run(inputs[i: i + rows]) for i in range(0, layout.count, rows)])
+    keys = [(0, row, None) for row in range(layout.count)]  # the same noise whatever the batch size
+    outputs = torch.cat([run(inputs[i: i + rows], keys[i: i + rows]) for i in range(0, layout.count, rows)])
     return mix(join_outputs(outputs, layout), original, strength)
