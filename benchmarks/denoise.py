@@ -1,18 +1,23 @@
-"""Denoising benchmark: PSNR before/after and images/s of vaetool against classical denoisers, on held-out noisy images.
+"""Denoising benchmark: vaetool against BM3D, NL-means and TV at noise std 15, 25 and 50 (0-255), PSNR, SSIM, images/s.
 
-    .venv/bin/python benchmarks/denoise.py [--train-steps 1500] [--train-threads 1] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/denoise.py [--train-time 240] [--sigmas 15,25,50] [--tiny] [--out DIR]
 
-Datasets: the built-in procedural faces (64 px; test faces drawn with another seed than the training faces)
-and the photographs that scikit-image ships (some for training, others for testing). For each, a denoising VAE
-of 32 px tiles is trained with `vaetool train --corrupt gaussian:0.05-0.25` on random crops of the training
-images, then denoises the whole, larger test images in overlapping tiles. Test images get Gaussian noise of sigma 0.1 and 0.2 (clipped to [0, 1], saved as 8-bit
-PNG, as a user would have them). vaetool is timed end to end (read files, denoise, write files); the
-classical denoisers in memory on one thread each, with the noise level estimated from the image, as a user
-without a known sigma would run them. Also measured: the pipeline's throughput against the model's pure
-forward throughput at the same batch size, and peak memory for a folder 4x larger.
+In-domain held-out images: the built-in faces and the detail-rich set (examples/detail.py), 64 px, test images
+drawn with another seed or stream than the training ones. Out-of-domain: photographs that scikit-image ships,
+denoised by the models trained on the detail-rich set. Noisy images have Gaussian noise of the given std,
+clipped to [0, 1] and saved as 8-bit PNG, as a user would have them.
 
-Needs scikit-image, which vaetool does not depend on: `.venv/bin/pip install scikit-image`.
-OpenCV's fastNlMeans is added when `cv2` is importable (`pip install opencv-python-headless`).
+vaetool models (spatial family, each trained with `vaetool train --time T` on 2 cores, as a user would):
+- supervised: clean training images, `--corrupt gaussian:0.04-0.22` (one blind model for all levels);
+- noisy only (DivNoising): the training images with the test's noise, `--noise-model gaussian` (sigma
+  estimated from them), one model per noise level; denoised with the MMSE estimate (`--samples` default).
+vaetool is timed end to end (read files, denoise, write files). BM3D (`pip install bm3d`) is given the true
+sigma; scikit-image's NL-means and TV estimate it from the image, as a user without a known sigma would run
+them (one thread each). Also: the MMSE estimate's PSNR and speed against the number of samples, the pipeline's
+throughput against the model's forward alone, and peak memory for a folder 4x larger.
+
+Needs scikit-image and bm3d, which vaetool does not depend on: `.venv/bin/pip install scikit-image bm3d`.
+`--tiny` is a smoke run of the whole benchmark in about a minute (numbers meaningless).
 """
 
 from __future__ import annotations
@@ -31,190 +36,109 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from denoise_data import (ROOT, load, make_detail_data, make_faces_data, make_noisy,  # noqa: E402
+                          make_photo_data)
+from denoise_methods import anchors, psnr, ssim  # noqa: E402
+
 VAETOOL = str(Path(sys.executable).with_name("vaetool"))
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "moon",
-                "grass", "brick", "page", "clock", "cell")
-TEST_PHOTOS = ("camera", "chelsea", "coins", "gravel")
-SIGMAS = (0.1, 0.2)
-TILE = 32  # both models denoise 32 px tiles, trained on random crops; test images are larger and tiled
-MODEL_ARGS = ["--image-size", str(TILE), "--widths", "32,64,128", "--blocks", "0", "--latent-dim", "128", "--flip"]
+SUPERVISED_RANGE = "gaussian:0.04-0.22"  # 10 to 56 on the 0-255 scale: covers every tested level
+MODEL_ARGS = ["--model", "spatial", "--image-size", "64"]
+SAMPLE_COUNTS = (0, 1, 2, 4, 8, 16, 32)
 
 try:
-    import skimage.data
-    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+    import skimage  # noqa: F401
 except ImportError:  # pragma: no cover - depends on the environment
-    sys.exit("this benchmark needs scikit-image (not a vaetool dependency): .venv/bin/pip install scikit-image")
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-def _save(array: np.ndarray, path: Path) -> None:
-    """Float (H, W[, 3]) in [0, 1] -> 8-bit PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
-def _load(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.float32) / 255.0
-
-
-def _photo(name: str) -> np.ndarray:
-    """A scikit-image photograph as float in [0, 1]: (H, W) gray or (H, W, 3) colour (alpha dropped)."""
-    image = np.asarray(getattr(skimage.data, name)())
-    image = image[..., :3] if image.ndim == 3 else image
-    return image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0 if image.max() > 1 else 1.0)
-
-
-def _crops(sources: list[np.ndarray], out: Path, *, count: int, size: int, seed: int) -> None:
-    """`count` random `size` x `size` RGB crops of the source images, as PNGs: the tile model's training set."""
-    rng = np.random.default_rng(seed)
-    for k in range(count):
-        image = sources[k % len(sources)]
-        top, left = rng.integers(0, image.shape[0] - size + 1), rng.integers(0, image.shape[1] - size + 1)
-        crop = image[top: top + size, left: left + size]
-        _save(np.repeat(crop[..., None], 3, axis=2) if crop.ndim == 2 else crop, out / f"{k:06d}.png")
-
-
-def make_faces_data(root: Path, *, faces: int, crops: int, test: int, tile: int) -> tuple[Path, Path]:
-    """Crops of 64 px training faces, and whole 64 px test faces drawn with another seed (never seen)."""
-    from faces import make_faces
-
-    if not (root / "train").exists():
-        sources = [_load(p) for p in make_faces(root / "train-faces", count=faces, size=64, seed=0)]
-        _crops(sources, root / "train", count=crops, size=tile, seed=0)
-        make_faces(root / "test", count=test, size=64, seed=1)
-        (root / "test" / "attributes.csv").unlink()
-    return root / "train", root / "test"
-
-
-def make_photo_data(root: Path, *, crops: int, tile: int) -> tuple[Path, Path]:
-    """Random crops of the training photographs, and the test photographs whole."""
-    if not (root / "train").exists():
-        _crops([_photo(name) for name in TRAIN_PHOTOS], root / "train", count=crops, size=tile, seed=0)
-        for name in TEST_PHOTOS:
-            _save(_photo(name), root / "test" / f"{name}.png")
-    return root / "train", root / "test"
-
-
-def make_noisy(test: Path, out: Path, sigma: float) -> list[tuple[Path, Path]]:
-    """(clean, noisy) PNG pairs: noise of `sigma`, clipped, quantized to 8 bits; seeded."""
-    pairs, rng = [], np.random.default_rng(int(sigma * 1000))
-    for clean in sorted(test.glob("*.png")):
-        noisy = out / clean.name
-        if not noisy.exists():
-            image = _load(clean)
-            _save(image + rng.normal(0.0, sigma, image.shape), noisy)
-        pairs.append((clean, noisy))
-    return pairs
+    sys.exit("this benchmark needs scikit-image (not a vaetool dependency): .venv/bin/pip install scikit-image bm3d")
 
 
 # ---------------------------------------------------------------------------------------- training
 
 
-def train(data: Path, run: Path, *, steps: int, threads: int | None, args: list[str]) -> Path:
-    """Train a denoising VAE with the command line, as a user would; reuse it if it is already there.
-
-    The budget is in steps, not seconds, so the model's quality does not depend on how busy the machine is.
-    """
+def train(data: Path, run: Path, *, seconds: float, args: list[str]) -> Path:
+    """Train with the command line, as a user would, for `seconds` of wall time; reuse a run already there."""
     checkpoint = run / "model.safetensors"
     if not checkpoint.exists():
-        command = [VAETOOL, "train", str(data), "-o", str(run), "--corrupt", "gaussian:0.05-0.25", "--steps",
-                   str(steps), "--no-disk-cache", "--force", "-q", "--device", "cpu", *args]
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        command = [VAETOOL, "train", str(data), "-o", str(run), "--time", f"{seconds:g}s", "--no-disk-cache",
+                   "--no-report", "--force", "-q", "--device", "cpu", *MODEL_ARGS, *args]
         print("$", " ".join(command), flush=True)
-        subprocess.run(command, check=True, env=env)
+        subprocess.run(command, check=True)
     return checkpoint
 
 
-# -------------------------------------------------------------------------------------- denoisers
+def train_models(name: str, train_dir: Path, root: Path, *, sigmas: list[float], seconds: float) -> dict[str, Path]:
+    """The supervised model, and one noisy-only model per noise level (trained on noisy copies of train_dir)."""
+    models = {"supervised": train(train_dir, root / f"run-{name}-supervised", seconds=seconds,
+                                  args=["--corrupt", SUPERVISED_RANGE])}
+    for sigma in sigmas:
+        noisy_train = root / f"{name}-train-noisy-{sigma:g}"
+        make_noisy(train_dir, noisy_train, sigma)
+        models[f"noisy-{sigma:g}"] = train(noisy_train, root / f"run-{name}-noisy-{sigma:g}", seconds=seconds,
+                                           args=["--noise-model", "gaussian"])
+    return models
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(-10 * np.log10(np.mean((a.astype(np.float64) - b) ** 2)))
+# -------------------------------------------------------------------------------------- evaluation
 
 
-def run_vaetool(checkpoint: Path, pairs: list[tuple[Path, Path]], out: Path) -> tuple[list[np.ndarray], float]:
+def run_vaetool(checkpoint: Path, pairs: list[tuple[Path, Path]], out: Path, *,
+                samples: int | None = None) -> tuple[list[np.ndarray], float]:
     """Denoise the noisy files with the engine; seconds from the first file read to the last file written."""
     from vaetool.inference.denoise import denoise_files
 
     shutil.rmtree(out, ignore_errors=True)
     marks: dict[str, float] = {}
-    summary = denoise_files(checkpoint, [str(n) for _, n in pairs], out, device="cpu",
+    summary = denoise_files(checkpoint, [str(n) for _, n in pairs], out, device="cpu", samples=samples,
                             callback=lambda event: marks.setdefault(type(event).__name__, time.perf_counter()))
     seconds = time.perf_counter() - marks["Started"]
     assert len(summary.written) == len(pairs) and not summary.failed, summary
-    return [_load(out / noisy.name) for _, noisy in pairs], seconds
+    return [load(out / noisy.name) for _, noisy in pairs], seconds
 
 
-def _sigma(noisy: np.ndarray) -> float:
-    """The noise std estimated from the image (Donoho's MAD of the finest diagonal Haar coefficients).
-
-    This is what `skimage.restoration.estimate_sigma` does, without needing PyWavelets.
-    """
-    x = noisy if noisy.ndim == 3 else noisy[..., None]
-    x = x[: x.shape[0] // 2 * 2, : x.shape[1] // 2 * 2].astype(np.float64)
-    diagonal = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2  # N(0, sigma^2) for pure noise
-    return float(np.mean(np.median(np.abs(diagonal), axis=(0, 1)) / 0.6745))
-
-
-def nl_means(noisy: np.ndarray) -> np.ndarray:
-    sigma = _sigma(noisy)  # scikit-image's own recipe: h = 0.8 sigma, fast mode, 5x5 patches
-    return denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6,
-                            channel_axis=-1 if noisy.ndim == 3 else None)
-
-
-def tv(noisy: np.ndarray) -> np.ndarray:
-    return denoise_tv_chambolle(noisy, weight=_sigma(noisy), channel_axis=-1 if noisy.ndim == 3 else None)
-
-
-def opencv_nl_means(noisy: np.ndarray) -> np.ndarray:
-    import cv2
-
-    u8 = np.round(noisy * 255).astype(np.uint8)
-    h = max(3.0, _sigma(noisy) * 255 * 0.8)
-    out = cv2.fastNlMeansDenoisingColored(u8, None, h, h, 7, 21) if u8.ndim == 3 else \
-        cv2.fastNlMeansDenoising(u8, None, h, 7, 21)
-    return out.astype(np.float32) / 255.0
-
-
-def classical_methods() -> dict[str, object]:
-    methods = {"scikit-image NL-means": nl_means, "scikit-image TV (Chambolle)": tv}
-    try:
-        import cv2  # noqa: F401
-
-        methods["OpenCV fastNlMeans"] = opencv_nl_means
-    except ImportError:
-        pass
-    return methods
-
-
-def run_classical(method, pairs: list[tuple[Path, Path]]) -> tuple[list[np.ndarray], float]:
-    noisy = [_load(n) for _, n in pairs]
+def run_anchor(method, pairs: list[tuple[Path, Path]], sigma: float) -> tuple[list[np.ndarray], float]:
+    noisy = [load(n) for _, n in pairs]
     start = time.perf_counter()
-    outputs = [np.clip(method(x), 0, 1) for x in noisy]
+    outputs = [np.clip(method(x, sigma), 0, 1).astype(np.float32) for x in noisy]
     return outputs, time.perf_counter() - start
 
 
-def evaluate(name: str, checkpoint: Path, test: Path, work: Path) -> list[dict]:
+def score(label: str, dataset: str, sigma: float, pairs, outputs: list[np.ndarray], seconds: float) -> dict:
+    clean = [load(c) for c, _ in pairs]
+    row = {"dataset": dataset, "sigma": sigma, "method": label, "images": len(pairs),
+           "psnr_before": statistics.mean(psnr(load(n), c) for (_, n), c in zip(pairs, clean)),
+           "psnr_after": statistics.mean(psnr(o, c) for o, c in zip(outputs, clean)),
+           "ssim_after": statistics.mean(ssim(o, c) for o, c in zip(outputs, clean)),
+           "images_per_s": len(pairs) / seconds}
+    print(f"{dataset} sigma {sigma:g}: {label}: {row['psnr_before']:.2f} -> {row['psnr_after']:.2f} dB, "
+          f"SSIM {row['ssim_after']:.3f}, {row['images_per_s']:.2f} images/s", flush=True)
+    return row
+
+
+def evaluate(dataset: str, models: dict[str, Path], test: Path, work: Path, *, sigmas: list[float],
+             with_bm3d: bool = True) -> list[dict]:
     rows = []
-    for sigma in SIGMAS:
-        pairs = make_noisy(test, work / f"noisy-{sigma}", sigma)
-        clean = [_load(c) for c, _ in pairs]
-        before = statistics.mean(psnr(_load(n), c) for (_, n), c in zip(pairs, clean))
-        results = {"vaetool (denoising VAE)": run_vaetool(checkpoint, pairs, work / f"out-{sigma}")}
-        for label, method in classical_methods().items():
-            results[label] = run_classical(method, pairs)
-        for label, (outputs, seconds) in results.items():
-            after = statistics.mean(psnr(o, c) for o, c in zip(outputs, clean))
-            rows.append({"dataset": name, "sigma": sigma, "method": label, "images": len(pairs),
-                         "psnr_before": before, "psnr_after": after, "images_per_s": len(pairs) / seconds})
-            print(f"{name} sigma {sigma}: {label}: {before:.2f} -> {after:.2f} dB, "
-                  f"{len(pairs) / seconds:.2f} images/s", flush=True)
+    for sigma in sigmas:
+        pairs = make_noisy(test, work / f"noisy-{sigma:g}", sigma)
+        results = {"vaetool supervised (--corrupt)": run_vaetool(models["supervised"], pairs, work / "out-sup")}
+        results["vaetool noisy only (--noise-model)"] = run_vaetool(models[f"noisy-{sigma:g}"], pairs,
+                                                                     work / "out-noisy")
+        for label, method in anchors(with_bm3d=with_bm3d).items():
+            results[label] = run_anchor(method, pairs, sigma / 255.0)
+        rows += [score(label, dataset, sigma, pairs, *result) for label, result in results.items()]
+    return rows
+
+
+def samples_sweep(checkpoint: Path, test: Path, work: Path, *, sigma: float) -> list[dict]:
+    """The noisy-only model's PSNR and images/s against the number of posterior samples K (0: posterior mean)."""
+    pairs = make_noisy(test, work / f"noisy-{sigma:g}", sigma)
+    clean = [load(c) for c, _ in pairs]
+    rows = []
+    for k in SAMPLE_COUNTS:
+        outputs, seconds = run_vaetool(checkpoint, pairs, work / f"out-k{k}", samples=k)
+        rows.append({"samples": k, "psnr": statistics.mean(psnr(o, c) for o, c in zip(outputs, clean)),
+                     "images_per_s": len(pairs) / seconds})
+        print(f"samples {k}: {rows[-1]['psnr']:.2f} dB, {rows[-1]['images_per_s']:.1f} images/s", flush=True)
     return rows
 
 
@@ -231,7 +155,7 @@ def pipeline_efficiency(checkpoint: Path, folder: Path, work: Path, *, batch_siz
     """
     from vaetool.checkpoint import load_model
     from vaetool.inference.denoise import denoise_files
-    from vaetool.inference.tiledenoise import ModelRunner, split_image
+    from vaetool.inference.tiledenoise import ModelRunner
     from vaetool.io.decode import read_image
     from vaetool.runtime import prepare
 
@@ -240,8 +164,8 @@ def pipeline_efficiency(checkpoint: Path, folder: Path, work: Path, *, batch_siz
     prepare(torch.device("cpu"))  # the allocator settings denoise_files uses, so both sides run alike
     model = load_model(checkpoint).model.to(memory_format=torch.channels_last)
     run, paths = ModelRunner(model), sorted(folder.glob("*.png"))
-    inputs = [split_image(read_image(p).pixels, tile=run.size, model_size=run.size, model_channels=run.channels)[0]
-              for p in paths]
+    side, max_pixels = run.tiling("auto")
+    inputs = [run.split(read_image(p).pixels, tile=side, max_pixels=max_pixels, overlap=0.25)[0] for p in paths]
     tiles = sum(len(x) for x in inputs)
     batch = torch.cat(inputs)[:batch_size]  # real tiles: activations like the pipeline's
     batch = torch.cat([batch] * (-(-batch_size // len(batch))))[:batch_size]
@@ -274,10 +198,10 @@ def _timed(runner: type) -> Iterator[list[float]]:
     """Seconds spent inside `runner.__call__` (the model's forward passes) while the block runs."""
     total, original = [0.0], runner.__call__
 
-    def call(self, batch):
+    def call(self, batch, keys=None):
         start = time.perf_counter()
         try:
-            return original(self, batch)
+            return original(self, batch, keys)
         finally:
             total[0] += time.perf_counter() - start
 
@@ -302,7 +226,7 @@ def peak_rss_mb(checkpoint: Path, folder: Path, out: Path) -> float:
 def memory_flatness(checkpoint: Path, root: Path, *, small: int) -> dict:
     from faces import make_faces
 
-    sizes = {}
+    sizes: dict[int, float] = {}
     for count in (small, 4 * small):
         folder = root / f"faces-{count}"
         if not folder.exists():
@@ -317,51 +241,59 @@ def memory_flatness(checkpoint: Path, root: Path, *, small: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dataset | noise sigma | method | PSNR noisy (dB) | PSNR denoised (dB) | gain (dB) | images/s |",
+    lines = ["| dataset | noise std (0-255) | method | PSNR noisy (dB) | PSNR denoised (dB) | SSIM | images/s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        gain = r["psnr_after"] - r["psnr_before"]
-        lines.append(f"| {r['dataset']} ({r['images']} images) | {r['sigma']} | {r['method']} | "
-                     f"{r['psnr_before']:.2f} | {r['psnr_after']:.2f} | {gain:+.2f} | {r['images_per_s']:.2f} |")
+        lines.append(f"| {r['dataset']} ({r['images']} images) | {r['sigma']:g} | {r['method']} | "
+                     f"{r['psnr_before']:.2f} | {r['psnr_after']:.2f} | {r['ssim_after']:.3f} | "
+                     f"{r['images_per_s']:.2f} |")
     return "\n".join(lines)
+
+
+def _sizes(tiny: bool) -> dict:
+    if tiny:
+        return {"train": 64, "test": 4, "photos": 1, "memory": 16}
+    return {"train": 2000, "test": 100, "photos": 6, "memory": 250}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "denoise")
-    parser.add_argument("--train-steps", type=int, default=None, help="optimiser steps (batch 64) per model [1500]")
-    parser.add_argument("--train-threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for training (1 is faster when other jobs share the cores)")
-    parser.add_argument("--quick", action="store_true", help="fewer images and 150 training steps: a smoke run")
+    parser.add_argument("--train-time", type=float, default=None, help="seconds of training per model [240]")
+    parser.add_argument("--sigmas", default=None, help="noise std on the 0-255 scale, comma separated [15,25,50]")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: few images, seconds of training")
     args = parser.parse_args()
-    quick = args.quick
-    steps = args.train_steps or (150 if quick else 1500)
-    out = args.out
+    sizes = _sizes(args.tiny)
+    seconds = args.train_time or (4 if args.tiny else 240)
+    sigmas = [float(s) for s in (args.sigmas or ("25" if args.tiny else "15,25,50")).split(",")]
+    out, started = args.out, time.time()
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    crops = 5000 if quick else 20000
-    faces_train, faces_test = make_faces_data(out / "faces", faces=500 if quick else 2000, crops=crops,
-                                              test=32 if quick else 100, tile=TILE)
-    photo_train, photo_test = make_photo_data(out / "photos", crops=crops, tile=TILE)
-    faces_ckpt = train(faces_train, out / "run-faces", steps=steps, threads=args.train_threads, args=MODEL_ARGS)
-    photo_ckpt = train(photo_train, out / "run-photos", steps=steps, threads=args.train_threads, args=MODEL_ARGS)
-    rows = evaluate("faces 64x64", faces_ckpt, faces_test, out / "eval-faces")
-    rows += evaluate("scikit-image photos", photo_ckpt, photo_test, out / "eval-photos")
-    pipeline = [pipeline_efficiency(faces_ckpt, faces_test, out / "pipe-faces", threads=t) for t in (None, 1)]
-    pipeline += [pipeline_efficiency(photo_ckpt, photo_test, out / "pipe-photos", threads=t) for t in (None, 1)]
-    memory = memory_flatness(faces_ckpt, out / "memory", small=100 if quick else 250)
-    result = {"rows": rows, "pipeline": pipeline, "memory_mib": memory, "train_steps": steps,
-              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "wall_seconds": time.time() - started}
+    faces_train, faces_test = make_faces_data(out / "faces", train=sizes["train"], test=sizes["test"])
+    detail_train, detail_test = make_detail_data(out / "detail", train=sizes["train"], test=sizes["test"])
+    photos = make_photo_data(out / "photos", count=sizes["photos"])
+    faces = train_models("faces", faces_train, out, sigmas=sigmas, seconds=seconds)
+    rows = evaluate("faces 64x64", faces, faces_test, out / "eval-faces", sigmas=sigmas)
+    sweep = samples_sweep(faces[f"noisy-{sigmas[len(sigmas) // 2]:g}"], faces_test, out / "sweep-faces",
+                          sigma=sigmas[len(sigmas) // 2])
+    pipeline, memory = [], {}
+    if not args.tiny:
+        detail = train_models("detail", detail_train, out, sigmas=sigmas, seconds=seconds)
+        rows += evaluate("detail-rich 64x64", detail, detail_test, out / "eval-detail", sigmas=sigmas)
+        rows += evaluate("scikit-image photos (out of domain)", detail, photos, out / "eval-photos", sigmas=sigmas)
+        pipeline = [pipeline_efficiency(faces["supervised"], faces_test, out / "pipe-faces", threads=t)
+                    for t in (None, 1)]
+        memory = memory_flatness(faces["supervised"], out / "memory", small=sizes["memory"])
+    result = {"rows": rows, "samples_sweep": sweep, "pipeline": pipeline, "memory_mib": memory,
+              "train_seconds_per_model": seconds, "torch_threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "wall_seconds": time.time() - started}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print("\n" + table(rows) + "\n")
+    print(f"\ntraining: {seconds:g} s per model on {os.cpu_count()} cores\n\n" + table(rows) + "\n")
     for p in pipeline:
-        print(f"pipeline {p['folder']}: {p['images']} images, {p['tiles']} tiles, batch {p['batch_size']}, "
-              f"{p['threads']} torch thread(s): "
-              f"forward only {p['forward_images_per_s']:.2f} images/s, "
-              f"end to end {p['end_to_end_images_per_s']:.2f} images/s "
-              f"({100 * p['ratio']:.0f}%); model busy {100 * p['model_busy']:.0f}% of the pipeline's time")
-    print(f"peak RSS by folder size: {memory}; torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
+        print(f"pipeline {p['folder']}: {p['images']} images, batch {p['batch_size']}, {p['threads']} thread(s): "
+              f"forward only {p['forward_images_per_s']:.2f} images/s, end to end "
+              f"{p['end_to_end_images_per_s']:.2f} images/s ({100 * p['ratio']:.0f}%)")
+    if memory:
+        print(f"peak RSS by folder size: {memory}")
 
 
 if __name__ == "__main__":

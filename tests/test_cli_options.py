@@ -101,7 +101,8 @@ def test_resume_compares_every_stored_setting_but_the_budget():
 
     model = {key for section, key in RESUME_IGNORES.values() if section == "model_config"}
     train = {key for section, key in RESUME_IGNORES.values() if section == "train_config"}
-    assert model == set(ModelConfig.__dataclass_fields__) - {"min_log_scale"}  # no CLI option for it
+    # no CLI option for min_log_scale; noise_sigma comes with --noise-model (or is estimated)
+    assert model == set(ModelConfig.__dataclass_fields__) - {"min_log_scale", "noise_sigma"}
     assert train == set(TrainConfig.__dataclass_fields__) - {"epochs", "steps", "time_limit", "weight_decay"}
 
 

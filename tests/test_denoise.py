@@ -294,3 +294,70 @@ def test_corrupted_training_is_scored_on_the_clean_image(tmp_path):
     model = load_model(result.checkpoint).model
     out = model.reconstruct(torch.zeros(1, 3, 16, 16))[0].mean(dim=(1, 2))  # (3,)
     torch.testing.assert_close(out, torch.tensor(colour) / 255.0, atol=0.08, rtol=0)
+
+
+# ------------------------------------------------------------------------------- spatial and hierarchical models
+
+ANY_SIZE = {
+    "spatial": ModelConfig(kind="spatial", image_size=16, widths=(8, 16), latent_channels=2, downsample=4),
+    "hierarchical": ModelConfig(kind="hierarchical", image_size=16, latent_dim=4, widths=(8, 16), latent_channels=2,
+                                downsample=2),
+}
+
+
+def _any_size(kind: str):
+    from vaetool.models.base import build_model
+
+    torch.manual_seed(0)
+    return build_model(ANY_SIZE[kind]).eval()
+
+
+@pytest.mark.parametrize("kind", list(ANY_SIZE))
+def test_an_any_size_model_denoises_odd_sized_images_whole(kind, tmp_path):
+    from vaetool.inference.tiling import pad_to
+
+    model = _any_size(kind)
+    path = save_model(tmp_path / "m.safetensors", model)
+    folder = tmp_path / "in"
+    make_blobs(folder, count=2, size=37, seed=1)
+    make_blobs(folder / "gray", count=1, size=9, seed=2, mode="L")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(21, 30, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
+    (tmp_path / "in" / "deep").mkdir()
+    values = _sixteen_bit_png(folder / "deep" / "d.png", 3)  # 18 x 20
+    summary = denoise_files(path, [folder], tmp_path / "out", batch_size=4, device="cpu")
+    assert len(summary.written) == 5 and not summary.failed
+    m = model.size_multiple
+    for source in find_images([folder]):
+        image = read_image(source.path)
+        got = read_image(tmp_path / "out" / source.relative)
+        assert got.pixels.shape == image.pixels.shape and got.bit_depth == image.bit_depth
+        c, h, w = image.pixels.shape
+        x = pad_to(image.pixels, -(-h // m) * m, -(-w // m) * m)[None].expand(1, 3, -1, -1)
+        expected = model.reconstruct(x)[0, :, :h, :w]
+        expected = (0.299 * expected[0] + 0.587 * expected[1] + 0.114 * expected[2])[None] if c == 1 else expected
+        assert (got.pixels - expected).abs().max() <= 1 / 255 + 1e-5, source.relative  # whole, never resized
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "alpha.png"))[..., 3],
+                          np.asarray(Image.open(folder / "alpha.png"))[..., 3])
+    assert np.asarray(Image.open(tmp_path / "out" / "deep" / "d.png")).shape == values.shape
+
+
+def test_same_sized_images_share_a_batch_and_other_sizes_run_alone():
+    from vaetool.inference.denoise import _Batcher, _Job
+
+    shapes = []
+
+    def run(batch, keys):
+        assert len(keys) == len(batch)
+        shapes.append(tuple(batch.shape))
+        return batch
+
+    batcher = _Batcher(run, lambda shape: 3)
+    finished = []
+    for size in (8, 8, 12, 8, 8, 8, 8):
+        inputs = torch.zeros(1, 3, size, size)
+        layout = split_image(torch.zeros(3, size, size), model_size=16, model_channels=3, tile=None, multiple=4)[1]
+        finished += batcher.add(_Job(None, None, layout, inputs))
+    finished += batcher.flush()
+    assert len(finished) == 7
+    assert [s[:3] + (s[3],) for s in shapes] == [(2, 3, 8, 8), (1, 3, 12, 12), (3, 3, 8, 8), (1, 3, 8, 8)]

@@ -156,3 +156,21 @@ def test_installed_command_end_to_end(ckpt, tree, tmp_path):
     assert result.returncode == 3, result.stderr
     assert len(result.stdout.splitlines()) == 5 and "bad.png" not in result.stdout
     assert "bad.png" in result.stderr and "done 5, skipped 0, failed 1 (of 6)" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["spatial", "hierarchical"])
+def test_installed_command_end_to_end_for_any_size_families(kind, tree, tmp_path):
+    from vaetool.models.base import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(kind=kind, image_size=16, widths=(8, 16), latent_dim=4, latent_channels=2,
+                         downsample=4 if kind == "spatial" else 2)
+    path = save_model(tmp_path / f"{kind}.safetensors", build_model(config))
+    env = {k: v for k, v in os.environ.items() if k != "VAETOOL_DEBUG"}
+    result = subprocess.run([VAETOOL, "denoise", str(path), str(tree), "-o", str(tmp_path / "out"), "--device", "cpu"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 5 and "done 5, skipped 0, failed 0 (of 5)" in result.stderr
+    for relative in _relative(tree):
+        assert Image.open(tmp_path / "out" / relative).size == Image.open(tree / relative).size  # 23 px, 40 px

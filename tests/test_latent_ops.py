@@ -139,32 +139,6 @@ def test_prior_latents_are_seeded_and_scaled_by_temperature(ckpt):
     assert abs(a.std().item() - 1.0) < 0.05
 
 
-def test_reconstruct_folder_mirrors_tree_keeps_format_and_converts_channels(ckpt, data, tmp_path):
-    Image.open(data / "img_000.png").save(data / "photo.jpg")
-    found = find_images([data])
-    out = tmp_path / "rec"
-    outcome = ops.reconstruct_folder(ckpt, [data], out, batch_size=2, grid=tmp_path / "grid.png", grid_count=4)
-    assert sorted(outcome.written) == sorted(out / f.relative for f in found)
-    assert (out / "photo.jpg").is_file() and (out / "sub" / "img_001.png").is_file()
-    assert Image.open(out / "sub" / "img_001.png").mode == "RGB"  # gray input, RGB model
-    assert Image.open(tmp_path / "grid.png").size == (4 * 18 + 2, 2 * 18 + 2)  # originals above reconstructions
-    with pytest.raises(OutputError, match="overwrite the input"):
-        ops.reconstruct_folder(ckpt, [data], data, batch_size=2, force=True)  # --force lets -o be the input folder
-    gray = load_for_inference(_checkpoint(tmp_path, channels=1), device="cpu")
-    ops.reconstruct_folder(gray, [data], tmp_path / "g", batch_size=4, ext="png")
-    assert Image.open(tmp_path / "g" / "img_002.png").mode == "L"  # RGB input, gray model
-
-
-def test_unreadable_inputs_are_reported_and_the_rest_written(ckpt, data, tmp_path):
-    (data / "bad.png").write_bytes(b"\x89PNG broken")
-    events = []
-    outcome = ops.reconstruct_folder(ckpt, [data], tmp_path / "r", batch_size=2, callback=events.append)
-    assert [Path(p).name for p, _ in outcome.failed] == ["bad.png"]
-    assert len(outcome.written) == 5 and sorted(outcome.written) == sorted(Path(e.output) for e in events
-                                                                             if isinstance(e, Written))
-    assert [e for e in events if isinstance(e, Progress)][-1] == Progress(6, 6)
-
-
 def test_skip_existing_redoes_empty_files(ckpt, tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     paths[0].write_bytes(b"")  # what a power cut can leave behind

@@ -52,20 +52,3 @@ def test_one_level_has_no_per_level_metrics(blob_folder, tmp_path):
           report=False)
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert not [k for k in row if k.startswith("train_kl_")]
-
-
-def test_the_folder_commands_refuse_a_family_they_do_not_handle_in_one_line(blob_folder, tmp_path):
-    from typer.testing import CliRunner
-
-    from vaetool.checkpoint import save_model
-    from vaetool.cli.app import app
-    from vaetool.models.base import build_model
-
-    torch.manual_seed(0)
-    path = save_model(tmp_path / "spatial.safetensors", build_model(SPATIAL))
-    for args in (
-                 ["denoise", str(path), str(blob_folder), "-o", str(tmp_path / "d")]):
-        result = CliRunner().invoke(app, [*args, "--device", "cpu", "-q"])
-        assert result.exit_code == 1 and result.stdout == "", (args, result.output)
-        assert result.stderr.strip().count("\n") == 0 and "vector-family checkpoints only" in result.stderr
-        assert "Traceback" not in result.stderr

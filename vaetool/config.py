@@ -20,6 +20,9 @@ KINDS = ("vector", "spatial", "hierarchical")  # the model families (models/ reg
 DEFAULT_WIDTHS = {"vector": (32, 64, 128, 256), "hierarchical": (32, 64, 128, 256)}
 SPATIAL_WIDTHS = (64, 128, 128, 256)  # the first log2(f) of these
 LR_SCHEDULES = ("cosine", "constant")
+# "gaussian": the model learns from noisy images alone (DivNoising, Prakash et al. 2021): the decoder gives
+# the clean signal s(z), and the likelihood of an observed image is the noise model N(x; s, sigma^2).
+NOISE_MODELS = ("none", "gaussian")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -49,6 +52,8 @@ class ModelConfig:
     decoder_scale: str = "optimal"
     fixed_scale: float = 0.1  # the decoder's std when decoder_scale == "fixed"
     min_log_scale: float = -6.0  # floor of the log std, so a perfect fit cannot diverge
+    noise_model: str = "none"  # "gaussian": trained on noisy images alone; p(x|z) is the noise model around s(z)
+    noise_sigma: float = 0.0  # the noise model's std on the 0-1 scale; 0 until estimated from the images
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, f"unknown model kind {self.kind!r} (--model); use one of {', '.join(KINDS)}")
@@ -68,6 +73,11 @@ class ModelConfig:
         _check(self.decoder_scale in DECODER_SCALES,
                f"decoder_scale must be one of {', '.join(DECODER_SCALES)}, not {self.decoder_scale!r}")
         _check(self.fixed_scale > 0, f"fixed_scale must be > 0, not {self.fixed_scale}")
+        _check(self.noise_model in NOISE_MODELS,
+               f"--noise-model must be one of {', '.join(NOISE_MODELS)}, not {self.noise_model!r}")
+        _check(0 <= self.noise_sigma < 1, f"the noise sigma must be in [0, 1) (0-1 scale), not {self.noise_sigma}")
+        _check(self.noise_model == "none" or self.likelihood == "gaussian",
+               f"--noise-model {self.noise_model} is the likelihood itself; drop --likelihood {self.likelihood}")
 
     def _default_widths(self) -> tuple[int, ...]:
         if self.kind == "spatial":
@@ -100,6 +110,22 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, data)
+
+
+def parse_noise_model(text: str) -> tuple[str, float]:
+    """`gaussian` (sigma estimated from the images) or `gaussian:SIGMA` -> (kind, sigma on the 0-1 scale, 0 if
+    to be estimated). SIGMA is on the 0-1 scale as --corrupt's (0.1), or on the 0-255 scale above 1 (25)."""
+    match = re.fullmatch(r"\s*([a-z]+)\s*(?::\s*([0-9.eE+]+))?\s*", text.lower())
+    if not match or match.group(1) not in NOISE_MODELS[1:]:
+        raise ConfigError(f"cannot read noise model {text!r}; write gaussian (sigma estimated from the images) "
+                          f"or gaussian:SIGMA, e.g. gaussian:0.1 or gaussian:25 (0-255 scale)")
+    try:
+        sigma = float(match.group(2)) if match.group(2) else 0.0
+    except ValueError:
+        raise ConfigError(f"cannot read the sigma in noise model {text!r}") from None
+    sigma = sigma / 255.0 if sigma >= 1 else sigma
+    _check(match.group(2) is None or 0 < sigma < 1, f"the noise sigma in {text!r} must be above 0")
+    return match.group(1), sigma
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
 from .common import Display, info
 from .options import (BATCH_SIZE, OUTPUT, PERFORMANCE, Checkpoint, Device, Ext, ImageFormat, Inputs, Json, Precision,
-                      PrecisionOption, Quiet, SkipExisting, batch_size_option, force_option, value_of, workers_option)
+                      PrecisionOption, Quiet, SkipExisting, batch_size_option, force_option, seed_option, value_of,
+                      workers_option)
 from .single import MoveToTarget, scratch_beside, single_target, target_done
 
 
-def _tile(value: str) -> str:
+ESTIMATE = "Estimate"
+
+
+def tile_value(value: str) -> str:
     """Option callback: auto, off, or a positive number of pixels."""
     text = value.strip().lower()
     if text in ("auto", "off") or (text.isdigit() and int(text) >= 2):
@@ -23,9 +27,16 @@ def _tile(value: str) -> str:
 
 
 Tile = Annotated[str, typer.Option(
-    callback=_tile, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
-    help="auto: overlapping tiles of the model's size, blended with a smooth window; N: tiles of N px, each resized "
-         "to the model's size and back; off: the whole image resized to the model's size and back (loses detail).")]
+    callback=tile_value, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
+    help="Vector models: auto is overlapping tiles of the model's size, blended with a smooth window; N: tiles of N "
+         "px, each resized to the model's size and back; off: the whole image resized (loses detail). Spatial and "
+         "hierarchical models: auto runs each image whole at its own size, in blended tiles only above 2048x2048 px; "
+         "off: always whole; N: tiles of N px, not resized.")]
+
+ReconstructTile = Annotated[str, typer.Option(
+    "--tile", callback=tile_value, metavar="auto|off|N", rich_help_panel=PERFORMANCE,
+    help="Spatial and hierarchical models: auto runs each image whole at its own size, in blended tiles only "
+         "above a memory bound (2048x2048 px); off: always whole; N: tiles of N px.")]
 
 
 def denoise(
@@ -45,13 +56,20 @@ def denoise(
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
     workers: workers_option("Threads decoding and writing images (default: all cores).") = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=0, rich_help_panel=ESTIMATE, help="The MMSE estimate: the mean of K posterior samples' decodes; 0: the decode of the posterior mean (fast). Default: 16 for a model trained with --noise-model, else 0.")] = None,
+    diverse: Annotated[Optional[tuple[int, Path]], typer.Option("--diverse", metavar="N DIR", rich_help_panel=ESTIMATE, help="Also write N plausible clean versions of each image (single posterior samples) under DIR, mirroring the tree: stem_1.png ... stem_N.png.")] = None,
+    seed: seed_option(ESTIMATE) = 0,
 ) -> None:
     """Denoise images with a VAE checkpoint, writing a mirrored tree of images under OUTPUT.
 
-    Images of any size are denoised in overlapping tiles of the model's size; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end). `denoise CKPT page.png -o page_clean.png` writes that one file.
+    Images of any size are denoised: whole at their own size by a spatial or hierarchical model, in overlapping tiles of the model's size by a vector one; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end). `denoise CKPT page.png -o page_clean.png` writes that one file.
 
-    Note: a checkpoint trained with `vaetool train --corrupt ...` (e.g. --corrupt gaussian:0.05-0.2) is a denoiser. One trained without --corrupt works too, but then this is a plain VAE reconstruction: it smooths rather than removes the noise it was never shown.
+    Note: a checkpoint trained with `vaetool train --corrupt ...` (e.g. --corrupt gaussian:0.05-0.2) is a denoiser, and so is one trained on the noisy images themselves with `--noise-model gaussian` (its output is the MMSE estimate, see --samples). One trained without either works too, but then this is a plain VAE reconstruction: it smooths rather than removes the noise it was never shown.
     """
+    if diverse is not None and diverse[0] < 1:
+        raise typer.BadParameter(f"N must be at least 1, not {diverse[0]}", param_hint="'--diverse'")
+    estimate = {"samples": samples, "seed": seed, "diverse": diverse[0] if diverse else 0,
+                "diverse_dir": diverse[1] if diverse else None}
     target = single_target(inputs, output)
     if target is not None:
         if ext is not None or suffix:
@@ -65,23 +83,32 @@ def denoise(
     with folder as out_dir:
         _run_denoise(checkpoint, inputs, out_dir, tile=tile, overlap=overlap, strength=strength, batch_size=batch_size,
                      ext=value_of(ext), suffix=suffix, skip_existing=skip_existing, force=force, device=device,
-                     precision=precision.value, workers=workers, quiet=quiet, as_json=as_json, target=target)
+                     precision=precision.value, workers=workers, quiet=quiet, as_json=as_json, target=target,
+                     estimate=estimate)
 
 
 def _run_denoise(checkpoint: Path, inputs: list[str], output: Path, *, tile: str, overlap: float, strength: float,
                  batch_size: int, ext: str | None, suffix: str, skip_existing: bool, force: bool, device: str,
-                 precision: str, workers: int | None, quiet: bool, as_json: bool, target: Path | None) -> None:
+                 precision: str, workers: int | None, quiet: bool, as_json: bool, target: Path | None,
+                 estimate: dict[str, Any]) -> None:
     import sys
 
+    from ..events import Written
     from ..inference.denoise import denoise_files
 
     display = Display("denoise", quiet=quiet, as_json=as_json)
-    callback = display if target is None else MoveToTarget(display, target, force=force)
+    callback = display
+    if target is not None:
+        mover = MoveToTarget(display, target, force=force)
+
+        def callback(event: Any) -> Any:  # only the file in the scratch folder is the target; --diverse's stay
+            inside = isinstance(event, Written) and Path(event.output).parent == output
+            return mover(event) if inside or not isinstance(event, Written) else display(event)
     try:
         denoise_files(
             checkpoint, inputs, output, tile=tile, overlap=overlap, strength=strength, batch_size=batch_size,
             ext=ext, suffix=suffix, skip_existing=skip_existing, force=force, device=device, precision=precision,
-            workers=workers, stdin=sys.stdin, callback=callback)
+            workers=workers, stdin=sys.stdin, callback=callback, **estimate)
     finally:
         display.close()
     display.finish()

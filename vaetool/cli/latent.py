@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import Display, emit, fail, info, warn
+from .denoise import ReconstructTile
 from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Ext, Force, ImageFormat, Inputs,
                       Json, LevelsChoice, PathMethod, PriorChoice, Quiet, Seed, SkipExisting, Temperature,
                       TemperatureSpec, flag, gif_file, image_file, latents_output, parse_dims, positive,
@@ -27,7 +28,7 @@ def _open(checkpoint: Path, device: str):
     """The checkpoint for `reconstruct`, which handles the vector family only so far."""
     from ..inference.load import load_for_inference
 
-    return load_for_inference(checkpoint, device=device, command="reconstruct")
+    return load_for_inference(checkpoint, device=device)
 
 
 def _open_any(checkpoint: Path, device: str):
@@ -109,7 +110,7 @@ def decode(
     paths = decoded_paths(output, table.names, table.count, ext=ext.value)
     display = Display("decode", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, table.levels, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                  callback=display, source=str(latents), command="decode")
+                  callback=display, source=str(latents))
     display.finish()
 
 
@@ -137,7 +138,7 @@ def sample(
     paths = [output / f"{prefix}{i:05d}.{ext.value}" for i in range(count)]
     display = Display("sample", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                  callback=display, command="sample")
+                  callback=display)
     if grid is not None:
         import math
 
@@ -173,7 +174,7 @@ def interpolate(
                             levels=levels.value, temperature=temperature, seed=0)
     paths = [output / f"frame_{i:04d}.png" for i in range(count_of(z))]
     display = Display("interpolate", quiet=quiet, as_json=as_json)
-    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
+    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display)
     frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
     if grid is not None:
         save_grid(grid, frames, nrow=steps, force=force)
@@ -189,24 +190,29 @@ def reconstruct(
     grid: Annotated[Optional[Path], typer.Option("--grid", callback=image_file, rich_help_panel=OUTPUT, help="Also write originals above reconstructions (the first 16).")] = None,
     ext: Ext = None,
     force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
+    tile: ReconstructTile = "auto",
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
 ) -> None:
-    """Reconstruct images through the model (posterior mean), mirroring the input tree under OUTPUT."""
+    """Reconstruct images through the model (posterior mean), mirroring the input tree under OUTPUT.
+
+    A vector model reconstructs each image at its training size; a spatial or hierarchical one takes each image whole at its own size (gray, colour, alpha and 16-bit kept as `denoise` keeps them).
+    """
     target = single_target(inputs, output)
     if target is not None and ext is not None:
         raise typer.BadParameter(f"-o {output} names the output file; drop --ext", param_hint="'-o'")
     if target is not None and skip_existing and target_done(target):
         info(f"{target} already exists; skipped", quiet=quiet)
         return
-    from ..inference.latent_ops import reconstruct_folder
+    from ..inference.load import load_for_inference
+    from ..inference.reconstruct import reconstruct_folder
 
-    ckpt = _open(checkpoint, device)
+    ckpt = load_for_inference(checkpoint, device=device)
     suffix = value_of(ext) if target is None else target.suffix.lstrip(".").lower()
     folder = contextlib.nullcontext(output) if target is None else scratch_beside(Path(inputs[0]), target, force=force)
     display = Display("reconstruct", quiet=quiet, as_json=as_json)
     with folder as out_dir:
         callback = display if target is None else MoveToTarget(display, target, force=force)
-        reconstruct_folder(ckpt, inputs, out_dir, batch_size=batch_size, ext=suffix, force=force,
+        reconstruct_folder(ckpt, inputs, out_dir, batch_size=batch_size, ext=suffix, force=force, tile=tile,
                            skip_existing=skip_existing, grid=grid, stdin=sys.stdin, callback=callback)
     display.finish()
 

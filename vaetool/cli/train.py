@@ -11,7 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import DEFAULT_WIDTHS, Corruption, ModelConfig, TrainConfig
+from ..config import DEFAULT_WIDTHS, Corruption, ModelConfig, TrainConfig, parse_noise_model
+from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
                       DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, Quiet, Widths,
@@ -91,7 +92,7 @@ RESUME_IGNORES = {
     **{name: ("model_config", name) for name in ("image_size", "channels", "latent_dim", "latent_channels",
                                                   "downsample", "level_cells", "widths", "blocks", "patch",
                                                   "likelihood", "decoder_scale", "fixed_scale")},
-    "model": ("model_config", "kind"),
+    "model": ("model_config", "kind"), "noise_model": ("model_config", "noise_model"),
     **{name: ("train_config", name) for name in ("batch_size", "lr", "lr_schedule", "warmup_steps", "seed", "beta", "free_bits", "val_fraction",
                                                   "ema", "patience", "grad_clip", "log_every")},
     "kl_warmup": ("train_config", "kl_warmup_steps"), "corrupt": ("train_config", "corruptions"),
@@ -102,6 +103,16 @@ Data = Annotated[Optional[list[str]], typer.Argument(
     metavar="DATA", show_default=False,
     help="Image files or folders (recursive), or - to read paths from stdin. With --resume it may be left out "
          "when OUTPUT/run.json records the run's data.")]
+
+
+def _noise_model(value: str | None) -> str | None:
+    """Option callback: gaussian or gaussian:SIGMA, checked now."""
+    if value is not None:
+        try:
+            parse_noise_model(value)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 def train(
@@ -128,6 +139,7 @@ def train(
     kl_warmup: Annotated[int, typer.Option(min=0, rich_help_panel=OBJECTIVE, help="Steps over which beta rises linearly from 0.")] = 0,
     free_bits: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="Minimum KL per latent dimension, nats (batch average).")] = 0.0,
     corrupt: Annotated[Optional[list[Corruption]], typer.Option(parser=parse_corruption, metavar="KIND:AMOUNT", rich_help_panel=OBJECTIVE, help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
+    noise_model: Annotated[Optional[str], typer.Option("--noise-model", callback=_noise_model, metavar="gaussian[:SIGMA]", rich_help_panel=OBJECTIVE, help="Learn from noisy images alone (DivNoising): the decoder gives the clean image and the likelihood is Gaussian noise of std SIGMA around it (0-1 scale, or 0-255 above 1; estimated from the images when left out). `vaetool denoise` then returns the MMSE estimate.")] = None,
     batch_size: batch_size_option("Images per optimiser step per process; under torchrun the global batch is this x the number of processes.", OPTIMISATION) = BATCH_SIZE,
     lr: Annotated[float, typer.Option(callback=positive, rich_help_panel=OPTIMISATION, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
     lr_schedule: Annotated[LrSchedule, typer.Option(case_sensitive=False, rich_help_panel=OPTIMISATION, help="cosine: decay to lr/10 as the budget (steps, epochs or --time) is spent; constant: keep lr.")] = LrSchedule.cosine,
@@ -169,7 +181,8 @@ def train(
         kind=model.value, image_size=image_size, channels=3 if channels is Channels.auto else int(channels.value),
         latent_dim=latent_dim, latent_channels=latent_channels, downsample=downsample, level_cells=level_cells,
         widths=tuple(widths or ()), blocks=blocks, patch=patch, likelihood=likelihood.value,
-        decoder_scale=decoder_scale.value, fixed_scale=fixed_scale)
+        decoder_scale=decoder_scale.value, fixed_scale=fixed_scale,
+        **({} if noise_model is None else dict(zip(("noise_model", "noise_sigma"), parse_noise_model(noise_model)))))
     train_config = TrainConfig(
         epochs=epochs, steps=steps, time_limit=time_budget, batch_size=batch_size, lr=lr,
         lr_schedule=lr_schedule.value, beta=beta,
@@ -197,6 +210,7 @@ def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
             continue
         section, key = RESUME_IGNORES[param.name]
         given, kept = _comparable(ctx.params[param.name]), stored.get(section, {}).get(key)
+        given = parse_noise_model(given)[0] if param.name == "noise_model" else given  # the kind; sigma may be estimated
         if given != kept and not (param.name == "channels" and given == "auto"):
             conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
     if conflicts:

@@ -7,8 +7,10 @@ over an input, the background writer); one image's tiling and blending is `tiled
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,15 +23,20 @@ import torch
 from ..errors import ConfigError, DataError, OutputError, VaetoolError
 from ..events import Callback, Failed, Note, Started, Warning, ignore
 from ..io.decode import DecodedImage, failure_reason, read_image
-from ..io.find import find_images
+from ..io.find import FoundImage, find_images
 from ..io.pool import default_workers
 from ..io.write import can_write_16bit, format_for_path, supports_alpha
 from ..models.base import VAEFamily
 from ..runtime import resolve_precision
 from .folder import Outcome, Task, Writer, check_not_inside, counting, plan_outputs, prepare_outputs
 from .load import Source, load_for_inference, model_device
-from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix, resolve_tile, split_image
+from .mmse import Draw, RowKey
+from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix
+from .tiling import round_up
 
+# Posterior samples averaged for the MMSE estimate of a model trained with a noise model, by default: where
+# PSNR against K levels off (each doubling beyond adds under 0.03 dB for twice the time; BENCHMARKS.md).
+DEFAULT_SAMPLES = 16
 WRITE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "PPM", "GIF")
 
 
@@ -54,22 +61,35 @@ class _Job:
     inputs: torch.Tensor | None  # (N, Cm, S, S) model inputs, dropped once they have all run
     outputs: list[torch.Tensor] = field(default_factory=list)
     received: int = 0
+    key: int = 0  # seeds the posterior samples of this image's inputs (mmse.py), from its relative path
+    draw: Draw = None  # None: the clean estimate; d: the d-th plausible clean version
+
+    def keys(self, start: int, stop: int) -> list[RowKey]:
+        return [(self.key, row, self.draw) for row in range(start, stop)]
 
 
 class _Batcher:
-    """Packs model inputs from many images into batches of exactly `size` and routes the outputs back."""
+    """Packs model inputs from many images into batches and routes the outputs back.
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
-        self.run, self.size = run, size
+    Inputs of one shape (tiles, or whole images of one size) share a batch of up to `rows(shape)`
+    rows; a change of shape closes the batch, so a folder of same-sized images still runs in full batches.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor, list[RowKey]], torch.Tensor],
+                 rows: Callable[[torch.Size], int]) -> None:
+        self.run, self.rows = run, rows
         self.queue: deque[tuple[_Job, int]] = deque()  # (job, first row not yet queued into a batch)
-        self.queued = 0
+        self.queued = 0  # rows queued, all of one shape
 
     def add(self, job: _Job) -> list[_Job]:
         """Queue a job's inputs; run every full batch; return the jobs now complete."""
+        finished: list[_Job] = []
+        if self.queue and job.inputs.shape[1:] != self.queue[0][0].inputs.shape[1:]:
+            finished += self.flush()  # the head's shape can grow no more: run it, smaller batch or not
         self.queue.append((job, 0))
         self.queued += job.layout.count
-        finished: list[_Job] = []
-        while self.queued >= self.size:
+        full = self.rows(job.inputs.shape)
+        while self.queued >= full:
             finished += self._run_one()
         return finished
 
@@ -81,7 +101,7 @@ class _Batcher:
         return finished
 
     def _run_one(self) -> list[_Job]:
-        pieces, need = [], self.size
+        pieces, need = [], self.rows(self.queue[0][0].inputs.shape)
         while need and self.queue:
             job, start = self.queue[0]
             stop = min(job.layout.count, start + need)
@@ -92,7 +112,7 @@ class _Batcher:
                 self.queue[0] = (job, stop)
             need -= stop - start
         batch = torch.cat([job.inputs[a:b] for job, a, b in pieces])  # (B, Cm, S, S)
-        out = self.run(batch)
+        out = self.run(batch, [key for job, a, b in pieces for key in job.keys(a, b)])
         self.queued -= batch.shape[0]
         finished, offset = [], 0
         for job, a, b in pieces:
@@ -112,7 +132,7 @@ def _reason(exc: BaseException) -> str:
     return failure_reason(exc) if isinstance(exc, DataError) else (str(exc) or type(exc).__name__)
 
 
-class _Pipeline:
+class Pipeline:
     """Decode on threads -> batch tiles through the model on this thread -> blend and write on the writer's threads.
 
     Decodes run ahead and writes trail behind by about two batches of tiles (at least a few images),
@@ -121,8 +141,12 @@ class _Pipeline:
     """
 
     def __init__(self, run: ModelRunner, *, tile: int | None, overlap: float, strength: float, batch_size: int,
-                 workers: int, callback: Callback) -> None:
+                 workers: int, callback: Callback, max_pixels: int | None = None,
+                 keep: Callable[[Task, torch.Tensor, torch.Tensor], None] | None = None,
+                 draws: dict[Path, int] | None = None) -> None:
         self.run, self.tile, self.overlap, self.strength = run, tile, overlap, strength
+        self.draws = draws or {}  # output -> which plausible clean version it is (--diverse)
+        self.max_pixels, self.keep = max_pixels, keep  # keep(task, input, output) sees each image on a writer thread
         self.batch_size, self.workers, self.callback = batch_size, workers, callback
         self.warned: set[str] = set()
         self.max_tiles = 2 * batch_size  # model inputs held ahead of the model, and again behind it
@@ -131,7 +155,7 @@ class _Pipeline:
 
     def process(self, tasks: Sequence[Task], *, force: bool) -> None:
         """Denoise every task, reporting each written or failed file; a full disk stops the batch."""
-        batcher = _Batcher(self.run, self.batch_size)
+        batcher = _Batcher(self.run, functools.partial(self.run.rows_per_batch, self.batch_size))
         readers = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="vaetool-read")
         writer = Writer(self.callback, force=force, workers=self.workers, chunk=1, max_weight=self.max_tiles,
                         min_jobs=self.min_images)
@@ -175,9 +199,10 @@ class _Pipeline:
         """On a worker thread: decode the file and cut it into model inputs."""
         format_for_path(task.output)  # an unwritable extension fails here, before any model time
         image = read_image(task.source.path)
-        inputs, layout = split_image(image.pixels, model_size=self.run.size, model_channels=self.run.channels,
-                                     tile=self.tile, overlap=self.overlap)
-        return _Job(task, image, layout, inputs)
+        inputs, layout = self.run.split(image.pixels, tile=self.tile, max_pixels=self.max_pixels,
+                                        overlap=self.overlap)
+        key = zlib.crc32(task.source.relative.as_posix().encode()) if task.source is not None else 0
+        return _Job(task, image, layout, inputs, key=key, draw=self.draws.get(task.output))
 
     def _take(self, task: Task, future: Future) -> _Job | None:
         try:
@@ -194,7 +219,10 @@ class _Pipeline:
         """On a writer thread: blend the tiles and mix with the input by strength."""
         denoised = join_outputs(torch.cat(job.outputs), job.layout)  # (C, H, W)
         job.outputs = []
-        return mix(denoised, job.image.pixels, self.strength)
+        result = mix(denoised, job.image.pixels, self.strength if job.draw is None else 1.0)
+        if self.keep is not None:
+            self.keep(job.task, job.image.pixels, result)
+        return result
 
     def _warn_once(self, job: _Job) -> None:
         """Say once (naming the first file) when an output cannot hold what the input had."""
@@ -220,23 +248,88 @@ class _Pipeline:
             self.callback(event(message))
 
 
-def _prepare_model(checkpoint: Source, *, device: str, precision: str) -> tuple[ModelRunner, tuple | None]:
-    """The model on its device, and the corruptions it was trained with (None when unknown: a bare model)."""
-    loaded = load_for_inference(checkpoint, device=device, command="denoise")
+def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: int | None,
+                   seed: int) -> tuple[ModelRunner, tuple | None]:
+    """The model on its device, and the corruptions it was trained with (None when unknown: a bare model).
+
+    `samples` None: the MMSE estimate over `DEFAULT_SAMPLES` for a model with a noise model, else the
+    posterior-mean decode.
+    """
+    loaded = load_for_inference(checkpoint, device=device)
     if isinstance(checkpoint, VAEFamily):
         corruptions = None
     else:
         corruptions = loaded.train_config.corruptions if loaded.train_config else ()
+    if samples is None:
+        samples = DEFAULT_SAMPLES if loaded.config.noise_model != "none" else 0
+    if samples < 0:
+        raise ConfigError(f"--samples must be 0 (the posterior mean) or more, not {samples}")
     amp = resolve_precision(precision, model_device(loaded))
-    return ModelRunner(loaded.model, amp_dtype=amp), corruptions
+    return ModelRunner(loaded.model, amp_dtype=amp, samples=samples, seed=seed), corruptions
+
+
+def _diverse_tasks(found: Sequence[FoundImage], tasks: list[Task], *, count: int, folder: Path | None,
+                   ext: str | None, suffix: str) -> tuple[list[Task], dict[Path, int]]:
+    """Each input's task followed by its `count` plausible clean versions' (FOLDER/tree/stem_1.ext, ...),
+    and which draw each of those is."""
+    if count == 0:
+        return tasks, {}
+    if folder is None:
+        raise ConfigError("--diverse N needs a folder for the versions: --diverse N DIR")
+    width = len(str(count))
+    extra = [plan_outputs(found, folder, ext=ext, suffix=f"{suffix}_{k + 1:0{width}d}")[0] for k in range(count)]
+    draws = {task.output: k for k, planned in enumerate(extra) for task in planned}
+    ordered = [task for i, main in enumerate(tasks) for task in [main, *(planned[i] for planned in extra)]]
+    return ordered, draws
+
+
+def _announce(callback: Callback, run: ModelRunner, count: int, corruptions: tuple | None, *, tile: int | None,
+              max_pixels: int | None, batch_size: int) -> None:
+    """`Started` with what the run does, and a `Note` when the model was never trained to denoise."""
+    callback(Started("denoise", count, info={
+        "device": str(run.device), "model": _describe(run), "tile": _describe_tiling(run, tile, max_pixels),
+        "batch": batch_size, "estimate": _describe_estimate(run)}))
+    if corruptions is not None and not corruptions and run.model.config.noise_model == "none":
+        callback(Note("this checkpoint was trained without --corrupt, so the output is a plain VAE reconstruction "
+                      "(smoother, not a trained denoiser)"))
+
+
+def _describe(run: ModelRunner) -> str:
+    if run.multiple is None:
+        return f"{run.size} px x{run.channels}"
+    return f"{run.model.kind}, any size (multiples of {run.multiple} px) x{run.channels}"
+
+
+def _describe_estimate(run: ModelRunner) -> str:
+    if run.samples == 0:
+        return "posterior mean"
+    return f"MMSE over {run.samples} posterior samples (seed {run.seed})"
+
+
+def _describe_tiling(run: ModelRunner, tile: int | None, max_pixels: int | None) -> str:
+    if run.multiple is None:
+        return "off (whole image resized)" if tile is None else f"{tile} px"
+    if tile is not None:
+        return f"{round_up(tile, run.multiple)} px"
+    if max_pixels is None:
+        return "off (each image whole, at its own size)"
+    side = math.isqrt(max_pixels)
+    return f"off (each image whole, at its own size; tiles above {side}x{side} px)"
 
 
 def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                   tile: TileSpec = "auto", overlap: float = 0.25, strength: float = 1.0, batch_size: int = 64,
                   ext: str | None = None, suffix: str = "", skip_existing: bool = False, force: bool = False,
                   device: str = "auto", precision: str = "auto", workers: int | None = None,
-                  stdin: TextIO | None = None, callback: Callback = ignore) -> Outcome:
+                  samples: int | None = None, seed: int = 0, diverse: int = 0,
+                  diverse_dir: str | os.PathLike | None = None, stdin: TextIO | None = None,
+                  callback: Callback = ignore) -> Outcome:
     """Denoise image files and folders into `out_dir`, mirroring the input tree; a bad file fails alone.
+
+    `samples` K > 0 writes the MMSE estimate, the mean of K posterior samples' decodes; 0 the decode
+    of the posterior mean; None chooses (K = `DEFAULT_SAMPLES` for a model trained with a noise model,
+    else 0). `diverse` N also writes N plausible clean versions of each image (single posterior samples)
+    under `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample.
 
     Reports `Started`, `Note`, `Warning`, and one `Skipped`, `Written` or `Failed` per file (each
     followed by `Progress`). Raises VaetoolError only for problems with the run as a whole
@@ -248,24 +341,22 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     check_options(overlap=overlap, strength=strength, batch_size=batch_size)
     _check_ext(ext)
     out_dir = Path(out_dir)
-    check_not_inside(out_dir, inputs, force=force)
+    for folder in (out_dir, *([Path(diverse_dir)] if diverse else [])):
+        check_not_inside(folder, inputs, force=force)
     found = find_images(inputs, stdin=stdin, callback=callback)
     tasks, renamed = plan_outputs(found, out_dir, ext=ext, suffix=suffix)
     if renamed:
         callback(Warning(f"{renamed} inputs would have the same output name with --ext {ext}; "
                          f"their old extension is kept in the name (a_jpg.png)"))
+    tasks, draws = _diverse_tasks(found, tasks, count=diverse, folder=Path(diverse_dir) if diverse_dir else None,
+                                  ext=ext, suffix=suffix)
     counted = counting(callback, total=len(tasks))
     todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=True, callback=counted)
-    run, corruptions = _prepare_model(checkpoint, device=device, precision=precision)
-    tile_side = resolve_tile(tile, run.size)
-    callback(Started("denoise", len(tasks), info={
-        "device": str(run.device), "model": f"{run.size} px x{run.channels}",
-        "tile": "off (whole image resized)" if tile_side is None else f"{tile_side} px", "batch": batch_size}))
-    if corruptions is not None and not corruptions:
-        callback(Note("this checkpoint was trained without --corrupt, so the output is a plain VAE reconstruction "
-                      "(smoother, not a trained denoiser)"))
-    pipeline = _Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
-                         workers=workers or default_workers(), callback=counted)
+    run, corruptions = _prepare_model(checkpoint, device=device, precision=precision, samples=samples, seed=seed)
+    tile_side, max_pixels = run.tiling(tile)
+    _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size)
+    pipeline = Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
+                         workers=workers or default_workers(), callback=counted, max_pixels=max_pixels, draws=draws)
     try:
         pipeline.process(todo, force=force)
     finally:

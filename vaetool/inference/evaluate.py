@@ -223,7 +223,7 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
         raise ConfigError(f"the sample metric needs at least 2 samples, not {samples}; give --samples 2 or more")
     given = checkpoint_or_model.model if isinstance(checkpoint_or_model, Checkpoint) else checkpoint_or_model
     was_training = bool(getattr(given, "training", False))
-    loaded = load_for_inference(checkpoint_or_model, device=device, command="eval")
+    loaded = load_for_inference(checkpoint_or_model, device=device)
     model, dev = loaded.model, model_device(loaded)
     outcome = Outcome()
     callback = outcome.recorder(callback)

@@ -221,38 +221,6 @@ def path_segments(anchors: torch.Tensor, *, steps: int, method: str) -> torch.Te
     return torch.cat(frames)
 
 
-def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *, batch_size: int,
-                       ext: str | None = None, force: bool = False, skip_existing: bool = False,
-                       grid: Path | None = None, grid_count: int = 16, stdin: TextIO | None = None,
-                       callback: Callback = ignore) -> Outcome:
-    """Reconstruct every image from its posterior mean into OUT_DIR, mirroring the input tree."""
-    started, outcome = time.monotonic(), Outcome()
-    callback = outcome.recorder(callback)
-    check_not_inside(out_dir, inputs, force=force)
-    found = find_images(inputs, stdin=stdin, callback=callback)
-    callback(Started("reconstruct", len(found)))
-    tasks, _ = plan_outputs(found, out_dir, ext=ext)
-    todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=False, callback=callback)
-    by_source = {t.source: t for t in todo}
-    originals: list[torch.Tensor] = []
-    recons: list[torch.Tensor] = []
-    with Writer(callback, force=force) as writer:
-        for items, batch, posterior in stream_posteriors(checkpoint, list(by_source), batch_size=batch_size,
-                                                         callback=callback, done=len(tasks) - len(todo),
-                                                         total=len(tasks)):
-            pixels = decode_images(checkpoint, posterior.mode())
-            for item, image in zip(items, quantize(pixels)):
-                writer.submit(by_source[item], image)
-            if grid is not None and sum(len(o) for o in originals) < grid_count:
-                originals.append(batch.float() / 255.0)
-                recons.append(pixels)
-    if grid is not None and originals:
-        top = torch.cat(originals)[:grid_count]
-        save_grid(grid, torch.cat([top, torch.cat(recons)[: len(top)]]), nrow=len(top), force=force)
-    outcome.seconds = time.monotonic() - started
-    return outcome
-
-
 def average_kl_per_dim(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int, stdin: TextIO | None = None,
                        callback: Callback = ignore) -> torch.Tensor:
     """Mean KL(q(z_d|x) || N(0, 1)) over a folder per element of the vector level (a hierarchy's top), or of

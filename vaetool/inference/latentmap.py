@@ -302,9 +302,8 @@ class MapResult:
 
 
 def _encode_folder(checkpoint: str | Path, data: Sequence[str | Path], *, batch_size: int, device: str,
-                   workers: int | None, stdin: Any, callback: Callback,
-                   command: str = "latent-map") -> tuple[Any, Means, list]:
-    loaded = load_for_inference(checkpoint, device=device, command=command)
+                   workers: int | None, stdin: Any, callback: Callback) -> tuple[Any, Means, list]:
+    loaded = load_for_inference(checkpoint, device=device)
     outcome = Outcome()
     callback = outcome.recorder(callback)
     found = find_images(data, stdin=stdin, callback=callback)
@@ -380,7 +379,7 @@ def correlate_folder(checkpoint: str | Path, data: Sequence[str | Path], attribu
     """Correlate the posterior means of the images with the numeric columns of a CSV (one row per image)."""
     read_table(attributes)  # a bad CSV fails before any image is encoded
     _, means, _ = _encode_folder(checkpoint, data, batch_size=batch_size, device=device, workers=workers,
-                                 stdin=stdin, callback=callback, command="correlate")
+                                 stdin=stdin, callback=callback)
     table = attribute_table(attributes, means.found)
     if not table:
         raise DataError(f"{attributes} has no numeric column to correlate; give a CSV with numeric attributes")

@@ -8,19 +8,16 @@ import torch
 
 from .. import runtime
 from ..checkpoint import Checkpoint, load_model
-from ..errors import ConfigError
 from ..models.base import VAEFamily
 
 Source = str | os.PathLike | Checkpoint | VAEFamily  # a checkpoint file or run folder, or one already loaded
 
 
-def load_for_inference(source: Source, *, device: str | torch.device | None = "auto",
-                       command: str | None = None) -> Checkpoint:
+def load_for_inference(source: Source, *, device: str | torch.device | None = "auto") -> Checkpoint:
     """The model ready to run: on `device` (None: where it already is), in eval mode, channels_last.
 
     A path is loaded from disk; a bare model is wrapped without stored metadata. The process-wide
-    settings for the device (allocator, TF32) are applied as for training. With `command`, a model
-    whose latents are not one vector is refused: the folder commands handle the vector family only so far.
+    settings for the device (allocator, TF32) are applied as for training.
     """
     where = runtime.resolve_device(device) if isinstance(device, str) else device
     if where is not None:
@@ -31,9 +28,6 @@ def load_for_inference(source: Source, *, device: str | torch.device | None = "a
         checkpoint = Checkpoint(source, source.config, None)
     else:
         checkpoint = load_model(source, device=where or "cpu")
-    if command not in (None, "eval", "latent-map", "correlate") and checkpoint.config.kind != "vector":
-        raise ConfigError(f"`vaetool {command}` handles vector-family checkpoints only so far; this one is "
-                          f"{checkpoint.config.kind} (from Python: vaetool.checkpoint.load_model(path).model has encode, decode, sample_prior and reconstruct)")
     if where is not None:
         checkpoint.model.to(where)
     # channels_last is the layout the convolutions run fastest in, on CPU as on GPU

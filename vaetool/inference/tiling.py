@@ -71,6 +71,17 @@ def _pad_axis(image: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
     return F.pad(image.unsqueeze(0), pad, mode=mode).squeeze(0)
 
 
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= value (and >= multiple)."""
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad (C, H, W) at the bottom and right to (C, height, width) by reflection (replication where too thin)."""
+    padded = _pad_axis(image, height - image.shape[-2], dim=-2)
+    return _pad_axis(padded, width - image.shape[-1], dim=-1)
+
+
 def extract_tiles(image: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     """Cut an image (C, H, W) into the plan's tiles (T, C, tile, tile), padding it if needed."""
     if image.ndim != 3 or tuple(image.shape[1:]) != (plan.height, plan.width):
@@ -78,8 +89,7 @@ def extract_tiles(image: torch.Tensor, plan: TilePlan) -> torch.Tensor:
             f"image of shape {tuple(image.shape)} does not match a plan for "
             f"(C, {plan.height}, {plan.width})"
         )
-    padded = _pad_axis(image, plan.padded_height - plan.height, dim=-2)
-    padded = _pad_axis(padded, plan.padded_width - plan.width, dim=-1)  # (C, Hp, Wp)
+    padded = pad_to(image, plan.padded_height, plan.padded_width)  # (C, Hp, Wp)
     t = plan.tile
     return torch.stack([padded[:, top : top + t, left : left + t] for top, left in plan.positions])
 

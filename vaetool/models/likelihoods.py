@@ -1,4 +1,5 @@
-"""Decoder likelihoods p(x|z): Gaussian and Laplace with a calibrated shared scale (sigma-VAE), Bernoulli."""
+"""Decoder likelihoods p(x|z): Gaussian and Laplace with a calibrated shared scale (sigma-VAE), Bernoulli, and the
+noise model of a VAE trained on noisy images alone (DivNoising): N(x; s(z), sigma^2) with sigma known."""
 
 from __future__ import annotations
 
@@ -25,9 +26,14 @@ class Likelihood:
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        # The decoder's shared log scale: learned (sigma-VAE), tracked optimum, or fixed.
+        # The decoder's shared log scale: learned (sigma-VAE), tracked optimum, or fixed; a noise model's is its sigma.
         initial = torch.tensor(math.log(config.fixed_scale) if config.decoder_scale == "fixed" else 0.0)
-        if config.likelihood != "bernoulli" and config.decoder_scale == "learned":
+        if config.noise_model != "none":
+            # Fixed, as DivNoising (Prakash et al. 2021) fixes its noise model before training: a free scale
+            # could shrink and let the decoder explain the noise as signal.
+            initial = torch.tensor(math.log(max(config.noise_sigma, math.exp(config.min_log_scale))))
+            self.register_buffer("log_scale", initial)
+        elif config.likelihood != "bernoulli" and config.decoder_scale == "learned":
             self.log_scale = nn.Parameter(initial)
         else:
             self.register_buffer("log_scale", initial)
@@ -42,7 +48,7 @@ class Likelihood:
     def log_scale_for(self, residual: torch.Tensor) -> torch.Tensor:
         """The decoder's log scale; in 'optimal' mode, the batch's maximum-likelihood value while training."""
         cfg = self.config
-        if cfg.decoder_scale == "optimal" and self.training:
+        if cfg.decoder_scale == "optimal" and self.training and cfg.noise_model == "none":
             # sigma^2 = MSE (Gaussian) or b = MAE (Laplace) maximise the likelihood (Rybkin et al. 2021).
             # It is held constant in the gradient: at the optimum d(loss)/d(sigma) = 0, so the gradient is
             # the same (envelope theorem), and a value averaged over all processes keeps DDP exact.

@@ -27,6 +27,7 @@ from .data import Split, default_cache_memory, load_cache, split_data
 from .distributed import World, all_reduce_sum, barrier, broadcast_value, global_mean, init_world, shutdown
 from .epoch import MetricsLog, draw_grids, nonfinite_tensor, save_checkpoints, validate
 from .interrupts import StepGuard
+from .noise import fit_noise_model
 from .schedule import budget_fraction, kl_weight, learning_rate
 from .state import Counters, ResumeState, run_record, save_state, write_run_record
 from .summary import SteadySpeed, TrainResult, start_info, write_report_safely
@@ -114,6 +115,8 @@ class Trainer:
                 self.model_config, channels=detect_image_channels([f.path for f in found]))
         self.cache = load_cache(found, model_config=self.model_config, world=world, emit=self.emit, strict=strict,
                                 cache_dir=cache_dir, cache_memory=cache_memory, workers=workers)
+        if saved is None:  # a noise model's sigma, estimated from the images when not given
+            self.model_config = fit_noise_model(self.model_config, self.cache.images, emit=self.emit)
         self.config = _resumed_config(saved.train_config, train_config) if saved else train_config
         self.split: Split = split_data(len(self.cache.paths), self.config, world,
                                        warn=lambda message: self.emit(Warning(message)))
