@@ -132,7 +132,7 @@ def run_family(data: str, family: str, *, folder: Path, run: Path, minutes: floa
     samples = None
     if sample_metric and has_sample_option:
         samples = json.loads(_run(["eval", str(run / "run"), str(folder / "test"), "--samples", str(sample_metric),
-                                   "--json", "-k", "1"], log))
+                                   "--train-data", str(folder / "train"), "--json", "-k", "1"], log))
     return {"data": data, "family": family, "minutes": minutes, "extra_args": extra, "steps": trained["step"],
             "epochs": trained["epoch"], "train_s": round(elapsed, 1), "wall_s": round(wall, 1),
             "images_per_s": trained["step"] * info["training"]["global_batch"] / max(elapsed, 1e-9),
@@ -251,8 +251,8 @@ def _fmt(value, spec: str) -> str:
 
 def _accuracy(samples: dict | None) -> float | None:
     """The classifier two-sample test's accuracy from `eval --samples`, whatever its key is called."""
-    keys = [k for k in (samples or {}) if "accuracy" in k and isinstance(samples[k], (int, float))]
-    return samples[keys[0]] if keys else None
+    two_sample = ((samples or {}).get("samples") or {}).get("two_sample") or {}
+    return two_sample.get("accuracy")
 
 
 def table(results: list[dict]) -> str:

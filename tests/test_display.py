@@ -38,8 +38,9 @@ def test_json_records_and_quiet_keeps_only_failures(capsys):
         display(event)
     display.finish()
     out, err = capsys.readouterr()
-    assert [json.loads(line) for line in out.splitlines()] == [{"input": "i/x.png", "output": "o/x.png"},
-                                                              {"path": "o/y.png"}]
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"input": "i/x.png", "output": "o/x.png", "status": "written"},
+        {"input": None, "output": "o/y.png", "status": "written"}]
     assert err == ""
     display = Display("denoise", quiet=True)
     display(Failed("i/z.png", "i/z.png: truncated"))  # a reason that names the file already is not named twice
@@ -60,3 +61,17 @@ def test_the_training_stream(capsys):
     assert "train: 100 steps; device cpu, precision fp32" in err
     assert "epoch 1 step 50: train_loss 12.5, val_psnr 21.25" in err
     assert display.state_saved
+
+
+def test_skipped_failed_and_extra_files_are_json_records_too(capsys):
+    display = Display("sample", quiet=True, as_json=True)
+    for event in (Skipped("o/a.png", "i/a.png"), Failed("i/b.png", "truncated"), Saved("o/grid.png", "grid"),
+                  Saved("run/state.safetensors", "interrupted")):
+        display(event)
+    display.close()
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"input": "i/a.png", "output": "o/a.png", "status": "skipped"},
+        {"input": "i/b.png", "output": None, "status": "failed", "reason": "truncated"},
+        {"input": None, "output": "o/grid.png", "status": "written", "kind": "grid"}]
+    assert "failed: i/b.png: truncated" in err

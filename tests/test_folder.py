@@ -26,20 +26,19 @@ def test_skip_existing_keeps_full_outputs_and_redoes_empty_ones(tmp_path):
     full.write_bytes(b"kept")
     empty.write_bytes(b"")  # what a power cut can leave behind
     seen, callback = _events()
-    todo = split_existing(tasks_for([full, empty, missing]), skip_existing=True, force=False, refuse=True,
+    todo = split_existing(tasks_for([full, empty, missing]), skip_existing=True, force=False,
                           callback=callback)
     assert [(t.output, t.redo) for t in todo] == [(empty, True), (missing, False)]
     assert seen == [Skipped(str(full))]
 
 
-def test_existing_outputs_are_refused_up_front_or_left_to_fail_one_by_one(tmp_path):
+def test_existing_outputs_are_refused_up_front_unless_forced(tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(3)]
     for path in paths[:2]:
         path.write_bytes(b"x")
     with pytest.raises(OutputError, match=r"0.png already exists \(and 1 more\); pass --skip-existing"):
-        split_existing(tasks_for(paths), skip_existing=False, force=False, refuse=True, callback=print)
-    assert len(split_existing(tasks_for(paths), skip_existing=False, force=True, refuse=True, callback=print)) == 3
-    assert len(split_existing(tasks_for(paths), skip_existing=False, force=False, refuse=False, callback=print)) == 3
+        split_existing(tasks_for(paths), skip_existing=False, force=False, callback=print)
+    assert len(split_existing(tasks_for(paths), skip_existing=False, force=True, callback=print)) == 3
 
 
 def test_an_output_is_never_an_input_and_never_inside_an_input_folder(tmp_path):
@@ -59,8 +58,7 @@ def test_an_output_is_never_an_input_and_never_inside_an_input_folder(tmp_path):
 def test_prepare_outputs_checks_the_folder_is_writable_before_any_work(tmp_path):
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(OutputError, match="is a file, not a folder"):
-        prepare_outputs(tasks_for([tmp_path / "file" / "x.png"]), skip_existing=False, force=False, refuse=True,
-                        callback=print)
+        prepare_outputs(tasks_for([tmp_path / "file" / "x.png"]), skip_existing=False, force=False, callback=print)
 
 
 def test_outcome_is_built_from_the_events_it_passes_on(tmp_path):

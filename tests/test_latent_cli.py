@@ -126,8 +126,12 @@ def test_interpolate_gif_grid_and_json(ckpt, data, tmp_path):
     result = invoke("interpolate", ckpt, data / "img_000.png", data / "gray" / "img_000.png", "-o", tmp_path / "f",
                     "--steps", 5, "--gif", tmp_path / "walk.gif", "--grid", tmp_path / "strip.png", "--json", "-q")
     assert result.exit_code == 0, result.output
-    paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
-    assert [Path(p).name for p in paths] == [f"frame_{i:04d}.png" for i in range(5)]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(r["status"] == "written" and r["input"] is None for r in records)
+    frames = [r["output"] for r in records if "kind" not in r]
+    assert [Path(p).name for p in frames] == [f"frame_{i:04d}.png" for i in range(5)]
+    assert [(r["kind"], r["output"]) for r in records if "kind" in r] == [("grid", str(tmp_path / "strip.png")),
+                                                                        ("gif", str(tmp_path / "walk.gif"))]
     gif = Image.open(tmp_path / "walk.gif")
     assert gif.n_frames == 8  # there and back again: 5 + 3
     assert Image.open(tmp_path / "strip.png").size == (5 * 18 + 2, 18 + 2)

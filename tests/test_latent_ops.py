@@ -121,10 +121,10 @@ def test_write_decoded_refuses_overwrite_skips_existing_and_forces(ckpt, tmp_pat
     resumed = ops.write_decoded(ckpt, z, paths, batch_size=2, skip_existing=True)
     assert resumed.written == [paths[1]] and resumed.skipped == [paths[0], paths[2]]
     events = []
-    refused = ops.write_decoded(ckpt, z, paths, batch_size=2, callback=events.append)
-    assert not refused.written and [p for p, _ in refused.failed] == [str(p) for p in paths]
-    assert [e.input for e in events if isinstance(e, Failed)] == [str(p) for p in paths]  # the outcome is the events
-    assert [e for e in events if isinstance(e, Progress)][-1] == Progress(3, 3)
+    before = [p.stat().st_mtime_ns for p in paths]
+    with pytest.raises(OutputError, match=r"0.png already exists \(and 2 more\); pass --skip-existing"):
+        ops.write_decoded(ckpt, z, paths, batch_size=2, callback=events.append)  # one error before any work
+    assert [p.stat().st_mtime_ns for p in paths] == before and not [e for e in events if isinstance(e, Failed)]
     forced = ops.write_decoded(ckpt, ops.prior_latents(ckpt, 3, seed=2), paths, batch_size=2, force=True)
     assert forced.written == paths
     with pytest.raises(DataError, match="latent_dim is 4"):

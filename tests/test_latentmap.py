@@ -219,7 +219,7 @@ def test_cli_latent_map_colour_by_and_correlate(model_2d, colour_folder, tmp_pat
                                  f"{labels}:group", "--device", "cpu", "--json", "-q"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["path"] == str(out) and summary["images"] == len(COLOURS) and summary["thumbnails"] == 0
+    assert summary["output"] == str(out) and summary["kind"] == "map" and summary["images"] == len(COLOURS) and summary["thumbnails"] == 0
     assert Image.open(out).size[0] == 1000
     again = runner.invoke(app, ["latent-map", str(model_2d[0]), str(colour_folder), "-o", str(out), "-q"])
     assert again.exit_code == 1 and "--force" in again.stderr and again.stdout == ""

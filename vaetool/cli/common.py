@@ -123,6 +123,19 @@ def make_progress(quiet: bool, *, counts: bool = True):
                     disable=not show_progress(quiet), transient=False)
 
 
+EXTRA_FILES = frozenset({"grid", "gif"})  # `Saved` reasons that are results on stdout
+
+
+def _record(source: str | None, output: str | None, status: str) -> dict[str, Any]:
+    """The one JSON shape of every command's per-file result line: input, output, status, then extras."""
+    return {"input": source, "output": output, "status": status}
+
+
+def file_record(path: Any, kind: str, **extra: Any) -> dict[str, Any]:
+    """The result line of a file a command makes from many inputs (a grid, a latents file, a map, a report)."""
+    return _record(None, str(path), "written") | {"kind": kind} | extra
+
+
 class Display:
     """Shows the engine's events (`vaetool.events`) for every command.
 
@@ -175,8 +188,7 @@ class Display:
 
     def _on_written(self, e: Any) -> None:
         self.written += 1
-        record = {"input": e.input, "output": e.output} if e.input is not None else {"path": e.output}
-        self._result(record | e.extra if self.as_json else e.output)
+        self._result(_record(e.input, e.output, "written") | e.extra if self.as_json else e.output)
 
     def _result(self, value: Any) -> None:
         """A result on stdout that leaves the live bar whole when both share a terminal: the bar's line is
@@ -193,11 +205,15 @@ class Display:
 
     def _on_skipped(self, e: Any) -> None:
         self.skipped += 1
+        if self.as_json:
+            self._result(_record(e.input, e.output, "skipped"))
 
     def _on_failed(self, e: Any) -> None:
         self.failed += 1
         text = e.reason if e.input in e.reason else f"{e.input}: {e.reason}"
         console().print(f"[red]failed:[/] {_escape(text)}", markup=True, soft_wrap=True, highlight=False)
+        if self.as_json:
+            self._result(_record(e.input, None, "failed") | {"reason": e.reason})
 
     def _on_warning(self, e: Any) -> None:
         if not self.quiet:
@@ -212,6 +228,8 @@ class Display:
 
     def _on_saved(self, e: Any) -> None:
         self.state_saved = self.state_saved or e.reason == "interrupted"
+        if e.reason in EXTRA_FILES:  # a grid or GIF beside the batch's outputs is a result too
+            self._result(_record(None, e.path, "written") | {"kind": e.reason} if self.as_json else e.path)
 
     def close(self) -> None:
         """Stop the bar (leaving its last state on a terminal)."""

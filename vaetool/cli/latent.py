@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Display, emit, fail, info, warn
+from ..events import Saved
+from .common import Display, emit, fail, file_record, info, warn
 from .denoise import ReconstructTile
 from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Ext, Force, ImageFormat, Inputs,
                       Json, LevelsChoice, PathMethod, PriorChoice, Quiet, Seed, SkipExisting, Temperature,
@@ -76,7 +77,7 @@ def encode(
         written, count = write(ckpt, inputs, path, batch_size=batch_size, sample=sample, seed=seed, force=force,
                                stdin=sys.stdin, callback=display)
         if written is not None:
-            emit({"path": str(written), "count": count} if as_json else written, as_json=as_json)
+            emit(file_record(written, "latents", rows=count) if as_json else written, as_json=as_json)
     display.finish(summary=False)
 
 
@@ -143,8 +144,7 @@ def sample(
         import math
 
         pixels = decode_images(ckpt, z, batch_size=batch_size)
-        save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)
-        info(f"grid: {grid}", quiet=quiet)
+        display(Saved(str(save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)), "grid"))
     display.finish()
 
 
@@ -177,9 +177,10 @@ def interpolate(
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display)
     frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
     if grid is not None:
-        save_grid(grid, frames, nrow=steps, force=force)
+        display(Saved(str(save_grid(grid, frames, nrow=steps, force=force)), "grid"))
     if gif is not None:
         write_gif(gif, frames, fps=fps, force=force)
+        display(Saved(str(gif), "gif"))
     display.finish()
 
 
@@ -258,7 +259,7 @@ def traverse(
     path = save_grid(output, pixels, nrow=steps, force=force)
     if as_json:
         kl = {str(d): float(ranking[d]) for d in chosen} if ranking is not None else None
-        emit({"path": str(path), "dims": chosen, "kl": kl}, as_json=True)
+        emit(file_record(path, "grid", dims=chosen, kl=kl), as_json=True)
     else:
         info(f"rows are dimensions {', '.join(map(str, chosen))}", quiet=quiet)
         emit(path)

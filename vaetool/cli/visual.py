@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import Display, emit, info, warn
+from .common import Display, emit, file_record, info, warn
 from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Force, Json, MapMethod, Quiet,
                       Workers, column_spec, inputs_argument, map_file, parse_dim_pair, positive)
 
@@ -28,7 +28,8 @@ def report(
 
     png, html = write_report(run_dir)
     if as_json:
-        emit({"png": str(png), "html": str(html)}, as_json=True)
+        emit(file_record(png, "report"), as_json=True)
+        emit(file_record(html, "report"), as_json=True)
     else:
         emit(png)
         emit(html)
@@ -84,9 +85,9 @@ def latent_map(
         warn(f"{result.unlabeled} image(s) have no {result.label_name!r} value and are drawn in light grey")
     info(f"{len(result.means.found)} images, {len(result.placed)} thumbnails; axes {result.projection.labels[0]}, "
          f"{result.projection.labels[1]}; each image at the {result.means.what}", quiet=quiet)
-    emit({"path": str(result.path), "images": len(result.means.found), "thumbnails": len(result.placed),
-          "method": result.projection.method, "axes": list(result.projection.labels),
-          "latent": result.means.what} if as_json else result.path, as_json=as_json)
+    emit(file_record(result.path, "map", images=len(result.means.found), thumbnails=len(result.placed),
+                     method=result.projection.method, axes=list(result.projection.labels),
+                     latent=result.means.what) if as_json else result.path, as_json=as_json)
     display.finish(summary=False)  # exit 3 when some images could not be read
 
 

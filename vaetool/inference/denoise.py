@@ -351,7 +351,7 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     tasks, draws = _diverse_tasks(found, tasks, count=diverse, folder=Path(diverse_dir) if diverse_dir else None,
                                   ext=ext, suffix=suffix)
     counted = counting(callback, total=len(tasks))
-    todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=True, callback=counted)
+    todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, callback=counted)
     run, corruptions = _prepare_model(checkpoint, device=device, precision=precision, samples=samples, seed=seed)
     tile_side, max_pixels = run.tiling(tile)
     _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size)

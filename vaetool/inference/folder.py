@@ -140,11 +140,10 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def split_existing(tasks: Sequence[Task], *, skip_existing: bool, force: bool, refuse: bool,
-                   callback: Callback) -> list[Task]:
+def split_existing(tasks: Sequence[Task], *, skip_existing: bool, force: bool, callback: Callback) -> list[Task]:
     """The tasks still to do. With `skip_existing`, an output that exists and is not empty is `Skipped`
-    (an empty one was cut off by a crash and is written again). Otherwise `refuse` turns existing outputs
-    into one error before any work unless `force`; without it each one fails alone when written."""
+    (an empty one was cut off by a crash and is written again). Otherwise existing outputs are one error
+    before any work, in every command, unless `force`."""
     if skip_existing:
         todo = []
         for task in tasks:
@@ -154,7 +153,7 @@ def split_existing(tasks: Sequence[Task], *, skip_existing: bool, force: bool, r
             else:
                 todo.append(task if size is None else dataclasses.replace(task, redo=True))
         return todo
-    if refuse and not force:
+    if not force:
         existing = [t for t in tasks if os.path.lexists(t.output)]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -163,11 +162,10 @@ def split_existing(tasks: Sequence[Task], *, skip_existing: bool, force: bool, r
     return list(tasks)
 
 
-def prepare_outputs(tasks: Sequence[Task], *, skip_existing: bool, force: bool, refuse: bool,
-                    callback: Callback) -> list[Task]:
+def prepare_outputs(tasks: Sequence[Task], *, skip_existing: bool, force: bool, callback: Callback) -> list[Task]:
     """Every check before the work: never over an input, existing outputs, a writable folder for each output."""
     check_no_input_overwritten(tasks)
-    todo = split_existing(tasks, skip_existing=skip_existing, force=force, refuse=refuse, callback=callback)
+    todo = split_existing(tasks, skip_existing=skip_existing, force=force, callback=callback)
     check_writable_dirs(t.output for t in todo)  # a read-only or misplaced -o is one error, before any work
     return todo
 

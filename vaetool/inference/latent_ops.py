@@ -191,8 +191,7 @@ def write_decoded(checkpoint: Checkpoint, z: torch.Tensor | Latents, paths: Sequ
     callback = outcome.recorder(callback)
     callback(Started(command, count))
     tasks = tasks_for(paths)
-    todo = {t.output: t for t in prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=False,
-                                                 callback=callback)}
+    todo = {t.output: t for t in prepare_outputs(tasks, skip_existing=skip_existing, force=force, callback=callback)}
     with Writer(callback, force=force) as writer:
         for start in range(0, count, batch_size):
             rows = [i for i in range(start, min(start + batch_size, count)) if tasks[i].output in todo]

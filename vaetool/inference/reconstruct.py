@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
-from ..events import Callback, Progress, Started, ignore
+from ..events import Callback, Progress, Saved, Started, ignore
 from ..io.batches import iter_batches
 from ..io.decode import match_channels, to_float
 from ..io.find import find_images
@@ -52,7 +52,7 @@ def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *,
     found = find_images(inputs, stdin=stdin, callback=callback)
     callback(Started("reconstruct", len(found)))
     tasks, _ = plan_outputs(found, out_dir, ext=ext)
-    todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, refuse=False, callback=callback)
+    todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, callback=callback)
     if checkpoint.model.size_multiple is None:
         pairs = _resized(checkpoint, todo, done=len(tasks) - len(todo), total=len(tasks), batch_size=batch_size,
                          force=force, keep=grid_count if grid is not None else 0, callback=callback)
@@ -62,7 +62,9 @@ def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *,
                        workers=workers, callback=callback)
     if grid is not None and pairs:
         originals, recons = zip(*pairs)
-        save_grid(grid, torch.cat([torch.stack(originals), torch.stack(recons)]), nrow=len(originals), force=force)
+        written = save_grid(grid, torch.cat([torch.stack(originals), torch.stack(recons)]), nrow=len(originals),
+                            force=force)
+        callback(Saved(str(written), "grid"))
     outcome.seconds = time.monotonic() - started
     return outcome
 
