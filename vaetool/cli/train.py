@@ -30,7 +30,7 @@ class _TrainDisplay:
         self.state_saved = False  # set when an interrupted run has written its resume state
 
     def __call__(self, event: Any) -> None:
-        from ..events import Epoch, Failed, Progress, Saved, Started, Warning
+        from ..events import Epoch, Failed, Note, Progress, Saved, Started, Warning
 
         if isinstance(event, Started):
             self.on_started(event)
@@ -43,6 +43,8 @@ class _TrainDisplay:
             warn(f"skipped {event.input}: {event.reason}")
         elif isinstance(event, Warning):
             warn(event.message)
+        elif isinstance(event, Note):
+            self.line(f"note: {event.message}")
         elif isinstance(event, Saved):
             self.state_saved = self.state_saved or event.reason == "interrupted"
 
@@ -79,10 +81,14 @@ class _TrainDisplay:
         mark = " *" if d.get("best") else ""
         line = (f"epoch {d['epoch']} step {d['step']}: loss {d['train_loss']:.1f} (rec {d['train_recon']:.1f}, "
                 f"kl {d['train_kl']:.1f}){val}{mark}")
+        self.line(line)
+
+    def line(self, text: str) -> None:
+        """A line above the bar (or plain, without one); nothing with --quiet."""
         if self.progress.live.is_started and not self.progress.disable:
-            self.progress.console.print(line, markup=False, highlight=False)
+            self.progress.console.print(text, markup=False, highlight=False)
         else:
-            info(line, quiet=self.quiet)
+            info(text, quiet=self.quiet)
 
     def close(self) -> None:
         self.progress.stop()
@@ -156,6 +162,7 @@ def train(
     cache_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=PERFORMANCE, help="Where decoded images are cached for the next run (default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool).")] = None,
     no_disk_cache: flag("--no-disk-cache", help="Keep the decoded images in memory only.", panel=PERFORMANCE) = False,
     cache_memory: Annotated[Optional[int], typer.Option(parser=parse_size, metavar="SIZE", rich_help_panel=PERFORMANCE, help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
+    no_fit_prior: flag("--no-fit-prior", help="Do not fit a prior to the training images' latents at the end (`vaetool fit-prior` can, later).", panel=OUTPUT) = False,
 ) -> None:
     """Train a VAE on a folder of images.
 
@@ -183,7 +190,7 @@ def train(
                precision=precision.value, detect_channels=channels is Channels.auto, resume=resume, force=force,
                strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),
                cache_memory=cache_memory, compile=compile, workers=workers, report=not no_report,
-               tensorboard=tensorboard, quiet=quiet, as_json=as_json)
+               tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior)
 
 
 def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
@@ -272,7 +279,7 @@ def _default_cache_dir() -> Path:
 def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, train_config: TrainConfig, device: str,
                precision: str, detect_channels: bool, resume: bool, force: bool, strict: bool,
                cache_dir: Path | None, cache_memory: int | None, compile: bool, workers: int | None, report: bool,
-               tensorboard: bool, quiet: bool, as_json: bool) -> None:
+               tensorboard: bool, quiet: bool, as_json: bool, fit_prior: bool = True) -> None:
     import os
 
     from ..io.find import find_images
@@ -293,7 +300,7 @@ def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, trai
                      precision=precision, detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                      cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers, report=report,
                      callback=callback, invocation=_invocation(data, model_config, train_config, device=device,
-                                                               precision=precision))
+                                                               precision=precision), fit_prior=fit_prior)
     except KeyboardInterrupt:
         display.close()
         if display.state_saved:
@@ -343,11 +350,20 @@ def info_command(
         "model": loaded.config.to_dict(),
         "train": loaded.train_config.to_dict() if loaded.train_config else None,
         "training": loaded.training,
+        "prior": loaded.prior.describe() if loaded.prior is not None else None,
     }
     if as_json:
         emit(summary, as_json=True)
         return
     _print_info(summary)
+
+
+def _prior_line(prior: dict[str, Any] | None) -> str:
+    if prior is None:
+        return "none: samples come from N(0, I) (`vaetool fit-prior` fits one)"
+    reduced = f" in its top {prior['reduced_dims']} principal directions" if prior["reduced_dims"] else ""
+    return (f"fitted, {prior['components']} component(s) over latent {prior['level']} {tuple(prior['shape'])}{reduced}; "
+            f"held-out log-likelihood {prior['held_out_log_likelihood']:.2f} nats per latent")
 
 
 def _print_info(s: dict[str, Any]) -> None:
@@ -363,6 +379,7 @@ def _print_info(s: dict[str, Any]) -> None:
     rows += [(f"metric.{k}", f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()]
     if s["train"]:
         rows += [(f"train.{k}", v) for k, v in s["train"].items() if v not in (None, [], ())]
+    rows.append(("prior", _prior_line(s["prior"])))
     width = max(len(name) for name, _ in rows) + 2  # one column of names, however long
     lines = [f"{name:<{width}}{value}" for name, value in rows]
     emit("\n".join(lines))
