@@ -232,7 +232,7 @@ def _m_step(y: torch.Tensor, resp: torch.Tensor, reg: float) -> tuple[torch.Tens
     counts = resp.sum(0)  # (K,)
     means = (resp.T @ y) / counts[:, None]  # (K, d)
     diff = y.unsqueeze(0) - means.unsqueeze(1)  # (K, N, d)
-    cov = torch.einsum("nk,kni,knj->kij", resp, diff, diff) / counts[:, None, None]  # (K, d, d)
+    cov = ((diff * resp.T.unsqueeze(2)).transpose(1, 2) @ diff) / counts[:, None, None]  # (K, d, d), one bmm
     cov = cov + reg * torch.eye(y.shape[1], dtype=y.dtype)
     return counts / counts.sum(), means, _cholesky(cov, reg)
 
@@ -304,12 +304,15 @@ def fit_mixture(z: torch.Tensor, *, components: int, generator: torch.Generator 
 
 
 def select_mixture(z: torch.Tensor, *, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32), held_out: float = 0.2,
-                   generator: torch.Generator | None = None, **fit_options: object) -> FittedPrior:
+                   generator: torch.Generator | None = None, patience: int | None = None,
+                   **fit_options: object) -> FittedPrior:
     """Choose the number of components by held-out log-likelihood, then refit on every latent.
 
     A random `held_out` fraction of z (N, *shape) scores each candidate fitted on the rest; the best
     is refitted on all of z. The returned prior's `scores` hold each candidate's mean held-out
     log-likelihood per latent (nats); candidates with more components than training latents are skipped.
+    With `patience`, the candidates (in increasing order) stop after that many in a row fail to beat
+    the best so far: the larger mixtures cost the most and past the best size the score rarely recovers.
     `fit_options` go to `fit_mixture`.
     """
     if not 0.0 < held_out < 1.0:
@@ -319,11 +322,15 @@ def select_mixture(z: torch.Tensor, *, candidates: Sequence[int] = (1, 2, 4, 8, 
     n_test = max(1, round(held_out * n))
     test, train = z[order[:n_test]], z[order[n_test:]]
     scores: dict[int, float] = {}
+    misses = 0
     for k in sorted(set(candidates)):
         if k < 1 or k > train.shape[0] // 2:
             continue
         prior = fit_mixture(train, components=k, generator=generator, **fit_options)
         scores[k] = float(prior.log_prob(test.double()).mean())
+        misses = 0 if scores[k] >= max(scores.values()) else misses + 1
+        if patience is not None and misses >= patience:
+            break
     if not scores:
         raise ConfigError(f"{n} latents are too few to choose among {list(candidates)} components; give more images")
     best = max(scores, key=lambda k: (scores[k], -k))

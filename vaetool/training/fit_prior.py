@@ -29,6 +29,7 @@ CANDIDATES = (1, 2, 4, 8, 16, 32)  # mixture sizes tried by held-out likelihood
 # EM's cost grows with the number of latents; past this many a seeded random subset is fitted, which
 # estimates 32 full covariances of 128 dimensions well and keeps the fit to seconds on a CPU.
 MAX_LATENTS = 10_000
+PATIENCE = 1  # stop at the first size that scores below the best so far: the next sizes cost the most
 HELD_OUT = 0.2  # the share of latents that scores each mixture size
 MIN_LATENTS = 10  # fewer cannot both fit a mixture and score it on held-out latents
 
@@ -84,7 +85,7 @@ def standard_log_prob(z: torch.Tensor) -> torch.Tensor:
 def fit_prior(latents: torch.Tensor, *, level: str, components: int | None = None, seed: int = 0) -> PriorFit:
     """A mixture for latents (N, *shape): `components` of them, or the best of CANDIDATES by held-out likelihood.
 
-    Either way a fifth of the latents is held out to score it, and the chosen size is refitted on all.
+    The sizes are tried in increasing order until one scores below the best so far. Either way a fifth of the latents is held out to score it, and the chosen size is refitted on all.
     """
     n = latents.shape[0] if latents.ndim > 1 else 0
     if n < MIN_LATENTS:
@@ -97,7 +98,8 @@ def fit_prior(latents: torch.Tensor, *, level: str, components: int | None = Non
         raise ConfigError(f"{components} components cannot be fitted to the latents of {n} images (at most "
                           f"{fitted_on // 2}); give fewer components or more images")
     candidates = CANDIDATES if components is None else (components,)
-    prior = select_mixture(latents, candidates=candidates, held_out=HELD_OUT, generator=generator, level=level)
+    prior = select_mixture(latents, candidates=candidates, held_out=HELD_OUT, generator=generator, patience=PATIENCE,
+                           level=level)
     return PriorFit(prior, len(latents), float(standard_log_prob(latents).mean()))
 
 
