@@ -63,7 +63,9 @@ def main() -> None:
     def c2st(images: torch.Tensor) -> float:
         return classifier_two_sample_test(real, images, seed=args.seed, steps=args.c2st_steps).accuracy
 
-    rows = [("posterior means (decoded)", float("nan"), 0.0, c2st(_decode(model, level, z_test[: args.samples])))]
+    print(f"{'density':<26}{'held-out log-lik':>18}{'fit s':>8}{'C2ST acc':>10}", flush=True)
+    rows = Rows()
+    rows.add("posterior means (decoded)", float("nan"), 0.0, c2st(_decode(model, level, z_test[: args.samples])))
     draw = lambda: torch.Generator().manual_seed(args.seed + 1)  # noqa: E731  the same draws for every density
     densities: list[tuple[str, object]] = [("N(0, I)", None)]
     densities += [(f"GMM {k}", int(k)) for k in args.components.split(",")]
@@ -84,7 +86,7 @@ def main() -> None:
             z = prior.sample(args.samples, generator=draw())
         fit_s = time.perf_counter() - start
         images = _decode(model, level, z)
-        rows.append((name, score, fit_s, c2st(images)))
+        rows.add(name, score, fit_s, c2st(images))
         _grid(args.grids, name, images)
     if args.second_stage_steps:
         start = time.perf_counter()
@@ -92,11 +94,15 @@ def main() -> None:
         score = float(stage.iwae(z_test.flatten(1), generator=torch.Generator().manual_seed(args.seed)).mean())
         z = stage.sample(args.samples, generator=draw()).reshape(args.samples, *z_train.shape[1:])
         images = _decode(model, level, z)
-        rows.append(("second-stage VAE", score, time.perf_counter() - start, c2st(images)))
+        rows.add("second-stage VAE", score, time.perf_counter() - start, c2st(images))
         _grid(args.grids, "second-stage VAE", images)
-    print(f"{'density':<26}{'held-out log-lik':>18}{'fit s':>8}{'C2ST acc':>10}")
-    for name, score, fit_s, accuracy in rows:
-        print(f"{name:<26}{score:>18.2f}{fit_s:>8.1f}{accuracy:>10.3f}")
+
+
+class Rows:
+    """The table, printed a row at a time as each density is scored."""
+
+    def add(self, name: str, score: float, fit_s: float, accuracy: float) -> None:
+        print(f"{name:<26}{score:>18.2f}{fit_s:>8.1f}{accuracy:>10.3f}", flush=True)
 
 
 @torch.no_grad()
