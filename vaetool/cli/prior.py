@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from .common import Display
-from .options import BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, Json, Quiet, Seed, Workers, force_option, inputs_argument
+from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, Json, Quiet, Seed, Workers, force_option,
+                      inputs_argument)
 
 
 def _components(value: str) -> str:

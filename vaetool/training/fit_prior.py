@@ -85,11 +85,13 @@ def standard_log_prob(z: torch.Tensor) -> torch.Tensor:
 def fit_prior(latents: torch.Tensor, *, level: str, components: int | None = None, seed: int = 0) -> PriorFit:
     """A mixture for latents (N, *shape): `components` of them, or the best of CANDIDATES by held-out likelihood.
 
-    The sizes are tried in increasing order until one scores below the best so far. Either way a fifth of the latents is held out to score it, and the chosen size is refitted on all.
+    The sizes are tried in increasing order until one scores below the best so far. Either way a
+    fifth of the latents is held out to score it, and the chosen size is refitted on all.
     """
     n = latents.shape[0] if latents.ndim > 1 else 0
     if n < MIN_LATENTS:
-        raise DataError(f"fitting a prior needs the latents of at least {MIN_LATENTS} images, got {n}; give more images")
+        raise DataError(f"fitting a prior needs the latents of at least {MIN_LATENTS} images, got {n}; "
+                        f"give more images")
     generator = torch.Generator().manual_seed(seed)
     if n > MAX_LATENTS:
         latents = latents[torch.randperm(n, generator=generator)[:MAX_LATENTS]]
@@ -150,8 +152,9 @@ def fit_checkpoint_prior(checkpoint: str | os.PathLike, data: Sequence[str | os.
                          callback: Callback = ignore) -> tuple[Path, PriorFit]:
     """Fit a prior to the posterior means of the images under `data` and store it in `checkpoint` (or `output`).
 
-    Mirrored images are added when the checkpoint was trained with flips. Unreadable images are reported as `Failed` and left out; the written file is reported as `Written`
-    with the fit's summary. Returns the path written and the fit.
+    Mirrored images are added when the checkpoint was trained with flips. Unreadable images are
+    reported as `Failed` and left out; the written file is reported as `Written` with the fit's
+    summary. Returns the path written and the fit.
     """
     from ..runtime import resolve_device
 
