@@ -157,3 +157,11 @@ def test_the_isotropic_rest_stays_outside_the_principal_subspace():
     expected = (torch.distributions.Normal(0.0, 0.1).log_prob(z[:, 0])
                 + torch.distributions.Normal(0.0, 1.0).log_prob(z[:, 1:]).sum(1))
     assert torch.allclose(prior.log_prob(z), expected, atol=1e-5)
+
+
+def test_selection_with_patience_stops_once_larger_mixtures_stop_helping(data):
+    full = select_mixture(data, candidates=range(1, 9), generator=torch.Generator().manual_seed(1))
+    quick = select_mixture(data, candidates=range(1, 9), generator=torch.Generator().manual_seed(1), patience=2)
+    assert quick.components == full.components == 3
+    assert set(quick.scores) == {1, 2, 3, 4, 5}  # 4 and 5 did not beat 3: the sweep stopped there
+    assert quick.scores == {k: full.scores[k] for k in quick.scores}

@@ -1,5 +1,7 @@
 """Safetensors checkpoints: weights plus JSON config and metadata, and the resume state; atomic writes.
 
+A fitted prior (models/prior.py) is stored beside the weights as `prior.*` tensors; it is not part of
+the weights, so a checkpoint's identity (the weights' hash) is the same with or without one.
 Nothing here unpickles: `torch.load` is never called, so a checkpoint cannot run code.
 """
 
@@ -24,12 +26,17 @@ from .io.atomic import atomic_path, write_safetensors
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
 from .models.base import VAEFamily, build_model
+from .models.prior import FittedPrior
 
 FORMAT = "vaetool"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this version reads: 2 is 1 plus a fitted prior's tensors
+# A file is written at the oldest format that holds what it carries: an older vaetool still reads every
+# checkpoint without a prior, and for one with a prior says to upgrade instead of calling it damaged.
+PLAIN_FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
 STATE_FILE = "state.safetensors"
+PRIOR_PREFIX = "prior."  # tensors of the fitted prior; no model's state dict has a key starting so
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)  # step, epoch, metrics, data summary
     path: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    prior: FittedPrior | None = None  # a density fitted to the training images' posterior means, when stored
 
     @property
     def identity(self) -> str:
@@ -79,21 +87,47 @@ def weights_hash(model: VAEFamily) -> str:
 
 
 def save_model(path: str | Path, model: VAEFamily, *, train_config: TrainConfig | None = None,
-               training: dict[str, Any] | None = None, force: bool = True) -> Path:
-    """Write the model's weights and config to `path` atomically."""
+               training: dict[str, Any] | None = None, force: bool = True,
+               prior: FittedPrior | None = None) -> Path:
+    """Write the model's weights and config (and a fitted prior, when given) to `path` atomically."""
     inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": _format_version(prior),
         "vaetool_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_config": json.dumps(inner.config.to_dict()),
         "train_config": json.dumps(train_config.to_dict() if train_config else None),
         "training": json.dumps(training or {}),
     }
+    tensors = _plain_state(model) | (prior.to_tensors(PRIOR_PREFIX) if prior is not None else {})
     with atomic_path(path, force=force) as tmp:
-        write_safetensors(tmp, _plain_state(model), metadata)
+        write_safetensors(tmp, tensors, metadata)
     return Path(path)
+
+
+def save_prior(path: str | Path, prior: FittedPrior | None, *, output: str | Path | None = None,
+               force: bool = False) -> Path:
+    """Store `prior` in the checkpoint at `path` (replacing any there; None removes it), atomically.
+
+    Weights and metadata are copied unchanged, so the identity stays. With `output`, the result goes
+    there instead (an existing file only with `force`); without it, `path` itself is rewritten.
+    """
+    path = resolve_checkpoint(path)
+    metadata = read_metadata(path)
+    _check_is_model(path, metadata)
+    tensors = {k: v for k, v in _read_tensors(path).items() if not k.startswith(PRIOR_PREFIX)}
+    if prior is not None:
+        tensors |= prior.to_tensors(PRIOR_PREFIX)
+    target = Path(output) if output is not None else path
+    in_place = target.resolve() == path.resolve()
+    with atomic_path(target, force=force or in_place) as tmp:
+        write_safetensors(tmp, tensors, metadata | {"format_version": _format_version(prior)})
+    return target
+
+
+def _format_version(prior: FittedPrior | None) -> str:
+    return str(FORMAT_VERSION if prior is not None else PLAIN_FORMAT_VERSION)
 
 
 def _sniff(path: Path) -> None:
@@ -178,8 +212,30 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               f"use another checkpoint or retrain") from None
 
 
+def _split_prior(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, prior tensors) of a checkpoint's tensors."""
+    prior = {k: v for k, v in state.items() if k.startswith(PRIOR_PREFIX)}
+    return {k: v for k, v in state.items() if k not in prior}, prior
+
+
+def _load_prior(path: Path, tensors: dict[str, torch.Tensor], model: VAEFamily) -> FittedPrior | None:
+    """The stored prior, checked against the model's latent shapes at its image size; None when there is none."""
+    if not tensors:
+        return None
+    try:
+        prior = FittedPrior.from_tensors(tensors, prefix=PRIOR_PREFIX)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    size = model.config.image_size
+    shapes = model.latent_shapes(size, size)
+    if tuple(shapes.get(prior.level, ())) != prior.shape:
+        raise CheckpointError(f"{path}: the fitted prior is for latents {prior.level} {prior.shape}, which this "
+                              f"model does not have; run `vaetool fit-prior` again")
+    return prior
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a vaetool checkpoint (file or run folder) onto `device`, in eval mode."""
+    """Load a vaetool checkpoint (file or run folder) onto `device`, in eval mode, with its fitted prior if any."""
     path = resolve_checkpoint(path)
     metadata = read_metadata(path)
     _check_is_model(path, metadata)
@@ -191,7 +247,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Check
     except (KeyError, json.JSONDecodeError, ConfigError) as exc:
         raise CheckpointError(f"{path} has an unreadable vaetool config ({exc}); it may be damaged") from None
     model = build_model(config)
-    state = _read_tensors(path)
+    state, prior_tensors = _split_prior(_read_tensors(path))
     problem = _state_mismatch(model, state)
     if problem is None:
         try:
@@ -201,8 +257,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Check
     if problem is not None:
         raise CheckpointError(f"{path} does not match its own config ({problem}); it is damaged or was edited, "
                               f"use another checkpoint or retrain") from None
+    prior = _load_prior(path, prior_tensors, model)
     model.to(device).eval()
-    return Checkpoint(model, config, train_config, training, path, metadata)
+    return Checkpoint(model, config, train_config, training, path, metadata, prior)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -228,7 +285,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_state(path: str | Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write resume state (optimizer, RNG, EMA, counters) as safetensors, atomically."""
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": "train-state",
+    metadata = {"format": FORMAT, "format_version": str(PLAIN_FORMAT_VERSION), "kind": "train-state",
                 "vaetool_version": __version__, "info": json.dumps(info)}
     with atomic_path(path, force=True) as tmp:
         write_safetensors(tmp, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata)

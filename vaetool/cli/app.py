@@ -16,6 +16,7 @@ from . import denoise
 from . import eval as eval_cmd
 from . import visual
 from . import latent
+from . import prior
 from .common import handle_errors
 from .options import Debug
 
@@ -82,6 +83,7 @@ COMMANDS = [
     ("info", train_commands.info_command, "Train and inspect"),
     ("report", visual.report, "Train and inspect"),
     ("eval", eval_cmd.eval_command, "Train and inspect"),
+    ("fit-prior", prior.fit_prior, "Train and inspect"),
     ("sample", latent.sample, "Generate"),
     ("reconstruct", latent.reconstruct, "Generate"),
     ("denoise", denoise.denoise, "Generate"),

@@ -71,10 +71,7 @@ class _TrainDisplay(Display):
         mark = " *" if d.get("best") else ""
         line = (f"epoch {d['epoch']} step {d['step']}: loss {d['train_loss']:.1f} (rec {d['train_recon']:.1f}, "
                 f"kl {d['train_kl']:.1f}){val}{mark}")
-        if self.progress.live.is_started and not self.progress.disable:
-            self.progress.console.print(line, markup=False, highlight=False)
-        else:
-            self._line(line)
+        self._line(line)
 
     def _on_failed(self, e: Any) -> None:
         self.failed += 1
@@ -165,6 +162,7 @@ def train(
     cache_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=PERFORMANCE, help="Where decoded images are cached for the next run (default: $VAETOOL_CACHE_DIR or ~/.cache/vaetool).")] = None,
     no_disk_cache: flag("--no-disk-cache", help="Keep the decoded images in memory only.", panel=PERFORMANCE) = False,
     cache_memory: Annotated[Optional[int], typer.Option(parser=parse_size, metavar="SIZE", rich_help_panel=PERFORMANCE, help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
+    no_fit_prior: flag("--no-fit-prior", help="Do not fit a prior to the training images' latents at the end (`vaetool fit-prior` can, later).", panel=OUTPUT) = False,
 ) -> None:
     """Train a VAE on a folder of images.
 
@@ -193,7 +191,7 @@ def train(
                precision=precision.value, detect_channels=channels is Channels.auto, resume=resume, force=force,
                strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),
                cache_memory=cache_memory, compile=compile, workers=workers, report=not no_report,
-               tensorboard=tensorboard, quiet=quiet, as_json=as_json)
+               tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior)
 
 
 def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
@@ -283,7 +281,7 @@ def _default_cache_dir() -> Path:
 def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, train_config: TrainConfig, device: str,
                precision: str, detect_channels: bool, resume: bool, force: bool, strict: bool,
                cache_dir: Path | None, cache_memory: int | None, compile: bool, workers: int | None, report: bool,
-               tensorboard: bool, quiet: bool, as_json: bool) -> None:
+               tensorboard: bool, quiet: bool, as_json: bool, fit_prior: bool = True) -> None:
     import os
 
     from ..training.data import paths_from_stdin
@@ -304,7 +302,7 @@ def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, trai
                      precision=precision, detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                      cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers, report=report,
                      callback=callback, invocation=_invocation(data, model_config, train_config, device=device,
-                                                               precision=precision))
+                                                               precision=precision), fit_prior=fit_prior)
     except KeyboardInterrupt:
         display.close()
         if display.state_saved:
@@ -356,11 +354,20 @@ def info_command(
         "model": loaded.config.to_dict(),
         "train": loaded.train_config.to_dict() if loaded.train_config else None,
         "training": loaded.training,
+        "prior": loaded.prior.describe() if loaded.prior is not None else None,
     }
     if as_json:
         emit(summary, as_json=True)
         return
     _print_info(summary)
+
+
+def _prior_line(prior: dict[str, Any] | None) -> str:
+    if prior is None:
+        return "none: samples come from N(0, I) (`vaetool fit-prior` fits one)"
+    reduced = f" in its top {prior['reduced_dims']} principal directions" if prior["reduced_dims"] else ""
+    return (f"fitted, {prior['components']} component(s) over latent {prior['level']} {tuple(prior['shape'])}{reduced}; "
+            f"held-out log-likelihood {prior['held_out_log_likelihood']:.2f} nats per latent")
 
 
 def _print_info(s: dict[str, Any]) -> None:
@@ -377,6 +384,7 @@ def _print_info(s: dict[str, Any]) -> None:
     rows += [(f"metric.{k}", f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()]
     if s["train"]:
         rows += [(f"train.{k}", v) for k, v in s["train"].items() if v not in (None, [], ())]
+    rows.append(("prior", _prior_line(s["prior"])))
     width = max(len(name) for name, _ in rows) + 2  # one column of names, however long
     lines = [f"{name:<{width}}{value}" for name, value in rows]
     emit("\n".join(lines))

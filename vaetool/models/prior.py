@@ -232,7 +232,7 @@ def _m_step(y: torch.Tensor, resp: torch.Tensor, reg: float) -> tuple[torch.Tens
     counts = resp.sum(0)  # (K,)
     means = (resp.T @ y) / counts[:, None]  # (K, d)
     diff = y.unsqueeze(0) - means.unsqueeze(1)  # (K, N, d)
-    cov = torch.einsum("nk,kni,knj->kij", resp, diff, diff) / counts[:, None, None]  # (K, d, d)
+    cov = ((diff * resp.T.unsqueeze(2)).transpose(1, 2) @ diff) / counts[:, None, None]  # (K, d, d), one bmm
     cov = cov + reg * torch.eye(y.shape[1], dtype=y.dtype)
     return counts / counts.sum(), means, _cholesky(cov, reg)
 
@@ -274,14 +274,16 @@ def _project(flat: torch.Tensor, reduced_dims: int) -> tuple[torch.Tensor, torch
 
 def fit_mixture(z: torch.Tensor, *, components: int, generator: torch.Generator | None = None,
                 iterations: int = 100, tol: float = 1e-3, reg: float = 1e-4, level: str = "z",
-                max_dims: int = MAX_DIMS, reduced_dims: int = REDUCED_DIMS, min_count: float = 2.0) -> FittedPrior:
+                max_dims: int = MAX_DIMS, reduced_dims: int = REDUCED_DIMS, min_count: float = 2.0,
+                projection: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> FittedPrior:
     """Fit a `components`-component full-covariance Gaussian mixture to latents z (N, *shape) by EM.
 
     Seeded by k-means++ from `generator`; `reg` is added to every covariance's diagonal; EM stops
     after `iterations` or when the mean log-likelihood gains less than `tol` nats. Components that
     collapse (fewer than `min_count` latents) are dropped, so the result may have fewer components.
     Latents of more than `max_dims` numbers are modelled in their top `reduced_dims` principal
-    directions (see the module docstring).
+    directions (see the module docstring); `projection` (center, basis, residual std) passes them in
+    when they are already known, so several fits to the same latents share one SVD.
     """
     if z.ndim < 2 or z.shape[0] < max(components, 2):
         raise ConfigError(f"fitting a {components}-component prior needs at least {max(components, 2)} latents, "
@@ -294,7 +296,7 @@ def fit_mixture(z: torch.Tensor, *, components: int, generator: torch.Generator 
     residual_std = 0.0
     y = flat
     if flat.shape[1] > max_dims:
-        center, basis, residual_std = _project(flat, reduced_dims)
+        center, basis, residual_std = projection or _project(flat, reduced_dims)
         y = (flat - center) @ basis  # (N, d)
     weights, means, tril = _em(y, components=components, generator=generator, iterations=iterations, tol=tol,
                                reg=reg, min_count=min_count)
@@ -304,12 +306,15 @@ def fit_mixture(z: torch.Tensor, *, components: int, generator: torch.Generator 
 
 
 def select_mixture(z: torch.Tensor, *, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32), held_out: float = 0.2,
-                   generator: torch.Generator | None = None, **fit_options: object) -> FittedPrior:
+                   generator: torch.Generator | None = None, patience: int | None = None,
+                   **fit_options: object) -> FittedPrior:
     """Choose the number of components by held-out log-likelihood, then refit on every latent.
 
     A random `held_out` fraction of z (N, *shape) scores each candidate fitted on the rest; the best
     is refitted on all of z. The returned prior's `scores` hold each candidate's mean held-out
     log-likelihood per latent (nats); candidates with more components than training latents are skipped.
+    With `patience`, the candidates (in increasing order) stop after that many in a row fail to beat
+    the best so far: the larger mixtures cost the most and past the best size the score rarely recovers.
     `fit_options` go to `fit_mixture`.
     """
     if not 0.0 < held_out < 1.0:
@@ -319,11 +324,19 @@ def select_mixture(z: torch.Tensor, *, candidates: Sequence[int] = (1, 2, 4, 8, 
     n_test = max(1, round(held_out * n))
     test, train = z[order[:n_test]], z[order[n_test:]]
     scores: dict[int, float] = {}
+    misses = 0
+    projection = None  # the training split's principal directions, computed once for every candidate
+    if math.prod(z.shape[1:]) > fit_options.get("max_dims", MAX_DIMS):
+        flat = train.detach().reshape(train.shape[0], -1).to("cpu", torch.float64)
+        projection = _project(flat, int(fit_options.get("reduced_dims", REDUCED_DIMS)))
     for k in sorted(set(candidates)):
         if k < 1 or k > train.shape[0] // 2:
             continue
-        prior = fit_mixture(train, components=k, generator=generator, **fit_options)
+        prior = fit_mixture(train, components=k, generator=generator, projection=projection, **fit_options)
         scores[k] = float(prior.log_prob(test.double()).mean())
+        misses = 0 if scores[k] >= max(scores.values()) else misses + 1
+        if patience is not None and misses >= patience:
+            break
     if not scores:
         raise ConfigError(f"{n} latents are too few to choose among {list(candidates)} components; give more images")
     best = max(scores, key=lambda k: (scores[k], -k))

@@ -82,17 +82,18 @@ class TrainResult:
     best_val_neg_elbo: float | None = None  # None without a validation set
     best_val_psnr: float | None = None
     report: Path | None = None
+    prior: dict[str, Any] | None = None  # the fitted prior's summary (FittedPrior.describe), when one was fitted
 
     @classmethod
     def of(cls, trainer: Trainer, *, stopped: str, metrics: dict[str, Any], report: Path | None,
-           wall_s: float) -> TrainResult:
+           wall_s: float, prior: dict[str, Any] | None = None) -> TrainResult:
         c, has_val = trainer.counters, len(trainer.split.val_index) > 0
         return cls(trainer.run_dir / ckpt.MODEL_FILE, trainer.run_dir, c.step, metrics.get("epoch", c.epoch),
                    stopped, metrics, [(str(a), b) for a, b in trainer.cache.skipped], full_epochs=c.epoch,
                    images_per_s=trainer.speed.images_per_s(trainer.split.global_batch), wall_s=wall_s,
                    device=trainer.record["device"], precision=trainer.record["precision"],
                    best_epoch=c.best_epoch or None, best_val_neg_elbo=c.best if has_val and c.best_epoch else None,
-                   best_val_psnr=c.best_psnr, report=report)
+                   best_val_psnr=c.best_psnr, report=report, prior=prior)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary `train --json` prints."""
@@ -101,7 +102,7 @@ class TrainResult:
                 "images_per_s": _round(self.images_per_s), "wall_s": round(self.wall_s, 2), "device": self.device,
                 "precision": self.precision, "best_epoch": self.best_epoch,
                 "best_val_neg_elbo": _round(self.best_val_neg_elbo), "best_val_psnr": _round(self.best_val_psnr),
-                "report": str(self.report) if self.report else None,
+                "report": str(self.report) if self.report else None, "prior": self.prior,
                 "metrics": self.metrics, "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
 
     def describe(self) -> str:
@@ -113,6 +114,8 @@ class TrainResult:
         if self.best_epoch is not None and self.best_val_neg_elbo is not None:
             psnr = f", PSNR {self.best_val_psnr:.2f} dB" if self.best_val_psnr is not None else ""
             parts.append(f"best epoch {self.best_epoch}: validation -ELBO {self.best_val_neg_elbo:.2f}{psnr}")
+        if self.prior:
+            parts.append(f"fitted prior: {self.prior['components']} component(s)")
         parts.append(f"stopped by {self.stopped}")
         if self.report:
             parts.append(f"report {self.report}")

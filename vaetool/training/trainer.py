@@ -26,6 +26,7 @@ from .corrupt import corrupt, global_rand, global_randn, step_generator
 from .data import Split, default_cache_memory, load_cache, split_data
 from .distributed import World, all_reduce_sum, barrier, broadcast_value, global_mean, init_world, shutdown
 from .epoch import MetricsLog, draw_grids, nonfinite_tensor, save_checkpoints, validate
+from .fit_prior import fit_run_priors
 from .interrupts import StepGuard
 from .noise import fit_noise_model
 from .schedule import budget_fraction, kl_weight, learning_rate
@@ -60,13 +61,15 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
           detect_channels: bool = True, resume: bool = False, force: bool = False, strict: bool = False,
           cache_dir: str | Path | None = None, cache_memory: int | None = None, compile: bool = False,
           workers: int | None = None, report: bool = True, callback: Callback | None = None,
-          invocation: dict[str, Any] | None = None) -> TrainResult:
+          invocation: dict[str, Any] | None = None, fit_prior: bool = True) -> TrainResult:
     """Train a VAE family on the images under `data`; write checkpoints, metrics and grids to `run_dir`.
 
     Under torchrun each process trains on its shard of every batch with DDP and only rank 0 writes;
     at the end it draws `report.png` and `report.html` unless `report` is False. `callback` receives
     the events of `vaetool.events` (rank 0 only). `invocation` (the command line and options, say)
     is kept in the run's `run.json` and checkpoints beside the data folders, device and precision.
+    With `fit_prior`, a prior fitted to the training images' posterior means is stored in the run's
+    checkpoints at the end (training/fit_prior.py).
     """
     started = time.monotonic()
     resolved = resolve_device(device)
@@ -77,7 +80,7 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
                           detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                           cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers,
                           callback=callback or ignore, invocation=invocation)
-        return trainer.run(report=report, started=started)
+        return trainer.run(report=report, fit_prior=fit_prior, started=started)
     finally:
         shutdown(world)
 
@@ -173,7 +176,7 @@ class Trainer:
         return min(limits) if limits else None
 
     # ----- the loop -----------------------------------------------------------------------
-    def run(self, *, report: bool, started: float) -> TrainResult:
+    def run(self, *, report: bool, fit_prior: bool, started: float) -> TrainResult:
         """Train epoch after epoch until the budget or the patience runs out; Ctrl-C saves a resumable state."""
         self.emit(Started("train", self.total_steps, "steps", start_info(self)))
         if self.world.is_main:
@@ -192,10 +195,15 @@ class Trainer:
         except KeyboardInterrupt:
             self._save_interrupted()
             raise
+        prior = None
+        if fit_prior and self.world.is_main:  # the other processes wait at the barrier: the fit is rank 0's
+            prior = fit_run_priors(self.run_dir, self.cache.images, self.split.train_index, batch=self.split.batch,
+                                   seed=self.config.seed, device=self.device, flip=self.config.augment_flip,
+                                   emit=self.emit)
         report_path = write_report_safely(self.run_dir, self.emit) if report and self.world.is_main else None
         barrier(self.world)
         return TrainResult.of(self, stopped=stopped, metrics=metrics, report=report_path,
-                              wall_s=time.monotonic() - started)
+                              wall_s=time.monotonic() - started, prior=prior.describe() if prior else None)
 
     def _train_epoch(self) -> bool:
         """Train until the epoch ends (True) or the budget runs out mid-epoch (False)."""
