@@ -98,19 +98,27 @@ def test_memorisation_compares_samples_with_held_out_real_images(real, other):
 # ------------------------------------------------------------------- wired into `vaetool eval --samples`
 
 
-class _Bank:
+class _Bank(torch.nn.Module):
     """A stand-in model whose prior samples are the next images of a fixed bank: the metric's wiring, tested alone."""
 
     def __init__(self, images: torch.Tensor) -> None:
-        self.images, self.taken = images, 0
+        super().__init__()
+        from types import SimpleNamespace
 
-    def sample_prior(self, count, *, temperature=1.0, generator=None, size=None):
+        self.images, self.taken = images, 0
+        self.config = SimpleNamespace(image_size=images.shape[-1])
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # where the model's weights live: the CPU
+
+    def latent_shapes(self, height, width):
+        return {"rows": ()}
+
+    def sample_prior(self, count, *, temperature=1.0, generator=None, size=None, given=None, noise=None):
         rows = torch.arange(self.taken, self.taken + count) % len(self.images)
         self.taken += count
         return {"rows": rows}
 
     def decode(self, latents):
-        return self.images[latents["rows"]]
+        return self.images[latents["rows"].long()]
 
     def mean_image(self, logits):
         return logits

@@ -228,7 +228,7 @@ class SampleReport:
     two_sample: TwoSampleResult
     memorisation: Memorisation
     samples: int
-    prior: str  # what the samples were drawn from: "standard", the family's own (N(0, I), ancestral in a hierarchy)
+    prior: str  # what the samples were drawn from: "fitted" (the checkpoint's fitted prior) or "standard" (the family's own)
     temperature: float
     seed: int
     reference: str  # which images the nearest-image distances are to
@@ -241,22 +241,21 @@ class SampleReport:
         return data
 
 
-def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-    """`count` images (N, C, H, W) in [0, 1] on the CPU, decoded from the model's own prior (any family).
+def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperature: float = 1.0,
+                 prior: str = "auto") -> torch.Tensor:
+    """`count` images (N, C, H, W) in [0, 1] on the CPU, decoded from prior latents as `vaetool sample` draws
+    them (`latent_space.sample_latents`: the fitted prior with "auto" when the checkpoint has one), so the
+    metric scores what users get; seeded on a CPU generator, decoded SAMPLE_CHUNK at a time."""
+    from .latent_ops import decode_images
+    from .latent_space import sample_latents
 
-    The latents come from a CPU generator seeded with `seed` (`model.sample_prior`), so a seed gives the
-    same images on any device; drawn SAMPLE_CHUNK at a time whatever the batch size, so it never
-    changes which draws an image gets.
-    """
-    model = checkpoint.model
-    generator = torch.Generator().manual_seed(seed)
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, count, SAMPLE_CHUNK):
-            latents = model.sample_prior(min(SAMPLE_CHUNK, count - start), temperature=temperature,
-                                         generator=generator)
-            parts.append(model.mean_image(model.decode(latents)).float().cpu())
-    return torch.cat(parts).clamp(0.0, 1.0)
+    latents = sample_latents(checkpoint, count, temperature=temperature, seed=seed, prior=prior)
+    return decode_images(checkpoint, latents, batch_size=SAMPLE_CHUNK).clamp(0.0, 1.0)
+
+
+def prior_used(checkpoint: Checkpoint, prior: str) -> str:
+    """What `prior` ("auto", "fitted", "standard") draws from for this checkpoint."""
+    return "fitted" if prior != "standard" and getattr(checkpoint, "prior", None) is not None else "standard"
 
 
 def _training_images(checkpoint: Checkpoint, train_data: Sequence[str | Path], *, batch_size: int,
@@ -277,7 +276,7 @@ def _training_images(checkpoint: Checkpoint, train_data: Sequence[str | Path], *
 
 
 def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, seed: int = 0, temperature: float = 1.0,
-                  train_data: Sequence[str | Path] | None = None, batch_size: int = 64, workers: int | None = None,
+                  prior: str = "auto", train_data: Sequence[str | Path] | None = None, batch_size: int = 64, workers: int | None = None,
                   test_options: dict[str, Any] | None = None, callback: Callback = ignore) -> SampleReport:
     """Draw `count` prior samples and score them against `real` images (N, C, H, W; uint8 or [0, 1] floats).
 
@@ -290,7 +289,7 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
         raise DataError(f"the sample metric needs at least 2 samples and 2 real images, not {count} and "
                         f"{real.shape[0]}; give --samples 2 or more and more images")
     callback(Started("sample", count))
-    generated = draw_samples(checkpoint, count, seed=seed, temperature=temperature)
+    generated = draw_samples(checkpoint, count, seed=seed, temperature=temperature, prior=prior)
     real = real.float() / 255.0 if real.dtype == torch.uint8 else real.float()
     test = classifier_two_sample_test(real, generated, seed=seed, **(test_options or {}))
     notes = []
@@ -303,7 +302,7 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
         reference = "half of the evaluated images (give --train-data for the training images)"
         notes.append("nearest-image distances are to evaluated images, not the training set: "
                      "they show copying only of those")
-    report = SampleReport(test, memo, count, prior="standard", temperature=temperature, seed=seed,
+    report = SampleReport(test, memo, count, prior=prior_used(checkpoint, prior), temperature=temperature, seed=seed,
                           reference=reference, setup=test.summary(), notes=notes)
     for note in notes:
         callback(Note(note))

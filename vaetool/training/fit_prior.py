@@ -128,6 +128,12 @@ def fit_run_priors(run_dir: Path, pixels: torch.Tensor, index: torch.Tensor, *, 
         if not path.exists():
             continue
         loaded = ckpt.load_model(path, device=device)
+        if loaded.model.vector_level is None:
+            # A latent map is thousands of numbers: its mixture costs minutes through the principal
+            # subspace, and no measurement yet says it samples better, so the end of a run leaves it out.
+            emit(Note("no prior fitted at the end of training for a spatial model (its latent is a map); "
+                      "`vaetool fit-prior` fits one"))
+            return None
         fit = fits.get(loaded.identity)
         if fit is None:
             level = model_prior_level(loaded.model)
