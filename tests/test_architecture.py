@@ -17,8 +17,7 @@ ALLOWED = {
     "training": {"models", "io", "checkpoint", "config", "errors", "events", "runtime"},
     "inference": {"models", "io", "checkpoint", "config", "errors", "events", "runtime"},
     "api": {"models", "io", "checkpoint", "config", "errors", "events", "runtime", "inference", "training"},
-    "cli": {"api", "training", "inference", "events", "errors", "config",
-            "checkpoint", "io", "models", "runtime"},  # TODO(issue 13): the CLI through api/inference only
+    "cli": {"api", "training", "inference", "events", "errors", "config"},
     "__init__": {"api"}, "__main__": {"cli"},
 }
 

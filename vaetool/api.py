@@ -18,7 +18,7 @@ from .inference.load import load_for_inference, model_device
 from .io.batches import iter_batches
 from .io.decode import match_channels
 from .io.find import find_images
-from .models.base import DiagonalGaussian, Latents
+from .models.base import DiagonalGaussian, Latents, MainLevelView
 
 ImageInput = torch.Tensor | str | Path | Sequence[str | Path]
 
@@ -133,7 +133,7 @@ class VAEModel:
         return {name: value[:1] for name, value in self.encode(x).mode().items()}
 
 
-class Encoding:
+class Encoding(MainLevelView):
     """q(z|x) for a batch, level by level, on the CPU (in a hierarchy each level given the means above).
 
     `.mu`, `.logvar`, `.std` and `.sample(generator)` are the one level's of a one-level family, else the
@@ -146,24 +146,12 @@ class Encoding:
         self.kl_levels = kl  # level -> (B,) KL to its prior, nats
         self.vector_level = vector_level
 
-    def _main(self) -> DiagonalGaussian:
+    def main_level(self) -> DiagonalGaussian:
         if len(self.levels) == 1:
             return next(iter(self.levels.values()))
         if self.vector_level is None:
             raise DataError(f"these latents have the levels {', '.join(self.levels)}; use .levels or .mode()")
         return self.levels[self.vector_level]
-
-    @property
-    def mu(self) -> torch.Tensor:
-        return self._main().mu
-
-    @property
-    def logvar(self) -> torch.Tensor:
-        return self._main().logvar
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self._main().std
 
     def mode(self) -> Latents:
         """Every level's means: what `VAEModel.decode` turns into the reconstructions."""
@@ -171,7 +159,7 @@ class Encoding:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ q of the one level (or the vector level); `sample_levels` draws every level."""
-        return self._main().sample(generator)
+        return self.main_level().sample(generator)
 
     def sample_levels(self, generator: torch.Generator | None = None) -> Latents:
         """Each level drawn from its Gaussian (in a hierarchy, the conditionals at the means above)."""

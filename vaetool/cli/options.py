@@ -110,15 +110,20 @@ class Widths(tuple):
     """Channels of each stride-2 stage, parsed from `32,64,128`."""
 
 
+def _int_list(text: str, *, minimum: int, what: str, example: str) -> list[int]:
+    """`a,b,c` -> integers >= `minimum`, or a usage error that says what to write."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"cannot read {text!r}; write {what}, e.g. {example}") from None
+    if not values or min(values) < minimum:
+        raise typer.BadParameter(f"give {what} >= {minimum}, e.g. {example}, not {text!r}")
+    return values
+
+
 def parse_widths(text: str) -> Widths:
     """`32,64,128,256` -> Widths((32, 64, 128, 256)); every width a positive integer."""
-    try:
-        widths = Widths(int(w) for w in text.replace(" ", "").split(",") if w)
-    except ValueError:
-        raise typer.BadParameter(f"cannot read widths {text!r}; write e.g. 32,64,128,256") from None
-    if not widths or min(widths) < 1:
-        raise typer.BadParameter(f"widths must be positive integers, not {text!r}")
-    return widths
+    return Widths(_int_list(text, minimum=1, what="stage widths", example="32,64,128,256"))
 
 
 def parse_corruption(text: str) -> Corruption:
@@ -135,13 +140,7 @@ class DimList(tuple):
 
 def parse_dims(text: str) -> DimList:
     """`0,3,5` -> DimList((0, 3, 5)); non-negative integers."""
-    try:
-        dims = DimList(int(d) for d in text.replace(" ", "").split(",") if d)
-    except ValueError:
-        raise typer.BadParameter(f"cannot read {text!r}; write latent dimensions, e.g. 0,3,5") from None
-    if not dims or min(dims) < 0:
-        raise typer.BadParameter(f"give latent dimensions >= 0, e.g. 0,3,5, not {text!r}")
-    return dims
+    return DimList(_int_list(text, minimum=0, what="latent dimensions", example="0,3,5"))
 
 
 def parse_dim_pair(text: str) -> DimList:

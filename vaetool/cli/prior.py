@@ -34,11 +34,8 @@ def fit_prior(
         "--output", "-o", rich_help_panel=OUTPUT,
         help="Write the checkpoint with the prior here instead of into CHECKPOINT.")] = None,
     force: force_option("Overwrite an existing --output file.") = False,
-    batch_size: BatchSize = BATCH_SIZE,
-    device: Device = "auto",
-    workers: Workers = None,
-    as_json: Json = False,
-    quiet: Quiet = False,
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", workers: Workers = None,
+    as_json: Json = False, quiet: Quiet = False,
 ) -> None:
     """Fit a prior to the latents of the images a checkpoint was trained on, for samples that look like them.
 

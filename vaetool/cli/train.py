@@ -341,21 +341,9 @@ def info_command(
     as_json: Json = False,
 ) -> None:
     """Show a checkpoint's configuration, size and training summary."""
-    from ..checkpoint import load_model
-    from ..models.base import count_parameters
+    from ..inference.describe import checkpoint_summary
 
-    loaded = load_model(checkpoint)
-    size = loaded.config.image_size
-    summary = {
-        "path": str(loaded.path), "format_version": int(loaded.metadata.get("format_version", 0)),
-        "vaetool_version": loaded.metadata.get("vaetool_version"), "created": loaded.metadata.get("created"),
-        "parameters": count_parameters(loaded.model), "identity": loaded.identity, "family": loaded.config.kind,
-        "levels": {name: list(shape) for name, shape in loaded.model.latent_shapes(size, size).items()},
-        "model": loaded.config.to_dict(),
-        "train": loaded.train_config.to_dict() if loaded.train_config else None,
-        "training": loaded.training,
-        "prior": loaded.prior.describe() if loaded.prior is not None else None,
-    }
+    summary = checkpoint_summary(checkpoint)
     if as_json:
         emit(summary, as_json=True)
         return

@@ -125,7 +125,26 @@ class Posterior(ABC):
         """log p(z), the family's prior (conditional level by level in a hierarchy), (..., B)."""
 
 
-class FactorizedPosterior(Posterior):
+class MainLevelView:
+    """`.mu`, `.logvar` and `.std` of the one level that `main_level()` names, for code written for one vector."""
+
+    def main_level(self) -> DiagonalGaussian:
+        raise NotImplementedError
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.main_level().mu
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self.main_level().logvar
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.main_level().std
+
+
+class FactorizedPosterior(MainLevelView, Posterior):
     """q(z|x) = prod over levels of independent diagonal Gaussians, each with a N(0, I) prior (vector, spatial).
 
     With one level (named "z") `.mu`, `.logvar` and `.std` are that level's.
@@ -134,22 +153,10 @@ class FactorizedPosterior(Posterior):
     def __init__(self, levels: dict[str, DiagonalGaussian]) -> None:
         self.levels = levels
 
-    def _only(self) -> DiagonalGaussian:
+    def main_level(self) -> DiagonalGaussian:
         if len(self.levels) != 1:
             raise ValueError("this posterior has several levels; use .levels")
         return next(iter(self.levels.values()))
-
-    @property
-    def mu(self) -> torch.Tensor:
-        return self._only().mu
-
-    @property
-    def logvar(self) -> torch.Tensor:
-        return self._only().logvar
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self._only().std
 
     def sample(self, generator: torch.Generator | None = None, *, noise: Latents | torch.Tensor | None = None,
                temperature: float = 1.0) -> Latents:

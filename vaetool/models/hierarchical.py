@@ -34,7 +34,7 @@ from torch import nn
 from ..config import ModelConfig
 from .base import (DiagonalGaussian, ImportanceSample, Latents, ModelOutput, Posterior, VAEFamily, as_latents,
                    check_given, level_temperatures, register, standard_normal_log_prob)
-from .layers import (GroupNorm32, ResidualBlock, down_stages, full_precision, groups, output_conv, run_down,
+from .layers import (GroupNorm32, ResidualBlock, encoder_stages, full_precision, groups, output_conv, run_down,
                      run_output, scale_init_, up_stages)
 
 TOP = "top"
@@ -92,8 +92,7 @@ class BottomUp(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.patch, width = config.patch, config.widths[-1]
-        self.stages = down_stages(config.channels * config.patch**2, config.widths, blocks=config.blocks,
-                                  patch=config.patch)
+        self.stages = encoder_stages(config)
         self.top_norm = GroupNorm32(groups(width), width)
         self.top_head = nn.Linear(width, 2 * config.latent_dim)
 

@@ -67,6 +67,11 @@ def icnr_(conv: nn.Conv2d, group: int) -> None:
     bias.copy_(bias[:, :1].expand_as(bias))
 
 
+def encoder_stages(config) -> nn.Sequential:
+    """The down stages every family's encoder starts with, for the config's channels, patch and widths."""
+    return down_stages(config.channels * config.patch**2, config.widths, blocks=config.blocks, patch=config.patch)
+
+
 def down_stages(in_channels: int, widths: tuple[int, ...], *, blocks: int, patch: int) -> nn.Sequential:
     """One stage per width, each halving the resolution; the first keeps it when the input is patch-folded.
 

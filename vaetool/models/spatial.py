@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import DiagonalGaussian, FactorizedFamily, FactorizedPosterior, Latents, as_latents, register
-from .layers import (GroupNorm32, ResidualBlock, down_stages, full_precision, groups, output_conv, run_down,
+from .layers import (GroupNorm32, ResidualBlock, encoder_stages, full_precision, groups, output_conv, run_down,
                      run_output, up_stages)
 
 
@@ -31,8 +31,7 @@ class SpatialEncoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.patch, width = config.patch, config.widths[-1]
-        self.stages = down_stages(config.channels * config.patch**2, config.widths, blocks=config.blocks,
-                                  patch=config.patch)
+        self.stages = encoder_stages(config)
         self.mid = ResidualBlock(width)
         self.norm = GroupNorm32(groups(width), width)
         self.head = nn.Conv2d(width, 2 * config.latent_channels, 3, padding=1)

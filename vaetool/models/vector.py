@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import DiagonalGaussian, FactorizedFamily, FactorizedPosterior, Latents, as_latents, register
-from .layers import down_stages, full_precision, output_conv, run_down, run_output, up_stages
+from .layers import encoder_stages, full_precision, output_conv, run_down, run_output, up_stages
 
 
 class Encoder(nn.Module):
@@ -23,8 +23,7 @@ class Encoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.patch = config.patch
-        self.stages = down_stages(config.channels * config.patch**2, config.widths, blocks=config.blocks,
-                                  patch=config.patch)
+        self.stages = encoder_stages(config)
         self.head = nn.Linear(config.widths[-1] * config.bottom_size**2, 2 * config.latent_dim)
 
     def forward(self, x: torch.Tensor) -> DiagonalGaussian:
