@@ -75,3 +75,19 @@ def test_skipped_failed_and_extra_files_are_json_records_too(capsys):
         {"input": "i/b.png", "output": None, "status": "failed", "reason": "truncated"},
         {"input": None, "output": "o/grid.png", "status": "written", "kind": "grid"}]
     assert "failed: i/b.png: truncated" in err
+
+
+def test_the_denoiser_warns_when_outputs_move_too_far_from_their_inputs():
+    import torch
+
+    from vaetool.inference.denoise import ChangeMeter
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 32, 32, generator=generator)
+    noisy = (clean + 50 / 255 * torch.randn(3, 32, 32, generator=generator)).clamp(0, 1)
+    denoised = ChangeMeter()
+    denoised(None, noisy, clean)  # strong noise removed: a large change, but no colour shift
+    assert denoised.warning() is None
+    misfit = ChangeMeter()
+    misfit(None, noisy, (clean * 0.5 + 0.4).clamp(0, 1))  # colours moved: not what removing noise does
+    assert "may not fit these images" in misfit.warning()

@@ -133,6 +133,31 @@ class VAEModel:
         return {name: value[:1] for name, value in self.encode(x).mode().items()}
 
 
+    def denoise(self, images: torch.Tensor | str | Path, *, samples: int = 0, seed: int = 0, tile: str | int = "auto",
+                strength: float = 1.0) -> torch.Tensor:
+        """Denoised images as `vaetool denoise` makes them: a (C, H, W) or (B, C, H, W) float tensor in [0, 1]
+        of any size (a vector model works in blended tiles, the others whole), or an image file at its own
+        size. `samples` K > 0 averages K posterior samples (the MMSE estimate of a noise-model run)."""
+        from .inference.tiledenoise import denoise_image
+        from .io.decode import read_image
+
+        x = read_image(images).pixels if isinstance(images, (str, Path)) else images
+        batch = x[None] if x.ndim == 3 else x
+        out = torch.stack([denoise_image(self.model, image, tile=tile, strength=strength, batch_size=self.batch_size,
+                                         samples=samples, seed=seed) for image in batch])
+        return out[0] if x.ndim == 3 else out
+
+    def eval(self, inputs: ImageInput, *, iw_samples: int = 100, seed: int = 0, samples: int = 0) -> dict:
+        """`vaetool eval`'s figures for images (files, folders or a tensor): -ELBO, IWAE NLL, bits/dim, PSNR,
+        SSIM, active units, per level; with `samples` N, the two-sample test of N prior samples."""
+        from .inference.evaluate import evaluate
+
+        data = inputs if isinstance(inputs, torch.Tensor) else ([inputs] if isinstance(inputs, (str, Path))
+                                                                 else list(inputs))
+        return evaluate(self.checkpoint, data, iw_samples=iw_samples, batch_size=self.batch_size, seed=seed,
+                        device=str(self.device), samples=samples).to_dict()
+
+
 class Encoding(MainLevelView):
     """q(z|x) for a batch, level by level, on the CPU (in a hierarchy each level given the means above).
 
@@ -173,3 +198,22 @@ class Encoding(MainLevelView):
 def load(path: str | Path, *, device: str = "auto", batch_size: int = 64) -> VAEModel:
     """Load a checkpoint file or run folder for inference."""
     return VAEModel(load_for_inference(path, device=device), batch_size=batch_size)
+
+
+def save_images(images: torch.Tensor, target: str | Path | Sequence[str | Path], *, prefix: str = "image_",
+                ext: str = "png", force: bool = False) -> list[Path]:
+    """Write (B, C, H, W) (or one (C, H, W)) float images in [0, 1] atomically: into the folder `target` as
+    PREFIX00000.EXT..., or to the given paths (the format from each extension). Refuses to overwrite
+    without `force`."""
+    from .io.write import write_image
+
+    batch = images[None] if images.ndim == 3 else images
+    if isinstance(target, (str, Path)):
+        paths = [Path(target) / f"{prefix}{i:05d}.{ext.lstrip('.')}" for i in range(len(batch))]
+    else:
+        paths = [Path(p) for p in target]
+    if len(paths) != len(batch):
+        raise DataError(f"{len(batch)} images but {len(paths)} paths")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return [write_image(path, image.float().cpu(), force=force) for path, image in zip(paths, batch)]

@@ -78,6 +78,13 @@ class _TrainDisplay(Display):
         warn(f"skipped {e.input}: {e.reason}")
 
 
+def _setting(name: str, value: Any) -> Any:
+    """A stored setting as the option that sets it is written: corruptions as `gaussian:0.05-0.2`."""
+    if name == "corruptions":
+        return ", ".join(str(Corruption(**c)) for c in value)
+    return value
+
+
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
@@ -371,7 +378,7 @@ def _print_info(s: dict[str, Any]) -> None:
     metrics = training.get("metrics") or {}
     rows += [(f"metric.{k}", f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()]
     if s["train"]:
-        rows += [(f"train.{k}", v) for k, v in s["train"].items() if v not in (None, [], ())]
+        rows += [(f"train.{k}", _setting(k, v)) for k, v in s["train"].items() if v not in (None, [], ())]
     rows.append(("prior", _prior_line(s["prior"])))
     width = max(len(name) for name, _ in rows) + 2  # one column of names, however long
     lines = [f"{name:<{width}}{value}" for name, value in rows]

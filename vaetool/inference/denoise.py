@@ -11,6 +11,7 @@ import math
 import os
 import time
 import zlib
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,9 @@ from .tiling import round_up
 # Posterior samples averaged for the MMSE estimate of a model trained with a noise model, by default: where
 # PSNR against K levels off (each doubling beyond adds under 0.03 dB for twice the time; BENCHMARKS.md).
 DEFAULT_SAMPLES = 16
+# Beyond these an output is not a denoised input: noise of std 50/255 removed changes an image by about
+# 14 dB PSNR and its mean colour by under 2/255.
+MISFIT_PSNR, MISFIT_SHIFT = 12.0, 8.0
 WRITE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "PPM", "GIF")
 
 
@@ -317,6 +321,38 @@ def _describe_tiling(run: ModelRunner, tile: int | None, max_pixels: int | None)
     return f"off (each image whole, at its own size; tiles above {side}x{side} px)"
 
 
+class ChangeMeter:
+    """How far the outputs moved from their inputs, for the warning that the model does not fit the images.
+
+    Denoising removes zero-mean noise, so it leaves each image's mean colour where it was; a model that
+    does not fit the images (trained on other content) shifts colours and changes far more than noise.
+    Called on writer threads, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.squared = self.shift = 0.0
+        self.images = 0
+
+    def __call__(self, task: Task, source: torch.Tensor, output: torch.Tensor) -> None:
+        change = (output.float() - source.float()).flatten(1)  # (C, H W)
+        with self.lock:
+            self.squared += float(change.pow(2).mean())
+            self.shift += float(change.mean(1).abs().max())
+            self.images += 1
+
+    def warning(self) -> str | None:
+        if not self.images:
+            return None
+        psnr = 10 * math.log10(1.0 / max(self.squared / self.images, 1e-12))
+        shift = 255 * self.shift / self.images
+        if shift <= MISFIT_SHIFT and psnr >= MISFIT_PSNR:
+            return None
+        return (f"the outputs moved far from their inputs ({psnr:.1f} dB PSNR between them, mean colour shifted by "
+                f"{shift:.0f}/255 on average): removing noise changes neither so much; the model may not fit these "
+                f"images (check with `vaetool eval`, or train on images like them)")
+
+
 def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                   tile: TileSpec = "auto", overlap: float = 0.25, strength: float = 1.0, batch_size: int = 64,
                   ext: str | None = None, suffix: str = "", skip_existing: bool = False, force: bool = False,
@@ -355,10 +391,14 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     run, corruptions = _prepare_model(checkpoint, device=device, precision=precision, samples=samples, seed=seed)
     tile_side, max_pixels = run.tiling(tile)
     _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size)
+    meter = ChangeMeter()
     pipeline = Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
-                         workers=workers or default_workers(), callback=counted, max_pixels=max_pixels, draws=draws)
+                         workers=workers or default_workers(), callback=counted, max_pixels=max_pixels, draws=draws,
+                         keep=meter)
     try:
         pipeline.process(todo, force=force)
     finally:
         outcome.seconds = time.monotonic() - started
+    if meter.warning():
+        callback(Warning(meter.warning()))
     return outcome
