@@ -17,8 +17,8 @@ from . import eval as eval_cmd
 from . import visual
 from . import latent
 from . import prior
-from .common import handle_errors
-from .options import Debug
+from .common import handle_errors, warn
+from .options import Debug, Exclude, Include
 
 app = typer.Typer(
     name="vaetool", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
@@ -62,19 +62,42 @@ def wrap_command(func: Callable[..., Any]) -> Callable[..., Any]:
     The wrapper's signature is the command's plus `debug`, so Typer parses `--debug` like any other option.
     """
     signature = inspect.signature(func, eval_str=True)
+    images = next((name for name in IMAGE_INPUTS if name in signature.parameters), None)
 
     @functools.wraps(func)
-    def command(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+    def command(*args: Any, debug: bool = False, include: list[str] | None = None, exclude: list[str] | None = None,
+                **kwargs: Any) -> Any:
         if debug:
             os.environ["VAETOOL_DEBUG"] = "1"
         with handle_errors():
+            if (include or exclude) and kwargs.get(images):
+                kwargs[images] = _selected(kwargs[images], include or [], exclude or [])
             return func(*args, **kwargs)
 
-    extra = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Debug)
-    parameters = [*signature.parameters.values(), extra]
+    extra = [inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Debug)]
+    if images is not None:  # every command that reads image files takes the same patterns
+        extra += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+                  for name, kind in (("include", Include), ("exclude", Exclude))]
+    parameters = [*signature.parameters.values(), *extra]
     command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in parameters}
     return command
+
+
+IMAGE_INPUTS = ("inputs", "data")  # the parameter names of the image files/folders a command reads
+
+
+def _selected(inputs: list[str], include: list[str], exclude: list[str]) -> list[Any]:
+    import sys
+
+    from ..events import Failed
+    from ..inference.folder import select_inputs
+
+    def report(event: Any) -> None:
+        if isinstance(event, Failed):
+            warn(f"{event.input}: {event.reason}")
+
+    return select_inputs(inputs, include=include, exclude=exclude, stdin=sys.stdin, callback=report)
 
 
 # (name, function, panel): the top-level help lists every command with its docstring's first line.

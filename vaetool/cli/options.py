@@ -303,3 +303,12 @@ Temperature = Annotated[TemperatureSpec, typer.Option(
     "--temperature", "-t", parser=parse_temperature, metavar="T|LEVEL=T,...",
     help="Prior std multiplier: one number, or per level (top=1,z8=0.6; levels not named stay at 1). "
          "Below 1 gives more typical, less varied images.")]
+
+# ----- input selection: added by the command wrapper to every command that reads image files -----------
+Include = Annotated[Optional[list[str]], typer.Option(
+    "--include", metavar="PATTERN", rich_help_panel=GLOBAL,
+    help="Only images whose path under the input folder, or file name, matches this shell pattern (repeatable), "
+         "e.g. '*.png' or 'raw/*'.")]
+Exclude = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", metavar="PATTERN", rich_help_panel=GLOBAL,
+    help="Leave out images whose path under the input folder, or file name, matches this pattern (repeatable).")]

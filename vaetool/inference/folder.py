@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OutputError, StorageError, VaetoolError
-from ..events import Callback, Event, Failed, Progress, Skipped, Written
+from ..errors import DataError, OutputError, StorageError, VaetoolError
+from ..events import Callback, Event, Failed, Progress, Skipped, Written, ignore
 from ..io.atomic import check_writable_dirs
-from ..io.find import FoundImage
+from ..io.find import FoundImage, find_images, select_images
 from ..io.write import write_image
 
 
@@ -284,3 +284,16 @@ class Writer:
 def tasks_for(paths: Iterable[Path]) -> list[Task]:
     """Tasks for outputs that come from no input file (decoded latents, samples, frames)."""
     return [Task(Path(p)) for p in paths]
+
+
+def select_inputs(inputs: Sequence[str | os.PathLike], *, include: Sequence[str], exclude: Sequence[str],
+                  stdin=None, callback: Callback = ignore) -> list[FoundImage]:
+    """The images under `inputs` that `--include`/`--exclude` keep, found once; the commands take the list
+    as their inputs (relative paths kept, so output trees still mirror the input tree)."""
+    found = find_images(inputs, stdin=stdin, callback=callback)
+    kept = select_images(found, include=include, exclude=exclude)
+    if not kept:
+        rules = " ".join([*(f"--include {p!r}" for p in include), *(f"--exclude {p!r}" for p in exclude)])
+        raise DataError(f"none of the {len(found)} images found matches {rules}; patterns match the path under "
+                        f"the input folder or the file name, e.g. '*.png' or 'raw/*'")
+    return kept

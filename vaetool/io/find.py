@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,12 @@ class FoundImage:
     path: Path
     relative: Path
 
+    def __fspath__(self) -> str:  # usable wherever a path is: a selection passes through the commands as inputs
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
 
 def find_images(inputs: Sequence[str | os.PathLike], *, stdin: TextIO | None = None,
                 callback: Callback = ignore) -> list[FoundImage]:
@@ -33,6 +40,8 @@ def find_images(inputs: Sequence[str | os.PathLike], *, stdin: TextIO | None = N
     trees mirrored from them cannot collide. A subfolder that cannot be read is reported as
     `Failed` (its images are inputs that could not be used); a broken link as a `Warning`.
     """
+    if inputs and all(isinstance(item, FoundImage) for item in inputs):
+        return list(inputs)  # already found (and selected): keep their relative paths
     expanded = _expand(inputs, stdin)
     folders = [p for p in expanded if p.is_dir()]
     prefixes = _folder_prefixes(folders) if len(folders) > 1 else {}
@@ -135,3 +144,14 @@ def _unique_relatives(found: list[FoundImage]) -> list[FoundImage]:
         used.add(str(rel))
         out.append(image if rel == image.relative else FoundImage(image.path, rel))
     return out
+
+
+def select_images(found: Sequence[FoundImage], *, include: Sequence[str] = (), exclude: Sequence[str] = ()
+                  ) -> list[FoundImage]:
+    """The images whose relative path (or file name) matches an `include` pattern, if any are given, and no
+    `exclude` pattern: shell patterns as `find -name` and rsync take them (`*.png`, `raw/*`, `*_mask.*`)."""
+    def matches(image: FoundImage, patterns: Sequence[str]) -> bool:
+        relative = image.relative.as_posix()
+        return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(image.path.name, p) for p in patterns)
+
+    return [f for f in found if (not include or matches(f, include)) and not matches(f, exclude)]
