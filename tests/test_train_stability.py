@@ -37,3 +37,12 @@ def test_training_recovers_from_a_logvar_head_pushed_to_twenty(blob_folder, tmp_
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train_kl"] < 100  # the mean terms add a little; with logvar at 20 it would be 4.8e8 nats
     assert math.isfinite(row["val_neg_elbo"])
+
+
+def test_a_kl_spike_is_told_and_ordinary_epochs_are_not():
+    from vaetool.training.epoch import kl_spike
+
+    assert kl_spike([50.0, 40.0, 35.0], 30.0, epoch=4) is None  # progress
+    assert kl_spike([50.0, 40.0], 5000.0, epoch=3) is None  # too little history to judge
+    message = kl_spike([50.0, 40.0, 35.0, 33.0], 1.2e6, epoch=5)
+    assert message.startswith("epoch 5: the KL jumped to 1.2e+06") and "--lr" in message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 from typing import Any
@@ -111,3 +113,18 @@ def draw_grids(model: VAEFamily, pixels: torch.Tensor, index: torch.Tensor, run_
     save_grid(folder / f"epoch_{epoch:04d}_reconstructions.png", pairs, nrow=len(x), force=True)
     save_grid(run_dir / "samples.png", samples, nrow=8, force=True)
     save_grid(run_dir / "reconstructions.png", pairs, nrow=len(x), force=True)
+
+
+SPIKE_FACTOR = 20.0  # an epoch's KL this many times the recent median is a spike, not progress
+
+
+def kl_spike(recent: list[float], kl: float, *, epoch: int) -> str | None:
+    """A warning when this epoch's mean KL jumps far above the last epochs' (they recover, but the run's
+    report marks the point and a user should know the learning rate may be too high)."""
+    if len(recent) < 3 or not math.isfinite(kl):
+        return None
+    typical = sorted(recent)[len(recent) // 2]
+    if kl <= SPIKE_FACTOR * max(typical, 1.0):
+        return None
+    return (f"epoch {epoch}: the KL jumped to {kl:.3g} nats per image, {kl / max(typical, 1.0):.0f}x the recent "
+            f"{typical:.3g}; runs usually recover (the report marks the point), a lower --lr avoids it")

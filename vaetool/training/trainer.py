@@ -25,7 +25,7 @@ from ..runtime import BatchGatherer, autocast, precision_name, prepare, resolve_
 from .corrupt import corrupt, global_rand, global_randn, step_generator
 from .data import Split, default_cache_memory, load_cache, split_data
 from .distributed import World, all_reduce_sum, barrier, broadcast_value, global_mean, init_world, shutdown
-from .epoch import MetricsLog, draw_grids, nonfinite_tensor, save_checkpoints, validate
+from .epoch import MetricsLog, draw_grids, kl_spike, nonfinite_tensor, save_checkpoints, validate
 from .fit_prior import fit_run_priors
 from .interrupts import StepGuard
 from .noise import fit_noise_model
@@ -140,6 +140,7 @@ class Trainer:
         # The clocks start here, right before run(): training time, and this invocation's --time budget.
         self.clock = time.monotonic() - self.counters.elapsed
         self.session_start = self.last_report = time.monotonic()
+        self.recent_kl: list[float] = []  # the epochs' mean KL, to tell a spike from progress
         self.elapsed = self.counters.elapsed  # rank 0's training seconds at the last synchronised point
 
     # ----- set-up -------------------------------------------------------------------------
@@ -341,6 +342,10 @@ class Trainer:
             draw_grids(self.eval_model, self.cache.images, pool, self.run_dir, seed=self.config.seed,
                        epoch=metrics["epoch"], device=self.device)
         barrier(self.world)
+        spike = kl_spike(self.recent_kl[-8:], metrics["train_kl"], epoch=metrics["epoch"])
+        if spike:
+            self.emit(Warning(spike))
+        self.recent_kl.append(metrics["train_kl"])
         self.emit(Epoch(metrics["epoch"], c.step, metrics))
         return metrics
 
