@@ -70,7 +70,8 @@ def test_decode_refuses_wrong_width_and_nan(ckpt, tmp_path):
 
 def test_sample_count_seed_and_no_overwrite(ckpt, tmp_path):
     a = invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "a", "--seed", 3, "--grid", tmp_path / "g.png", "-q")
-    assert a.exit_code == 0 and len(a.stdout.splitlines()) == 6 and (tmp_path / "g.png").is_file()
+    assert a.exit_code == 0 and a.stdout.splitlines()[-1] == str(tmp_path / "g.png")  # the grid is a result too
+    assert len(a.stdout.splitlines()) == 7 and (tmp_path / "g.png").is_file()
     b = invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "b", "--seed", 3, "-q")
     c = invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "c", "--seed", 4, "-q", "-t", "2")
     assert b.exit_code == 0 and c.exit_code == 0, (b.output, c.output)
@@ -78,7 +79,7 @@ def test_sample_count_seed_and_no_overwrite(ckpt, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert any((tmp_path / "a" / n).read_bytes() != (tmp_path / "c" / n).read_bytes() for n in os.listdir(tmp_path / "a"))
     again = invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "a", "-q")
-    assert again.exit_code == 3 and again.stdout == ""
+    assert again.exit_code == 1 and again.stdout == "" and "already exists (and 5 more)" in again.stderr
     assert invoke("sample", ckpt, "-n", 6, "-o", tmp_path / "a", "--skip-existing", "-q").exit_code == 0
     assert invoke("sample", ckpt, "-n", 0, "-o", tmp_path / "z").exit_code == 2
     assert invoke("sample", ckpt, "-t", 0, "-o", tmp_path / "z").exit_code == 2
@@ -96,7 +97,8 @@ def test_interpolation_endpoints_are_the_means(ckpt, data, tmp_path):
     result = invoke("interpolate", ckpt, data / "img_000.png", data / "img_001.png", data / "img_002.png",
                     "-o", tmp_path / "f", "--steps", 4, "--gif", tmp_path / "a.gif", "--grid", tmp_path / "s.png", "-q")
     assert result.exit_code == 0, result.output
-    assert len(result.stdout.splitlines()) == 7  # 4 + 3 (shared endpoint once)
+    lines = result.stdout.splitlines()  # 4 + 3 frames (shared endpoint once), then the grid and the GIF
+    assert len(lines) == 9 and lines[-2:] == [str(tmp_path / "s.png"), str(tmp_path / "a.gif")]
     frames = model.load_images(tmp_path / "f")
     first = model.decode(za[None])
     torch.testing.assert_close(frames[0], (first[0] * 255).round() / 255, atol=1 / 255, rtol=0)

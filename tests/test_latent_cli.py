@@ -103,7 +103,7 @@ def test_reconstruct_resumes_with_skip_existing_and_refuses_overwrite(ckpt, data
     assert resumed.exit_code == 0 and resumed.stdout.splitlines() == [str(out / "gray" / "img_001.png")]
     assert (out / "img_000.png").stat().st_mtime_ns == before
     refused = invoke("reconstruct", ckpt, data, "-o", out, "-q")
-    assert refused.exit_code == 3 and refused.stdout == "" and "--force" in refused.stderr
+    assert refused.exit_code == 1 and refused.stdout == "" and "--force" in refused.stderr
     assert Image.open(out / "gray" / "img_001.png").mode == "RGB"  # gray input converted to the model's RGB
     inside = invoke("reconstruct", ckpt, data, "-o", data / "rec")
     assert inside.exit_code == 1 and "inside input folder" in inside.stderr

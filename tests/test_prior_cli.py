@@ -53,7 +53,7 @@ def test_output_components_json_and_one_line_errors(setup, tmp_path):
     result = runner.invoke(app, ["fit-prior", str(path), str(data), "-k", "2", "-o", str(new), "--json", "-q"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["path"] == str(new) and record["prior"]["components"] <= 2 and list(record["prior"]["scores"]) == ["2"]
+    assert record["output"] == str(new) and record["status"] == "written" and record["prior"]["components"] <= 2 and list(record["prior"]["scores"]) == ["2"]
     assert load_model(path).prior is None and load_model(new).prior is not None  # the input is left as it was
     again = runner.invoke(app, ["fit-prior", str(path), str(data), "-o", str(new)])
     assert again.exit_code == 1 and again.stderr.startswith("error:") and "--force" in again.stderr
