@@ -139,7 +139,7 @@ def sample(
     paths = [output / f"{prefix}{i:05d}.{ext.value}" for i in range(count)]
     display = Display("sample", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                  callback=display)
+                  callback=display, command="sample")
     if grid is not None:
         import math
 
@@ -174,7 +174,7 @@ def interpolate(
                             levels=levels.value, temperature=temperature, seed=0)
     paths = [output / f"frame_{i:04d}.png" for i in range(count_of(z))]
     display = Display("interpolate", quiet=quiet, as_json=as_json)
-    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display)
+    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
     frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
     if grid is not None:
         display(Saved(str(save_grid(grid, frames, nrow=steps, force=force)), "grid"))
