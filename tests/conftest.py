@@ -56,3 +56,25 @@ def ckpt(tmp_path_factory) -> Path:
 def blob_folder(tmp_path: Path) -> Path:
     make_blobs(tmp_path / "data", count=12)
     return tmp_path / "data"
+
+
+def tiny_families():
+    """One tiny 16 px config per model family: the shapes the per-family tests share."""
+    from vaetool.config import ModelConfig
+
+    return {
+        "vector": ModelConfig(image_size=16, latent_dim=4, widths=(8, 16)),
+        "spatial": ModelConfig(kind="spatial", image_size=16, widths=(8, 16), latent_channels=2, downsample=4),
+        "hierarchical": ModelConfig(kind="hierarchical", image_size=16, latent_dim=4, widths=(8, 16),
+                                    latent_channels=2, downsample=2),
+    }
+
+
+def tiny_model(kind: str):
+    """A seeded, untrained tiny model of the family, in eval mode."""
+    import torch
+
+    from vaetool.models.base import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_families()[kind]).eval()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import make_blobs
+from conftest import make_blobs, tiny_families, tiny_model
 from vaetool.checkpoint import load_model, save_model
 from vaetool.config import Corruption, ModelConfig, TrainConfig
 from vaetool.training.corrupt import add_gaussian_noise
@@ -298,18 +298,8 @@ def test_corrupted_training_is_scored_on_the_clean_image(tmp_path):
 
 # ------------------------------------------------------------------------------- spatial and hierarchical models
 
-ANY_SIZE = {
-    "spatial": ModelConfig(kind="spatial", image_size=16, widths=(8, 16), latent_channels=2, downsample=4),
-    "hierarchical": ModelConfig(kind="hierarchical", image_size=16, latent_dim=4, widths=(8, 16), latent_channels=2,
-                                downsample=2),
-}
-
-
-def _any_size(kind: str):
-    from vaetool.models.base import build_model
-
-    torch.manual_seed(0)
-    return build_model(ANY_SIZE[kind]).eval()
+ANY_SIZE = {kind: config for kind, config in tiny_families().items() if kind != "vector"}
+_any_size = tiny_model
 
 
 @pytest.mark.parametrize("kind", list(ANY_SIZE))

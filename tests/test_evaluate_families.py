@@ -18,18 +18,10 @@ from vaetool.cli.app import app
 from vaetool.config import ModelConfig
 from vaetool.inference.evaluate import ALL_LEVELS, draw_noise, evaluate, iwae_bound
 from vaetool.models.base import build_model
+from conftest import tiny_families, tiny_model
 
-FAMILIES = {
-    "vector": ModelConfig(image_size=16, latent_dim=4, widths=(8, 16)),
-    "spatial": ModelConfig(kind="spatial", image_size=16, widths=(8, 16), latent_channels=2, downsample=4),
-    "hierarchical": ModelConfig(kind="hierarchical", image_size=16, latent_dim=4, widths=(8, 16), latent_channels=2,
-                                downsample=2),
-}
-
-
-def _model(kind: str):
-    torch.manual_seed(0)
-    return build_model(FAMILIES[kind]).eval()
+FAMILIES = tiny_families()
+_model = tiny_model
 
 
 def _pixels(count: int, size: int = 16, seed: int = 0) -> torch.Tensor:

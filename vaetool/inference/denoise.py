@@ -399,6 +399,7 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
         pipeline.process(todo, force=force)
     finally:
         outcome.seconds = time.monotonic() - started
-    if meter.warning():
-        callback(Warning(meter.warning()))
+    misfit = meter.warning()
+    if misfit:
+        callback(Warning(misfit))
     return outcome
