@@ -30,3 +30,33 @@ def test_amounts():
     flipped = ((sp == 0) | (sp == 1)).all(1).float().mean()
     assert abs(flipped - 0.2) < 0.02
     assert sp.min() >= 0 and sp.max() <= 1
+
+
+def _trained_config(tmp_path, name, *options):
+    from typer.testing import CliRunner
+
+    from conftest import make_blobs
+    from vaetool.checkpoint import load_model
+    from vaetool.cli.app import app
+
+    data = tmp_path / "data"
+    if not data.exists():
+        make_blobs(data, count=8)
+    result = CliRunner().invoke(app, ["train", str(data), "-o", str(tmp_path / name), "--steps", "1", "--image-size",
+                                      "16", "--batch-size", "4", "--no-fit-prior", "--no-report", "--no-disk-cache",
+                                      "--device", "cpu", *options])
+    assert result.exit_code == 0, result.output
+    return load_model(tmp_path / name).config, result.stderr
+
+
+def test_a_denoiser_gets_the_denoising_model_unless_the_user_chose_one(tmp_path):
+    config, stderr = _trained_config(tmp_path, "a", "--corrupt", "gaussian:0.1")
+    assert (config.kind, config.downsample, config.latent_channels) == ("spatial", 2, 16)
+    assert "denoiser model: --model spatial --downsample 2 --latent-channels 16" in stderr
+    config, _ = _trained_config(tmp_path, "b", "--noise-model", "gaussian:0.1", "--latent-channels", "4")
+    assert (config.kind, config.downsample, config.latent_channels) == ("spatial", 2, 4)
+    config, stderr = _trained_config(tmp_path, "c", "--corrupt", "mask:0.2", "--model", "vector", "--widths", "8,16",
+                                     "--latent-dim", "4")
+    assert config.kind == "vector" and "denoiser model" not in stderr
+    config, _ = _trained_config(tmp_path, "d", "--model", "spatial", "--widths", "8,16", "--latent-channels", "2")
+    assert (config.kind, config.downsample) == ("spatial", 4)  # no --corrupt: the plain defaults

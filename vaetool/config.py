@@ -23,6 +23,10 @@ LR_SCHEDULES = ("cosine", "constant")
 # "gaussian": the model learns from noisy images alone (DivNoising, Prakash et al. 2021): the decoder gives
 # the clean signal s(z), and the likelihood of an observed image is the noise model N(x; s, sigma^2).
 NOISE_MODELS = ("none", "gaussian")
+# A denoiser's model, when --corrupt or --noise-model is given and the user chose no family or latent shape:
+# a spatial map at 1/2 resolution with 16 channels keeps the detail a denoiser must give back; at equal time it
+# beat f = 4, C = 8 and the hierarchy on faces and the detail set, and runs faster (BENCHMARKS.md, "Denoising").
+DENOISER_DEFAULTS = {"kind": "spatial", "downsample": 2, "latent_channels": 16}
 
 
 def _check(condition: bool, message: str) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import DEFAULT_WIDTHS, Corruption, ModelConfig, TrainConfig, parse_noise_model
+from ..config import DEFAULT_WIDTHS, DENOISER_DEFAULTS, Corruption, ModelConfig, TrainConfig, parse_noise_model
 from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
@@ -175,6 +175,8 @@ def train(
 
     Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors (for --resume), metrics.jsonl and per-epoch sample and reconstruction grids, and prints the checkpoint path. --batch-size is per process: under torchrun the global batch is batch-size x processes.
     """
+    if (corrupt or noise_model) and not resume:
+        model, downsample, latent_channels = _denoiser_model(ctx, model, downsample, latent_channels, quiet=quiet)
     if model is ModelKind.spatial:
         check_model_shape(image_size, (0,) * (downsample.bit_length() - 1))
     else:
@@ -199,6 +201,31 @@ def train(
                strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),
                cache_memory=cache_memory, compile=compile, workers=workers, report=not no_report,
                tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior)
+
+
+def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, latent_channels: int, *,
+                    quiet: bool) -> tuple[ModelKind, int, int]:
+    """A denoiser's family and latent shape (config.DENOISER_DEFAULTS) for each of them the user left unset.
+
+    The shape applies only to the spatial family, and the downsampling only without --widths (which fix it).
+    """
+    def unset(name: str) -> bool:
+        return ctx.get_parameter_source(name).name == "DEFAULT"
+
+    chosen = []
+    if unset("model"):
+        model = ModelKind(DENOISER_DEFAULTS["kind"])
+        chosen.append(f"--model {model.value}")
+    if model.value == DENOISER_DEFAULTS["kind"]:
+        if unset("downsample") and unset("widths"):
+            downsample = DENOISER_DEFAULTS["downsample"]
+            chosen.append(f"--downsample {downsample}")
+        if unset("latent_channels"):
+            latent_channels = DENOISER_DEFAULTS["latent_channels"]
+            chosen.append(f"--latent-channels {latent_channels}")
+    if chosen:
+        info(f"denoiser model: {' '.join(chosen)} (the defaults with --corrupt or --noise-model)", quiet=quiet)
+    return model, downsample, latent_channels
 
 
 def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
