@@ -49,7 +49,7 @@ def _trained_config(tmp_path, name, *options):
     return load_model(tmp_path / name).config, result.stderr
 
 
-def test_a_denoiser_gets_the_denoising_model_unless_the_user_chose_one(tmp_path):
+def test_a_denoiser_gets_the_denoising_model_unless_the_user_chose_one_and_the_mmse_estimate(tmp_path):
     config, stderr = _trained_config(tmp_path, "a", "--corrupt", "gaussian:0.1")
     assert (config.kind, config.downsample, config.latent_channels) == ("spatial", 2, 16)
     assert "denoiser model: --model spatial --downsample 2 --latent-channels 16" in stderr
@@ -60,3 +60,11 @@ def test_a_denoiser_gets_the_denoising_model_unless_the_user_chose_one(tmp_path)
     assert config.kind == "vector" and "denoiser model" not in stderr
     config, _ = _trained_config(tmp_path, "d", "--model", "spatial", "--widths", "8,16", "--latent-channels", "2")
     assert (config.kind, config.downsample) == ("spatial", 4)  # no --corrupt: the plain defaults
+    from vaetool.events import Started
+    from vaetool.inference.denoise import denoise_files
+
+    for run, estimate in (("a", "MMSE over 16 posterior samples (seed 0)"), ("d", "posterior mean")):
+        started = []
+        denoise_files(tmp_path / run, [tmp_path / "data"], tmp_path / f"out-{run}", device="cpu",
+                      callback=lambda e: started.append(e) if isinstance(e, Started) else None)
+        assert started[0].info["estimate"] == estimate  # a denoiser's default is the MMSE estimate

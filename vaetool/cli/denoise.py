@@ -56,7 +56,7 @@ def denoise(
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
     workers: workers_option("Threads decoding and writing images (default: all cores).") = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", min=0, rich_help_panel=ESTIMATE, help="The MMSE estimate: the mean of K posterior samples' decodes; 0: the decode of the posterior mean (fast). Default: 16 for a model trained with --noise-model, else 0.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=0, rich_help_panel=ESTIMATE, help="The MMSE estimate: the mean of K posterior samples' decodes; 0: the decode of the posterior mean (fast). Default: 16 for a model trained as a denoiser (--corrupt or --noise-model), else 0.")] = None,
     diverse: Annotated[Optional[tuple[int, Path]], typer.Option("--diverse", metavar="N DIR", rich_help_panel=ESTIMATE, help="Also write N plausible clean versions of each image (single posterior samples) under DIR, mirroring the tree: stem_1.png ... stem_N.png.")] = None,
     seed: seed_option(ESTIMATE) = 0,
 ) -> None:
@@ -64,7 +64,7 @@ def denoise(
 
     Images of any size are denoised: whole at their own size by a spatial or hierarchical model, in overlapping tiles of the model's size by a vector one; grayscale stays grayscale, an alpha channel is passed through, 16-bit grayscale PNG/TIFF keeps its depth. Written paths go to stdout; a file that fails is named on stderr and the rest go on (exit code 3 at the end). `denoise CKPT page.png -o page_clean.png` writes that one file.
 
-    Note: a checkpoint trained with `vaetool train --corrupt ...` (e.g. --corrupt gaussian:0.05-0.2) is a denoiser, and so is one trained on the noisy images themselves with `--noise-model gaussian` (its output is the MMSE estimate, see --samples). One trained without either works too, but then this is a plain VAE reconstruction: it smooths rather than removes the noise it was never shown.
+    Note: a checkpoint trained with `vaetool train --corrupt ...` (e.g. --corrupt gaussian:0.05-0.2) is a denoiser, and so is one trained on the noisy images themselves with `--noise-model gaussian` (for both the output is the MMSE estimate, see --samples). One trained without either works too, but then this is a plain VAE reconstruction: it smooths rather than removes the noise it was never shown.
     """
     if diverse is not None and diverse[0] < 1:
         raise typer.BadParameter(f"N must be at least 1, not {diverse[0]}", param_hint="'--diverse'")

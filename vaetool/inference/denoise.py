@@ -35,8 +35,9 @@ from .mmse import Draw, RowKey
 from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix
 from .tiling import round_up
 
-# Posterior samples averaged for the MMSE estimate of a model trained with a noise model, by default: where
-# PSNR against K levels off (each doubling beyond adds under 0.03 dB for twice the time; BENCHMARKS.md).
+# Posterior samples averaged for the MMSE estimate of a model trained as a denoiser (--corrupt or a noise model),
+# by default: where PSNR against K levels off (each doubling beyond adds under 0.03 dB for twice the time). The
+# estimate beats the posterior mean's decode by about 2 dB for both kinds of denoiser (BENCHMARKS.md).
 DEFAULT_SAMPLES = 16
 # Beyond these an output is not a denoised input: noise of std 50/255 removed changes an image by about
 # 14 dB PSNR and its mean colour by under 2/255.
@@ -256,8 +257,8 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: 
                    seed: int) -> tuple[ModelRunner, tuple | None]:
     """The model on its device, and the corruptions it was trained with (None when unknown: a bare model).
 
-    `samples` None: the MMSE estimate over `DEFAULT_SAMPLES` for a model with a noise model, else the
-    posterior-mean decode.
+    `samples` None: the MMSE estimate over `DEFAULT_SAMPLES` for a model trained as a denoiser (with
+    --corrupt or a noise model), else the posterior-mean decode.
     """
     loaded = load_for_inference(checkpoint, device=device)
     if isinstance(checkpoint, VAEFamily):
@@ -265,7 +266,7 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: 
     else:
         corruptions = loaded.train_config.corruptions if loaded.train_config else ()
     if samples is None:
-        samples = DEFAULT_SAMPLES if loaded.config.noise_model != "none" else 0
+        samples = DEFAULT_SAMPLES if loaded.config.noise_model != "none" or corruptions else 0
     if samples < 0:
         raise ConfigError(f"--samples must be 0 (the posterior mean) or more, not {samples}")
     amp = resolve_precision(precision, model_device(loaded))
@@ -363,8 +364,7 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     """Denoise image files and folders into `out_dir`, mirroring the input tree; a bad file fails alone.
 
     `samples` K > 0 writes the MMSE estimate, the mean of K posterior samples' decodes; 0 the decode
-    of the posterior mean; None chooses (K = `DEFAULT_SAMPLES` for a model trained with a noise model,
-    else 0). `diverse` N also writes N plausible clean versions of each image (single posterior samples)
+    of the posterior mean; None chooses (K = `DEFAULT_SAMPLES` for a model trained as a denoiser, else 0). `diverse` N also writes N plausible clean versions of each image (single posterior samples)
     under `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample.
 
     Reports `Started`, `Note`, `Warning`, and one `Skipped`, `Written` or `Failed` per file (each

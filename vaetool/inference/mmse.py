@@ -2,7 +2,9 @@
 
 For a model trained on noisy images with a noise model, p(s | x) is approximated by decoding
 z ~ q(z | x): the mean of the decoded signals over K samples is the MMSE estimate of the clean image
-(Prakash, Krull & Jug 2021), and each single decode is one plausible clean version of it. The noise of
+(Prakash, Krull & Jug 2021), and each single decode is one plausible clean version of it. A model trained
+with --corrupt (clean targets) gives its estimate the same way: averaging decodes over q(z | noisy x) beats
+decoding q's mean, since the decoder is not linear in z. The noise of
 every sample is drawn on the CPU from a generator seeded by (seed, image, piece, draw), so the result
 is the same whatever the batch, the device or which other images are in the run.
 """
