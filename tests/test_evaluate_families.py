@@ -162,3 +162,18 @@ def test_cli_samples_reports_the_two_sample_test_with_its_setup(checkpoints, blo
     table = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
                                      "cpu", "--samples", "1", "-q"])
     assert table.exit_code == 1 and "at least 2 samples" in table.stderr
+
+
+def test_cli_samples_are_drawn_at_the_temperature_and_prior_given(checkpoints, blob_folder):
+    def run(*options):
+        result = CliRunner().invoke(app, ["eval", str(checkpoints["hierarchical"]), str(blob_folder), "-k", "1",
+                                          "--device", "cpu", "--samples", "8", *options])
+        assert result.exit_code == 0, result.stderr
+        return result.stdout
+
+    cold = json.loads(run("--temperature", "top=1,z2=0.3", "--prior", "standard", "--json", "-q"))["samples"]
+    assert cold["temperature"] == {"top": 1.0, "z2": 0.3} and cold["prior"] == "standard"
+    assert "temperature top=1,z2=0.3" in run("-q", "--temperature", "top=1,z2=0.3")
+    warm = json.loads(run("--json", "-q"))["samples"]
+    assert warm["temperature"] == 1.0
+    assert warm["memorisation"] != cold["memorisation"]  # other samples: their distances to the images differ

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .common import Display, emit
-from .options import BATCH_SIZE, BatchSize, Checkpoint, Device, Json, Quiet, Seed, Workers, inputs_argument
+from .options import (BATCH_SIZE, BatchSize, Checkpoint, Device, Json, PriorChoice, Quiet, SamplePrior, Seed,
+                      Temperature, TemperatureSpec, Workers, inputs_argument, temperature_value)
 
 
 def _table(r: dict[str, Any]) -> str:
@@ -51,13 +52,20 @@ def _sample_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         else ""
     reference = f"; real images: mean {m['reference_mean']:.4f}" if m["reference_mean"] is not None else ""
     return [
-        ("samples", f"{s['samples']} from the {s['prior']} prior, temperature {s['temperature']:g}, seed {s['seed']}"),
+        ("samples", f"{s['samples']} from the {s['prior']} prior, temperature {_shown(s['temperature'])}, "
+                    f"seed {s['seed']}"),
         ("C2ST accuracy", f"{t['accuracy']:.3f} (0.5: indistinguishable; real {t['real_accuracy']:.3f}, samples "
                           f"{t['generated_accuracy']:.3f}), log-loss {t['log_loss']:.3f}, p {t['p_value']:.2g}"),
         ("C2ST setup", s["setup"]),
         ("nearest image", f"RMSE to {s['reference']}: mean {m['mean']:.4f}, median {m['median']:.4f}, "
                           f"min {m['min']:.4f}{reference}{near}"),
     ]
+
+
+def _shown(temperature: float | dict[str, float]) -> str:
+    if isinstance(temperature, dict):
+        return ",".join(f"{name}={value:g}" for name, value in temperature.items())
+    return f"{temperature:g}"
 
 
 def eval_command(
@@ -73,6 +81,8 @@ def eval_command(
                                          "them against the images (classifier two-sample test).")] = 0,
     train_data: Annotated[Optional[list[str]], typer.Option("--train-data", metavar="PATH", help="With --samples: "
                           "the training images, for each sample's distance to its nearest one (repeatable).")] = None,
+    temperature: Temperature = TemperatureSpec("1"),
+    prior: SamplePrior = PriorChoice.auto,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -106,25 +116,29 @@ def eval_command(
     cannot be told from the images. Each sample's distance (per-pixel RMSE)
     to its nearest --train-data image, beside the same for the real images,
     shows memorisation; without --train-data the distances are to half of
-    the images given.
+    the images given. The samples are drawn as `vaetool sample` draws them:
+    --temperature and --prior mean the same there.
 
     Prints a table on stdout (one JSON object with --json). Unreadable files
     are skipped with a warning each and make the exit status 3.
     """
     display = Display("eval", quiet=quiet)
     result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                  workers=workers, samples=samples, train_data=train_data, display=display)
+                  workers=workers, samples=samples, train_data=train_data, display=display,
+                  sample_options={"temperature": temperature_value(temperature), "prior": prior.value})
     summary = result.to_dict()
     emit(summary if as_json else _table(summary), as_json=as_json)
     display.finish(summary=False)  # exit 3 when some inputs could not be read
 
 
 def _run(checkpoint, data: list[str], *, iw_samples: int, batch_size: int, seed: int, device: str,
-         workers: int | None, samples: int, train_data: list[str] | None, display: Display):
+         workers: int | None, samples: int, train_data: list[str] | None, display: Display,
+         sample_options: dict[str, Any]):
     from ..inference.evaluate import evaluate
 
     try:  # `-` among the inputs reads paths from stdin (find_images does it)
         return evaluate(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                        workers=workers, samples=samples, train_data=train_data, callback=display)
+                        workers=workers, samples=samples, train_data=train_data, callback=display,
+                        **{f"sample_{name}": value for name, value in sample_options.items()})
     finally:
         display.close()

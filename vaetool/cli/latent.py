@@ -13,7 +13,7 @@ from ..events import Saved
 from .common import Display, emit, fail, file_record, info, warn
 from .denoise import ReconstructTile
 from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Ext, Force, ImageFormat, Inputs,
-                      Json, LevelsChoice, PathMethod, PriorChoice, Quiet, Seed, SkipExisting, Temperature,
+                      Json, LevelsChoice, PathMethod, PriorChoice, Quiet, SamplePrior, Seed, SkipExisting, Temperature,
                       TemperatureSpec, flag, gif_file, image_file, latents_output, parse_dims, positive,
                       temperature_value, value_of)
 from .single import MoveToTarget, scratch_beside, single_target, target_done
@@ -120,7 +120,7 @@ def sample(
     output: OutDir,
     count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images.")] = 64,
     temperature: Temperature = TemperatureSpec("1"),
-    prior: Annotated[PriorChoice, typer.Option("--prior", case_sensitive=False, help="auto: the fitted prior when the checkpoint has one (`vaetool fit-prior`), else the model's own; fitted; standard: the model's own prior.")] = PriorChoice.auto,
+    prior: SamplePrior = PriorChoice.auto,
     seed: Seed = 0,
     grid: Grid = None,
     prefix: Annotated[str, typer.Option("--prefix", rich_help_panel=OUTPUT, help="File name prefix.")] = "sample_",

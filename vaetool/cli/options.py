@@ -299,6 +299,11 @@ class LevelsChoice(str, Enum):
     top = "top"
 
 
+SamplePrior = Annotated[PriorChoice, typer.Option(
+    "--prior", case_sensitive=False,
+    help="auto: the fitted prior when the checkpoint has one (`vaetool fit-prior`), else the model's own; fitted; "
+         "standard: the model's own prior.")]
+
 Temperature = Annotated[TemperatureSpec, typer.Option(
     "--temperature", "-t", parser=parse_temperature, metavar="T|LEVEL=T,...",
     help="Prior std multiplier: one number, or per level (top=1,z8=0.6; levels not named stay at 1). "

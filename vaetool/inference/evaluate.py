@@ -209,13 +209,15 @@ def _evaluate_batch(model: VAEFamily, x: torch.Tensor, k: int, generator: torch.
 def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Sequence[str | Path] | torch.Tensor, *,
              iw_samples: int = 100, batch_size: int = 32, seed: int = 0, device: str = "auto",
              workers: int | None = None, samples: int = 0, train_data: Sequence[str | Path] | None = None,
+             sample_temperature: float | dict[str, float] = 1.0, sample_prior: str = "auto",
              callback: Callback = ignore) -> EvalResult:
     """Evaluate a model of any family on image files/folders (or a (N, C, H, W) uint8 or [0, 1] float tensor).
 
     The same seed gives the same numbers, whatever the batch size. Unreadable files are left out,
     reported as `Failed` and listed in `failures`; progress is `Started`, `Progress` and `Warning` events.
     With `samples` N > 0, N prior samples are scored against the evaluated images (`sample_metric`),
-    their nearest-image distances against `train_data` when given.
+    their nearest-image distances against `train_data` when given; they are drawn as `vaetool sample` draws
+    them, at `sample_temperature` (one value, or per level) from `sample_prior` ("auto", "fitted", "standard").
     """
     if iw_samples < 1 or batch_size < 1:
         raise ConfigError("--iw-samples and --batch-size must be >= 1")
@@ -244,6 +246,7 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
             from .sample_metric import sample_report
 
             result.samples = sample_report(loaded, torch.cat(kept), samples, seed=seed, train_data=train_data,
+                                           temperature=sample_temperature, prior=sample_prior,
                                            batch_size=batch_size, workers=workers, callback=callback).to_dict()
     finally:
         model.train(was_training)

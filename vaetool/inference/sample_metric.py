@@ -229,7 +229,7 @@ class SampleReport:
     memorisation: Memorisation
     samples: int
     prior: str  # what the samples were drawn from: "fitted" (the checkpoint's fitted prior) or "standard" (the family's own)
-    temperature: float
+    temperature: float | dict[str, float]  # one for every level, or per level
     seed: int
     reference: str  # which images the nearest-image distances are to
     setup: str = ""
@@ -241,7 +241,7 @@ class SampleReport:
         return data
 
 
-def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperature: float = 1.0,
+def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperature: float | dict[str, float] = 1.0,
                  prior: str = "auto") -> torch.Tensor:
     """`count` images (N, C, H, W) in [0, 1] on the CPU, decoded from prior latents as `vaetool sample` draws
     them (`latent_space.sample_latents`: the fitted prior with "auto" when the checkpoint has one), so the
@@ -275,7 +275,8 @@ def _training_images(checkpoint: Checkpoint, train_data: Sequence[str | Path], *
     return images.float() / 255.0
 
 
-def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, seed: int = 0, temperature: float = 1.0,
+def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, seed: int = 0,
+                  temperature: float | dict[str, float] = 1.0,
                   prior: str = "auto", train_data: Sequence[str | Path] | None = None, batch_size: int = 64, workers: int | None = None,
                   test_options: dict[str, Any] | None = None, callback: Callback = ignore) -> SampleReport:
     """Draw `count` prior samples and score them against `real` images (N, C, H, W; uint8 or [0, 1] floats).
