@@ -13,10 +13,13 @@ with seed 0, held-out images with seed 1) and each family, strictly one after an
     vaetool reconstruct RUN (16 held-out images) --grid RUN/heldout_reconstructions.png
     vaetool eval RUN DATA/test --samples N --json    (with --sample-metric N, once eval has it)
 
-`--model` is passed only when `vaetool train` has that option (before it, only `vector` runs).
+`--model` is passed only when `vaetool train` has that option (before it, only `vector` runs). A family
+named `KIND@VARIANT` (e.g. `--models hierarchical,hierarchical@f2 --family-args 'hierarchical@f2=--downsample
+2'`) runs KIND with that variant's train options, in a row of its own.
 At the same budget a plain pytorch/examples-style loop (a conv VAE with a linear bottleneck,
 MSE + KL, Adam) trains on the detail set for the side-by-side; its PSNR and SSIM are measured on the
-same held-out images with vaetool's own metric functions. Writes OUT/results.json, OUT/results.md
+same held-out images with vaetool's own metric functions, and
+(with --sample-metric) its prior samples go through the same two-sample test. Writes OUT/results.json, OUT/results.md
 (the Markdown table, also printed) and the grids in each OUT/runs/NAME/.
 """
 
@@ -114,7 +117,7 @@ def run_family(data: str, family: str, *, folder: Path, run: Path, minutes: floa
     run.mkdir(parents=True)
     log = run / "commands.log"
     size = DATASETS[data][0]
-    model = ["--model", family] if has_model_option else []
+    model = ["--model", family.split("@")[0]] if has_model_option else []  # "hierarchical@f2": a variant
     started = time.monotonic()
     trained = json.loads(_run(["train", str(folder / "train"), "-o", str(run / "run"), "--time", _seconds(minutes),
                                *model, "--image-size", str(size), "--seed", "0", "--cache-dir", str(run / "cache"),
@@ -204,8 +207,11 @@ def _save_grid(path: Path, images, nrow: int) -> None:
     Image.fromarray(sheet.squeeze(-1) if c == 1 else sheet).save(path)
 
 
-def baseline_run(folder: Path, run: Path, *, seconds: float, channels: int, batch_size: int = 64) -> dict:
-    """Train the plain loop (MSE summed + KL, Adam 1e-3) for `seconds` of wall time; PSNR/SSIM on the held-out set."""
+def baseline_run(folder: Path, run: Path, *, seconds: float, channels: int, batch_size: int = 64,
+                 sample_metric: int = 0) -> dict:
+    """Train the plain loop (MSE summed + KL, Adam 1e-3) for `seconds` of wall time; PSNR/SSIM on the held-out set,
+    and with `sample_metric` N, the two-sample test of N prior samples against the held-out images, the same test
+    (`vaetool.inference.sample_metric`, same seed and setup) that `vaetool eval --samples N` runs."""
     import torch
     import torch.nn.functional as F
 
@@ -236,8 +242,15 @@ def baseline_run(folder: Path, run: Path, *, seconds: float, channels: int, batc
         _save_grid(run / "heldout_reconstructions.png", torch.cat([x[:GRID_IMAGES], recon[:GRID_IMAGES]]), GRID_IMAGES)
         _save_grid(run / "prior_samples.png", model.decode(torch.randn(64, 64, generator=generator)), 8)
         metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item()}
+        two_sample = None
+        if sample_metric:
+            from vaetool.inference.sample_metric import classifier_two_sample_test
+
+            drawn = torch.cat([model.decode(z) for z in torch.randn(sample_metric, 64, generator=generator).split(100)])
+            two_sample = {"samples": {"two_sample": classifier_two_sample_test(x, drawn, seed=0).to_dict()}}
     return {"family": "baseline", "label": "plain loop (pytorch/examples)", "steps": steps,
             "train_s": round(elapsed, 1), "images_per_s": steps * batch_size / elapsed, "test": metrics,
+            "sample_metric": two_sample,
             "grids": {"samples": str(run / "prior_samples.png"),
                       "reconstructions": str(run / "heldout_reconstructions.png")}}
 
@@ -335,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     if args.baseline_worker:
         data, folder, run = args.baseline_worker
-        result = baseline_run(Path(folder), Path(run), seconds=args.minutes * 60, channels=DATASETS[data][1])
+        result = baseline_run(Path(folder), Path(run), seconds=args.minutes * 60, channels=DATASETS[data][1],
+                              sample_metric=args.sample_metric)
         (Path(run) / "result.json").write_text(json.dumps({"data": data, "minutes": args.minutes, **result}, indent=1))
         return
     if not args.report:
@@ -360,7 +374,7 @@ def _run_plan(args: argparse.Namespace, *, invocation: str) -> None:
         print(f"{data}-{family}: {args.minutes:g} min ...", file=sys.stderr, flush=True)
         try:
             if family == "baseline":
-                result = _baseline_subprocess(args.minutes, data, folder, run)
+                result = _baseline_subprocess(args.minutes, data, folder, run, sample_metric=args.sample_metric)
             elif family != "vector" and not has_model:
                 raise RuntimeError("this vaetool's train has no --model option yet")
             else:
@@ -375,11 +389,12 @@ def _run_plan(args: argparse.Namespace, *, invocation: str) -> None:
         (run / "result.json").write_text(json.dumps({**result, "invocation": invocation}, indent=1))
 
 
-def _baseline_subprocess(minutes: float, data: str, folder: Path, run: Path) -> dict:
+def _baseline_subprocess(minutes: float, data: str, folder: Path, run: Path, *, sample_metric: int) -> dict:
     """The plain loop in a fresh process of its own, as each vaetool command is; its result."""
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    command = [sys.executable, __file__, "--minutes", str(minutes), "--baseline-worker", data, str(folder), str(run)]
+    command = [sys.executable, __file__, "--minutes", str(minutes), "--sample-metric", str(sample_metric),
+               "--baseline-worker", data, str(folder), str(run)]
     with open(run / "commands.log", "w", encoding="utf-8") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
