@@ -19,7 +19,7 @@ Two measurements per command:
    OpenMP threads spinning while descheduled do not count as work; there, wall-clock ratios above 1
    can appear because the scheduler shares CPU per thread and the engine runs more threads.
 
-The folder is the built-in faces at 64x64 and the model the default architecture, trained for
+The folder is the built-in faces at 64x64 and the model the default of a family (`--model`), trained for
 `--train-seconds` on the small folder (or `--checkpoint`): the weights do not change the amount of
 arithmetic, but they change what is written, and an untrained model's grey noise costs the PNG
 compressor more than faces do.
@@ -56,12 +56,12 @@ def faces(folder: Path, count: int) -> Path:
     return folder
 
 
-def trained_model(folder: Path, run_dir: Path, seconds: float) -> Path:
-    """The default model trained for `seconds` on `folder`: outputs that look like what users write."""
+def trained_model(folder: Path, run_dir: Path, seconds: float, kind: str = "vector") -> Path:
+    """The family's default model trained for `seconds` on `folder`: outputs that look like what users write."""
     from vaetool.config import ModelConfig, TrainConfig
     from vaetool.training.trainer import train
 
-    train([folder], run_dir, model_config=ModelConfig(), train_config=TrainConfig(time_limit=seconds),
+    train([folder], run_dir, model_config=ModelConfig(kind=kind), train_config=TrainConfig(time_limit=seconds),
           device="cpu", force=True, cache_dir=run_dir.parent / "cache", report=False)
     return run_dir / "model.safetensors"
 
@@ -120,7 +120,9 @@ def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float
     elif command == "reconstruct":
         ops.reconstruct_folder(ckpt, inputs, out, batch_size=batch, force=True)
     else:
-        z = ops.prior_latents(ckpt, len(found), seed=0)
+        from vaetool.inference.latent_space import sample_latents
+
+        z = sample_latents(ckpt, len(found), seed=0)  # as `vaetool sample` draws them, for any family
         ops.write_decoded(ckpt, z, [out / f"sample_{i:05d}.png" for i in range(len(found))], batch_size=batch,
                           force=True)
     return time.perf_counter() - start
@@ -141,12 +143,15 @@ def no_file_writes():
 
 
 def forward_pass(command: str, model, x: torch.Tensor, count: int) -> float:
-    """Seconds for the bare model over `count` images, one in-memory batch reused: compute only."""
-    batch = len(x)
-    z = torch.randn(batch, model.config.latent_dim, generator=torch.Generator().manual_seed(0))  # as `sample`
-    step = {"encode": lambda: model.encode(x),
-            "sample": lambda: model.mean_image(model.decode(z)),
-            "reconstruct": lambda: model.mean_image(model.decode(model.encode(x).mu))}[command]
+    """Seconds for the bare model over `count` images, one in-memory batch reused: compute only.
+
+    What each command must compute, for any family: encode, the posterior means of every level (for a
+    hierarchy, its top-down pass); sample, drawing every level from the prior and decoding; reconstruct,
+    decoding the means."""
+    batch, generator = len(x), torch.Generator().manual_seed(0)
+    step = {"encode": lambda: model.encode(x).mode(),
+            "sample": lambda: model.mean_image(model.decode(model.sample_prior(batch, generator=generator))),
+            "reconstruct": lambda: model.mean_image(model.decode(model.encode(x).mode()))}[command]
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(-(-count // batch)):
@@ -204,7 +209,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="engine/bare-model pairs per command")
     parser.add_argument("--commands", default="encode,reconstruct,sample")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where the face folders are kept")
-    parser.add_argument("--checkpoint", type=Path, help="a trained default-architecture model (else one is trained)")
+    parser.add_argument("--checkpoint", type=Path, help="a trained model (else one of --model is trained)")
+    parser.add_argument("--model", default="vector", help="the family trained when no --checkpoint is given")
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--out-dir", type=Path, help="where the commands write (default: a temporary folder); "
                         "/dev/shm takes the disk out of the measurement")
@@ -214,11 +220,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="vaetool-infer-"))
     folders = {n: faces(args.data / f"faces{n}", n) for n in (args.small, args.count)}
-    path = args.checkpoint or trained_model(folders[args.small], work / "run", args.train_seconds)
+    path = args.checkpoint or trained_model(folders[args.small], work / "run", args.train_seconds, args.model)
     ckpt = load_for_inference(path, device="cpu")  # as the commands do
     found = find_images([folders[args.small]])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, 64x64 RGB, "
-          f"default model; load average at start {os.getloadavg()[0]:.1f}")
+          f"{ckpt.config.kind} model; load average at start {os.getloadavg()[0]:.1f}")
     print(f"{'':12s} {'installed command':^81s} | {f'in process, {args.rounds} rounds of {args.small} images':^76s}")
     print(f"{'command':12s} {'steady img/s':>12s} {'whole img/s':>11s} {f'RSS MiB @{args.small}':>14s} "
           f"{f'RSS MiB @{args.count}':>14s} {'user ms/img':>11s} {'kernel ms/img':>13s} | {'engine img/s':>12s} {'forward img/s':>13s} {'ratio (min-max)':>17s} "
