@@ -118,7 +118,9 @@ def engine_pass(command: str, ckpt, found: list, out: Path, batch: int) -> float
     if command == "encode":
         ops.encode_to_file(ckpt, inputs, out.with_suffix(".safetensors"), batch_size=batch, force=True)
     elif command == "reconstruct":
-        ops.reconstruct_folder(ckpt, inputs, out, batch_size=batch, force=True)
+        from vaetool.inference.reconstruct import reconstruct_folder
+
+        reconstruct_folder(ckpt, inputs, out, batch_size=batch, force=True)
     else:
         from vaetool.inference.latent_space import sample_latents
 
