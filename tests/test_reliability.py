@@ -540,6 +540,8 @@ def test_sigint_mid_step_saves_a_state_that_resumes_to_the_same_weights(blob_fol
     """Ctrl-C landing right after the optimizer update, before the step is counted (the worst moment)."""
     from vaetool.training import trainer
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left: Ctrl-C as a user has it
+
     args = [*TINY_ARGS, "--no-report", "--ema", "0.9", "--seed", "4"]
     whole = invoke("train", blob_folder, "-o", tmp_path / "whole", "--steps", 8, *args)
     assert whole.exit_code == 0, whole.output
@@ -577,6 +579,7 @@ def test_sigint_before_training_starts_claims_no_saved_state(blob_folder, tmp_pa
 
 
 def test_sigint_to_the_installed_command_exits_130_and_resumes_exactly(tmp_path):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # children inherit an ignored SIGINT: restore it
     data = tmp_path / "data"
     make_blobs(data, count=12)
     args = [*TRAIN, "--seed", "2"]
