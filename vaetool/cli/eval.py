@@ -125,7 +125,7 @@ def eval_command(
     display = Display("eval", quiet=quiet)
     result = _run(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
                   workers=workers, samples=samples, train_data=train_data, display=display,
-                  sample_options={"temperature": temperature_value(temperature), "prior": prior.value})
+                  sample_temperature=temperature_value(temperature), sample_prior=prior.value)
     summary = result.to_dict()
     emit(summary if as_json else _table(summary), as_json=as_json)
     display.finish(summary=False)  # exit 3 when some inputs could not be read
@@ -133,12 +133,12 @@ def eval_command(
 
 def _run(checkpoint, data: list[str], *, iw_samples: int, batch_size: int, seed: int, device: str,
          workers: int | None, samples: int, train_data: list[str] | None, display: Display,
-         sample_options: dict[str, Any]):
+         sample_temperature: float | dict[str, float], sample_prior: str):
     from ..inference.evaluate import evaluate
 
     try:  # `-` among the inputs reads paths from stdin (find_images does it)
         return evaluate(checkpoint, data, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
                         workers=workers, samples=samples, train_data=train_data, callback=display,
-                        **{f"sample_{name}": value for name, value in sample_options.items()})
+                        sample_temperature=sample_temperature, sample_prior=sample_prior)
     finally:
         display.close()
