@@ -37,18 +37,34 @@ def conv_gflops(batch: int = 64, channels: int = 64, size: int = 32, seconds: fl
     return flops * count / (time.perf_counter() - start) / 1e9
 
 
+CONV_PARTS = ("forward", "input gradient", "weight gradient", "training")
+
+
 def conv_training_gflops(batch: int = 64, channels: int = 64, size: int = 32, seconds: float = 2.0,
-                         dtype: torch.dtype = torch.float32) -> float:
-    """3x3 convolution throughput for training (forward, input gradient and weight gradient together, each
-    as many FLOPs as the forward), channels_last, GFLOP/s: the peak a training step is measured against."""
+                         dtype: torch.dtype = torch.float32, part: str = "training") -> float:
+    """3x3 convolution throughput, channels_last, GFLOP/s, of one part of training: the forward pass, the input
+    gradient or the weight gradient alone (each as many FLOPs as the forward), or "training", all three
+    together (forward then backward), the peak a training step is measured against."""
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
-    x = torch.randn(batch, channels, size, size, dtype=dtype).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    flops = 3 * 2 * batch * channels * channels * 9 * size * size
+    x = torch.randn(batch, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(part in ("input gradient", "training"))
+    conv.requires_grad_(part in ("weight gradient", "training"))
+    forward_flops = 2 * batch * channels * channels * 9 * size * size
+    grad_out = torch.randn_like(conv(x).detach())
+    if part == "forward":
+        def once() -> None:
+            with torch.no_grad():
+                conv(x)
+    elif part == "training":  # gradients returned, not accumulated: a training step's first backward
+        def once() -> None:
+            torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad_out)
+    else:  # one gradient alone: the backward of a kept graph, whose only leaf is the input or the weights
+        y = conv(x)
+        leaf = x if part == "input gradient" else conv.weight
 
-    def once() -> None:
-        conv(x).sum().backward()
-
+        def once() -> None:
+            torch.autograd.grad(y, leaf, grad_out, retain_graph=True)
+    flops = forward_flops * (3 if part == "training" else 1)
     for _ in range(3):
         once()
     count, start = 0, time.perf_counter()

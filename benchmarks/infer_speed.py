@@ -149,11 +149,11 @@ def forward_pass(command: str, model, x: torch.Tensor, count: int) -> float:
 
     What each command must compute, for any family: encode, the posterior means of every level (for a
     hierarchy, its top-down pass); sample, drawing every level from the prior and decoding; reconstruct,
-    decoding the means."""
+    the model's own `reconstruct` (decoding the means; a hierarchy's one top-down pass, as the command runs it)."""
     batch, generator = len(x), torch.Generator().manual_seed(0)
     step = {"encode": lambda: model.encode(x).mode(),
             "sample": lambda: model.mean_image(model.decode(model.sample_prior(batch, generator=generator))),
-            "reconstruct": lambda: model.mean_image(model.decode(model.encode(x).mode()))}[command]
+            "reconstruct": lambda: model.reconstruct(x)}[command]
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(-(-count // batch)):
@@ -220,6 +220,8 @@ def main() -> None:
     from vaetool.inference.load import load_for_inference
     from vaetool.io.find import find_images
 
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vaetool-infer-"))
     folders = {n: faces(args.data / f"faces{n}", n) for n in (args.small, args.count)}
     path = args.checkpoint or trained_model(folders[args.small], work / "run", args.train_seconds, args.model)
