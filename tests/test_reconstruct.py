@@ -172,3 +172,26 @@ def test_installed_command_end_to_end(kind, models, tmp_path):
     assert "bad.png" in result.stderr and "done 2, skipped 0, failed 1 (of 3)" in result.stderr
     size = (16, 16) if kind == "vector" else (100, 60)
     assert Image.open(tmp_path / "out" / "wide.png").size == size
+
+
+def test_bf16_reconstructs_every_family_within_a_few_levels_of_float32(models, data, tmp_path):
+    for kind in FAMILIES:
+        differing = 0
+        ckpt = load_for_inference(models[kind], device="cpu")
+        for precision in ("fp32", "bf16"):
+            reconstruct_folder(ckpt, [data], tmp_path / kind / precision, batch_size=2, precision=precision)
+        for exact in sorted((tmp_path / kind / "fp32").rglob("*.png")):
+            fast = tmp_path / kind / "bf16" / exact.relative_to(tmp_path / kind / "fp32")
+            a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (exact, fast))
+            assert a.shape == b.shape and np.abs(a - b).max() <= 8, (kind, exact.name)
+            differing += int((a != b).sum())
+        assert differing > 0, f"{kind}: bf16 gave float32's pixels exactly; the precision did not reach the model"
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_output(models, data, tmp_path):
+    from vaetool.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        reconstruct_folder(load_for_inference(models["spatial"], device="cpu"), [data], tmp_path / "out",
+                           batch_size=2, precision="fp16")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

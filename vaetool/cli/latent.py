@@ -13,9 +13,9 @@ from ..events import Saved
 from .common import Display, emit, fail, file_record, info, warn
 from .denoise import ReconstructTile
 from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, DimList, Ext, Force, ImageFormat, Inputs,
-                      Json, LevelsChoice, PathMethod, PriorChoice, Quiet, SamplePrior, Seed, SkipExisting, Temperature,
-                      TemperatureSpec, flag, gif_file, image_file, latents_output, parse_dims, positive,
-                      temperature_value, value_of)
+                      Json, LevelsChoice, PathMethod, Precision, PrecisionOption, PriorChoice, Quiet, SamplePrior, Seed,
+                      SkipExisting, Temperature, TemperatureSpec, flag, gif_file, image_file, latents_output,
+                      parse_dims, positive, temperature_value, value_of)
 from .single import MoveToTarget, scratch_beside, single_target, target_done
 
 OutDir = Annotated[Path, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Output folder.")]
@@ -192,7 +192,7 @@ def reconstruct(
     ext: Ext = None,
     force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
     tile: ReconstructTile = "auto",
-    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", precision: PrecisionOption = Precision.auto,
 ) -> None:
     """Reconstruct images through the model (posterior mean), mirroring the input tree under OUTPUT.
 
@@ -214,7 +214,8 @@ def reconstruct(
     with folder as out_dir:
         callback = display if target is None else MoveToTarget(display, target, force=force)
         reconstruct_folder(ckpt, inputs, out_dir, batch_size=batch_size, ext=suffix, force=force, tile=tile,
-                           skip_existing=skip_existing, grid=grid, stdin=sys.stdin, callback=callback)
+                           skip_existing=skip_existing, grid=grid, precision=precision.value, stdin=sys.stdin,
+                           callback=callback)
     display.finish()
 
 

@@ -28,6 +28,7 @@ from ..io.pool import default_workers
 from ..io.write import quantize, save_grid
 from .denoise import Pipeline
 from .folder import Outcome, Task, Writer, check_not_inside, counting, plan_outputs, prepare_outputs
+from ..runtime import autocast, resolve_precision
 from .load import model_device
 from .tiledenoise import ModelRunner, TileSpec, check_options
 
@@ -37,17 +38,20 @@ Inputs = Sequence[str | os.PathLike]
 def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *, batch_size: int,
                        ext: str | None = None, force: bool = False, skip_existing: bool = False,
                        grid: Path | None = None, grid_count: int = 16, tile: TileSpec = "auto",
-                       overlap: float = 0.25, workers: int | None = None, stdin: TextIO | None = None,
-                       callback: Callback = ignore) -> Outcome:
+                       overlap: float = 0.25, workers: int | None = None, precision: str = "auto",
+                       stdin: TextIO | None = None, callback: Callback = ignore) -> Outcome:
     """Reconstruct every image from its posterior mean into OUT_DIR, mirroring the input tree.
 
     `tile` and `overlap` apply to a model that takes any size: `auto` runs each image whole up to a
     memory bound and in blended tiles above it, `off` always whole, N in tiles of N px. With `grid`,
     the first `grid_count` originals are also written above their reconstructions in one image.
+    `precision` as `resolve_precision` reads it: `auto` is float32 on CPUs, so outputs match between
+    machines; `bf16` is faster on CPUs with AMX, at a level of difference in some pixels (BENCHMARKS.md).
     """
     started, outcome = time.monotonic(), Outcome()
     callback = outcome.recorder(callback)
     check_options(overlap=overlap, strength=1.0, batch_size=batch_size)
+    amp = resolve_precision(precision, model_device(checkpoint))
     check_not_inside(out_dir, inputs, force=force)
     found = find_images(inputs, stdin=stdin, callback=callback)
     callback(Started("reconstruct", len(found)))
@@ -55,11 +59,11 @@ def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *,
     todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, callback=callback)
     if checkpoint.model.size_multiple is None:
         pairs = _resized(checkpoint, todo, done=len(tasks) - len(todo), total=len(tasks), batch_size=batch_size,
-                         force=force, keep=grid_count if grid is not None else 0, callback=callback)
+                         force=force, keep=grid_count if grid is not None else 0, amp=amp, callback=callback)
     else:
         pairs = _whole(checkpoint, todo, done=len(tasks) - len(todo), total=len(tasks), batch_size=batch_size,
                        tile=tile, overlap=overlap, force=force, keep=grid_count if grid is not None else 0,
-                       workers=workers, callback=callback)
+                       workers=workers, amp=amp, callback=callback)
     if grid is not None and pairs:
         originals, recons = zip(*pairs)
         written = save_grid(grid, torch.cat([torch.stack(originals), torch.stack(recons)]), nrow=len(originals),
@@ -70,7 +74,7 @@ def reconstruct_folder(checkpoint: Checkpoint, inputs: Inputs, out_dir: Path, *,
 
 
 def _resized(checkpoint: Checkpoint, todo: list[Task], *, done: int, total: int, batch_size: int, force: bool,
-             keep: int, callback: Callback) -> list[tuple[torch.Tensor, torch.Tensor]]:
+             keep: int, amp: torch.dtype | None, callback: Callback) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed-size path: images fitted to the model's size, reconstructed in batches; the first `keep` pairs."""
     cfg, model = checkpoint.config, checkpoint.model
     device = model_device(checkpoint)
@@ -81,7 +85,7 @@ def _resized(checkpoint: Checkpoint, todo: list[Task], *, done: int, total: int,
                                                    batch_size=batch_size, callback=callback):
             done += len(items) + len(failures)
             if items:
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast(device, amp):
                     x = to_float(batch, device).contiguous(memory_format=torch.channels_last)  # (B, C, S, S)
                     pixels = model.mean_image(model.decode(model.encode(x).mode())).float().cpu()
                 for item, image in zip(items, quantize(pixels)):
@@ -92,10 +96,10 @@ def _resized(checkpoint: Checkpoint, todo: list[Task], *, done: int, total: int,
 
 
 def _whole(checkpoint: Checkpoint, todo: list[Task], *, done: int, total: int, batch_size: int, tile: TileSpec,
-           overlap: float, force: bool, keep: int, workers: int | None,
+           overlap: float, force: bool, keep: int, workers: int | None, amp: torch.dtype | None,
            callback: Callback) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The any-size path: each image at its own size through the denoiser's pipeline at full strength."""
-    run = ModelRunner(checkpoint.model)
+    run = ModelRunner(checkpoint.model, amp_dtype=amp)
     side, max_pixels = run.tiling(tile)
     thumbs = _Thumbnails({t.output: i for i, t in enumerate(todo[:keep])}, size=checkpoint.config.image_size,
                          channels=checkpoint.config.channels)
