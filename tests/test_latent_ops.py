@@ -201,3 +201,20 @@ def test_python_api_mirrors_the_commands(ckpt_path, data):
     with pytest.raises(DataError, match=r"\(B, 1 or 3, 16, 16\)"):
         vae.encode(torch.zeros(1, 3, 8, 8))
     assert vae.identity == load_model(ckpt_path).identity
+
+
+def test_write_decoded_in_bf16_stays_within_a_few_levels_and_fp16_on_the_cpu_writes_nothing(ckpt, tmp_path):
+    from vaetool.errors import ConfigError
+
+    z = ops.prior_latents(ckpt, 6, seed=3)
+    images = {}
+    for precision in ("fp32", "bf16"):
+        paths = [tmp_path / precision / f"s{i}.png" for i in range(6)]
+        ops.write_decoded(ckpt, z, paths, batch_size=4, precision=precision, command="sample")
+        images[precision] = np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in paths])
+    difference = np.abs(images["fp32"] - images["bf16"])
+    assert difference.max() <= 8 and difference.any()  # bf16 reached the decoder, and stayed close
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        ops.write_decoded(ckpt, z, [tmp_path / "half" / f"s{i}.png" for i in range(6)], batch_size=4,
+                          precision="fp16")
+    assert not (tmp_path / "half").exists()

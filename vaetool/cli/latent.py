@@ -96,7 +96,7 @@ def decode(
     key: Annotated[Optional[str], typer.Option("--key", help="What to decode: mu (default), z or logvar of every level; or the tensor's name in a plain file.")] = None,
     ext: Format = ImageFormat.png,
     force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
-    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", precision: PrecisionOption = Precision.auto,
 ) -> None:
     """Decode latents (every level, checked against the model) to images, named after the encoded images' paths."""
     from ..inference.latent_files import read_latents
@@ -111,7 +111,7 @@ def decode(
     paths = decoded_paths(output, table.names, table.count, ext=ext.value)
     display = Display("decode", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, table.levels, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                  callback=display, source=str(latents))
+                  callback=display, source=str(latents), precision=precision.value)
     display.finish()
 
 
@@ -126,7 +126,7 @@ def sample(
     prefix: Annotated[str, typer.Option("--prefix", rich_help_panel=OUTPUT, help="File name prefix.")] = "sample_",
     ext: Format = ImageFormat.png,
     force: Force = False, skip_existing: SkipExisting = False, quiet: Quiet = False, as_json: Json = False,
-    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", precision: PrecisionOption = Precision.auto,
 ) -> None:
     """Draw new images from the prior (ancestrally, level by level, for a hierarchy); prints the written paths."""
     from ..inference.latent_files import save_grid
@@ -139,11 +139,11 @@ def sample(
     paths = [output / f"{prefix}{i:05d}.{ext.value}" for i in range(count)]
     display = Display("sample", quiet=quiet, as_json=as_json)
     write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, skip_existing=skip_existing,
-                  callback=display, command="sample")
+                  callback=display, command="sample", precision=precision.value)
     if grid is not None:
         import math
 
-        pixels = decode_images(ckpt, z, batch_size=batch_size)
+        pixels = decode_images(ckpt, z, batch_size=batch_size, precision=precision.value)
         display(Saved(str(save_grid(grid, pixels, nrow=max(1, round(math.sqrt(count))), force=force)), "grid"))
     display.finish()
 

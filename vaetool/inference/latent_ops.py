@@ -28,6 +28,7 @@ from ..io.write import quantize, save_grid
 from ..models.base import DiagonalGaussian, FactorizedPosterior, Latents, Posterior
 from .folder import Outcome, Writer, check_not_inside, plan_outputs, prepare_outputs, tasks_for
 from .latent_space import count_of, fit_levels, level_names, posterior_levels, rows_of, traverse_latents
+from ..runtime import autocast, resolve_precision
 from .load import model_device
 
 Inputs = Sequence[str | os.PathLike]
@@ -135,15 +136,17 @@ def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batc
     return path, len(done)
 
 
-def decode_images(checkpoint: Checkpoint, z: torch.Tensor | Latents, *, batch_size: int | None = None) -> torch.Tensor:
+def decode_images(checkpoint: Checkpoint, z: torch.Tensor | Latents, *, batch_size: int | None = None,
+                  precision: str = "auto") -> torch.Tensor:
     """Mean images (B, C, H, W) in [0, 1] on the CPU for latents z ((B, D), or the family's levels),
-    `batch_size` rows per forward pass."""
+    `batch_size` rows per forward pass, under `precision`'s autocast (`auto`: float32 on CPUs)."""
     model = checkpoint.model
     device = model_device(checkpoint)
+    amp = resolve_precision(precision, device)
     count = len(next(iter(z.values()))) if isinstance(z, dict) else len(z)
     step = batch_size or max(1, count)
     parts = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, amp):
         for i in range(0, count, step):
             part = ({k: v[i:i + step].to(device) for k, v in z.items()} if isinstance(z, dict)
                     else z[i:i + step].to(device))
@@ -181,9 +184,10 @@ def as_level_dict(checkpoint: Checkpoint, z: torch.Tensor | Latents) -> Latents:
 
 def write_decoded(checkpoint: Checkpoint, z: torch.Tensor | Latents, paths: Sequence[Path], *, batch_size: int,
                   force: bool = False, skip_existing: bool = False, callback: Callback = ignore,
-                  source: str = "latents", command: str = "decode") -> Outcome:
+                  source: str = "latents", command: str = "decode", precision: str = "auto") -> Outcome:
     """Decode each row of the latents (every level checked against the model) to the matching path, written
-    on background threads; `command` names the work."""
+    on background threads; `command` names the work, `precision` the decoder's autocast."""
+    resolve_precision(precision, model_device(checkpoint))  # a bad precision stops here, before any output
     latents = as_level_dict(checkpoint, z)
     fit_levels(checkpoint.model, latents, source)
     count = count_of(latents)
@@ -196,7 +200,7 @@ def write_decoded(checkpoint: Checkpoint, z: torch.Tensor | Latents, paths: Sequ
         for start in range(0, count, batch_size):
             rows = [i for i in range(start, min(start + batch_size, count)) if tasks[i].output in todo]
             if rows:
-                pixels = quantize(decode_images(checkpoint, rows_of(latents, rows)))  # one op per batch
+                pixels = quantize(decode_images(checkpoint, rows_of(latents, rows), precision=precision))
                 for i, image in zip(rows, pixels):
                     writer.submit(todo[tasks[i].output], image)
             callback(Progress(min(start + batch_size, count), count))
