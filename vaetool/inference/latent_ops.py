@@ -26,9 +26,9 @@ from ..io.find import FoundImage, find_images
 from ..io.latents import lerp, save_latents, slerp, tensor_key
 from ..io.write import quantize, save_grid
 from ..models.base import DiagonalGaussian, FactorizedPosterior, Latents, Posterior
+from ..runtime import autocast, resolve_precision
 from .folder import Outcome, Writer, check_not_inside, plan_outputs, prepare_outputs, tasks_for
 from .latent_space import count_of, fit_levels, level_names, posterior_levels, rows_of, traverse_latents
-from ..runtime import autocast, resolve_precision
 from .load import model_device
 
 Inputs = Sequence[str | os.PathLike]
@@ -200,6 +200,7 @@ def write_decoded(checkpoint: Checkpoint, z: torch.Tensor | Latents, paths: Sequ
         for start in range(0, count, batch_size):
             rows = [i for i in range(start, min(start + batch_size, count)) if tasks[i].output in todo]
             if rows:
+                # one decode and one quantize per batch
                 pixels = quantize(decode_images(checkpoint, rows_of(latents, rows), precision=precision))
                 for i, image in zip(rows, pixels):
                     writer.submit(todo[tasks[i].output], image)

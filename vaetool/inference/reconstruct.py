@@ -26,9 +26,9 @@ from ..io.decode import match_channels, to_float
 from ..io.find import find_images
 from ..io.pool import default_workers
 from ..io.write import quantize, save_grid
+from ..runtime import autocast, resolve_precision
 from .denoise import Pipeline
 from .folder import Outcome, Task, Writer, check_not_inside, counting, plan_outputs, prepare_outputs
-from ..runtime import autocast, resolve_precision
 from .load import model_device
 from .tiledenoise import ModelRunner, TileSpec, check_options
 
