@@ -49,22 +49,31 @@ def _trained_config(tmp_path, name, *options):
     return load_model(tmp_path / name).config, result.stderr
 
 
-def test_a_denoiser_gets_the_denoising_model_unless_the_user_chose_one_and_the_mmse_estimate(tmp_path):
+def test_a_denoiser_gets_the_denoising_model_and_kl_weight_unless_the_user_chose_them_and_its_estimate(tmp_path):
+    from vaetool.checkpoint import load_model
+
     config, stderr = _trained_config(tmp_path, "a", "--corrupt", "gaussian:0.1")
     assert (config.kind, config.downsample, config.latent_channels) == ("spatial", 2, 16)
-    assert "denoiser model: --model spatial --downsample 2 --latent-channels 16" in stderr
+    assert "denoiser defaults: --model spatial --downsample 2 --latent-channels 16 --beta 0.01" in stderr
+    assert load_model(tmp_path / "a").train_config.beta == 0.01  # supervised: the small KL weight
     config, _ = _trained_config(tmp_path, "b", "--noise-model", "gaussian:0.1", "--latent-channels", "4")
     assert (config.kind, config.downsample, config.latent_channels) == ("spatial", 2, 4)
+    assert load_model(tmp_path / "b").train_config.beta == 1.0  # from noisy images alone: the full ELBO
+    _, stderr = _trained_config(tmp_path, "e", "--corrupt", "gaussian:0.1", "--beta", "1")
+    assert load_model(tmp_path / "e").train_config.beta == 1.0 and "--beta" not in stderr  # the user's own kept
     config, stderr = _trained_config(tmp_path, "c", "--corrupt", "mask:0.2", "--model", "vector", "--widths", "8,16",
                                      "--latent-dim", "4")
-    assert config.kind == "vector" and "denoiser model" not in stderr
+    assert config.kind == "vector" and "denoiser defaults: --beta 0.01 " in stderr  # the family is the user's
     config, _ = _trained_config(tmp_path, "d", "--model", "spatial", "--widths", "8,16", "--latent-channels", "2")
     assert (config.kind, config.downsample) == ("spatial", 4)  # no --corrupt: the plain defaults
     from vaetool.events import Started
     from vaetool.inference.denoise import denoise_files
 
-    for run, estimate in (("a", "MMSE over 16 posterior samples (seed 0)"), ("d", "posterior mean")):
+    # The MMSE estimate for a noisy-only model and a supervised one at beta 1; the posterior mean for a supervised
+    # one at its default small KL weight (a narrow posterior) and for a plain model.
+    mmse, mean = "MMSE over 16 posterior samples (seed 0)", "posterior mean"
+    for run, estimate in (("a", mean), ("b", mmse), ("e", mmse), ("d", mean)):
         started = []
         denoise_files(tmp_path / run, [tmp_path / "data"], tmp_path / f"out-{run}", device="cpu",
                       callback=lambda e: started.append(e) if isinstance(e, Started) else None)
-        assert started[0].info["estimate"] == estimate  # a denoiser's default is the MMSE estimate
+        assert started[0].info["estimate"] == estimate, run

@@ -213,6 +213,7 @@ def test_robust_range_only_when_a_point_is_far_out():
 def test_the_heading_shows_the_best_epoch_and_the_run_provenance(tmp_path):
     rows = _metrics(3)
     rows[2]["val_neg_elbo"], rows[2]["val_psnr"] = 500.0, 99.0  # the last epoch is worse and has another PSNR
+    rows[2]["best"] = False  # as the trainer marks it
     run = _fake_run(tmp_path / "run", rows)
     (run / "run.json").write_text(json.dumps({"command": "vaetool train faces -o run", "data": ["faces"],
                                               "device": "cpu (Xeon)", "precision": "bf16"}))

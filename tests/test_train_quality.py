@@ -66,13 +66,17 @@ def test_metrics_jsonl_has_validation_elbo_and_psnr_per_epoch(blob_folder, tmp_p
     assert result.psnr == pytest.approx(last["val_psnr"], rel=1e-4)
 
 
-def script_validation(monkeypatch, scores: list[float]) -> None:
-    """Make epoch i's validation -ELBO scores[i] (the other metrics stay real), so best and worse epochs are known."""
+def script_validation(monkeypatch, scores: list[float] | list[tuple[float, float]]) -> None:
+    """Make epoch i's validation -ELBO scores[i], or its (recon, KL) pair (the PSNR stays real), so best and worse
+    epochs are known."""
     real, calls = train_module.validate, []
 
     def scripted(*args, **kwargs):
         metrics = real(*args, **kwargs)
-        metrics["val_neg_elbo"] = scores[len(calls) % len(scores)]  # once per epoch; a second run starts over
+        score = scores[len(calls) % len(scores)]  # once per epoch; a second run starts over
+        recon, kl = score if isinstance(score, tuple) else (score, 0.0)
+        metrics.update(val_recon=recon, val_kl=kl, val_neg_elbo=recon + kl,
+                       val_objective=recon + kwargs["beta"] * kl)
         calls.append(1)
         return metrics
 
@@ -94,6 +98,44 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_last_is_the_last(blob_
     # The same seed stopped after epoch 2 reaches exactly the weights kept as the best.
     run(blob_folder, tmp_path / "short", model_config=TINY, epochs=2, lr=0.01, lr_schedule="constant")
     assert same_weights(best_weights, state_dict(tmp_path / "short" / "last.safetensors"))
+
+
+def test_with_a_kl_weight_the_best_checkpoint_is_the_best_at_the_weighted_objective(blob_folder, tmp_path,
+                                                                                      monkeypatch):
+    # (recon, KL) per epoch: by the -ELBO epoch 1 is best (10 < 50 and 30), by recon + 0.1 KL epoch 2 (5 < 10, 8).
+    script_validation(monkeypatch, [(10.0, 0.0), (0.0, 50.0), (5.0, 30.0)])
+    result = run(blob_folder, tmp_path / "run", model_config=TINY, epochs=3, lr=0.01, beta=0.1)
+    lines = metrics(tmp_path / "run")
+    assert [line["best"] for line in lines] == [True, True, False]
+    assert load_model(tmp_path / "run" / "model.safetensors").training["metrics"]["epoch"] == 2
+    # What the run reports of its best epoch is still that epoch's -ELBO.
+    assert result.best_epoch == 2 and result.best_val_neg_elbo == 50.0
+
+
+def test_a_denoiser_is_validated_on_corrupted_inputs_against_the_clean_images():
+    from vaetool.config import Corruption
+    from vaetool.training.corrupt import corrupt, step_generator
+    from vaetool.training.distributed import World
+    from vaetool.training.epoch import validate
+
+    torch.manual_seed(0)
+    model = VAE(TINY)
+    pixels = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    noise = (Corruption("gaussian", 0.3, 0.3),)
+    kw = dict(batch=4, seed=1, device=torch.device("cpu"), world=World())
+    clean = validate(model, pixels, torch.arange(6), **kw)
+    noisy = validate(model, pixels, torch.arange(6), corruptions=noise, **kw)
+    assert noisy["val_psnr"] != clean["val_psnr"]
+    # The PSNR is of the model's output from the corrupted images, scored against the clean ones.
+    want = []
+    with torch.no_grad():
+        for k, start in enumerate(range(0, 6, 4)):
+            x = pixels[start: start + 4].float() / 255
+            seen = corrupt(x, noise, generator=step_generator(1, k, torch.device("cpu"), stream=2),
+                           global_batch=len(x), rows=slice(None))
+            want += (-10 * torch.log10((model.reconstruct(seen) - x).pow(2).flatten(1).mean(1))).tolist()
+    assert noisy["val_psnr"] == pytest.approx(sum(want) / len(want), rel=1e-4)
+    assert clean["val_objective"] == pytest.approx(clean["val_neg_elbo"])  # beta 1: the objective is the -ELBO
 
 
 def test_patience_stops_after_that_many_epochs_without_improvement(blob_folder, tmp_path, monkeypatch):

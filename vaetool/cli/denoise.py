@@ -56,7 +56,7 @@ def denoise(
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
     workers: workers_option("Threads decoding and writing images (default: all cores).") = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", min=0, rich_help_panel=ESTIMATE, help="The MMSE estimate: the mean of K posterior samples' decodes; 0: the decode of the posterior mean (fast). Default: 16 for a model trained as a denoiser (--corrupt or --noise-model), else 0.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=0, rich_help_panel=ESTIMATE, help="The MMSE estimate: the mean of K posterior samples' decodes; 0: the decode of the posterior mean (fast). Default: 16 for a model trained with --noise-model, or with --corrupt at --beta 1; else 0 (a --corrupt model's default --beta 0.01 leaves a narrow posterior).")] = None,
     diverse: Annotated[Optional[tuple[int, Path]], typer.Option("--diverse", metavar="N DIR", rich_help_panel=ESTIMATE, help="Also write N plausible clean versions of each image (single posterior samples) under DIR, mirroring the tree: stem_1.png ... stem_N.png.")] = None,
     seed: seed_option(ESTIMATE) = 0,
 ) -> None:

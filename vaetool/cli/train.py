@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import DEFAULT_WIDTHS, DENOISER_DEFAULTS, Corruption, ModelConfig, TrainConfig, parse_noise_model
+from ..config import DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption, ModelConfig, TrainConfig, parse_noise_model
 from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
@@ -139,7 +139,7 @@ def train(
     likelihood: Annotated[Likelihood, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="The decoder's distribution p(x|z).")] = Likelihood.gaussian,
     decoder_scale: Annotated[DecoderScale, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="Gaussian/Laplace scale: optimal (its closed-form maximum-likelihood value per batch, sigma-VAE), learned, or fixed.")] = DecoderScale.optimal,
     fixed_scale: Annotated[float, typer.Option(callback=positive, rich_help_panel=OBJECTIVE, help="Decoder std with --decoder-scale fixed (0.1 = MSE weighted by 50).")] = 0.1,
-    beta: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder.")] = 1.0,
+    beta: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder. With --corrupt the default is 0.01.")] = 1.0,
     kl_warmup: Annotated[int, typer.Option(min=0, rich_help_panel=OBJECTIVE, help="Steps over which beta rises linearly from 0.")] = 0,
     free_bits: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="Minimum KL per latent dimension, nats (batch average).")] = 0.0,
     corrupt: Annotated[Optional[list[Corruption]], typer.Option(parser=parse_corruption, metavar="KIND:AMOUNT", rich_help_panel=OBJECTIVE, help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
@@ -176,7 +176,8 @@ def train(
     Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors (for --resume), metrics.jsonl and per-epoch sample and reconstruction grids, and prints the checkpoint path. --batch-size is per process: under torchrun the global batch is batch-size x processes.
     """
     if (corrupt or noise_model) and not resume:
-        model, downsample, latent_channels = _denoiser_model(ctx, model, downsample, latent_channels, quiet=quiet)
+        model, downsample, latent_channels, beta = _denoiser_model(ctx, model, downsample, latent_channels, beta,
+                                                                   supervised=noise_model is None, quiet=quiet)
     if model is ModelKind.spatial:
         check_model_shape(image_size, (0,) * (downsample.bit_length() - 1))
     else:
@@ -203,9 +204,10 @@ def train(
                tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior)
 
 
-def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, latent_channels: int, *,
-                    quiet: bool) -> tuple[ModelKind, int, int]:
-    """A denoiser's family and latent shape (config.DENOISER_DEFAULTS) for each of them the user left unset.
+def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, latent_channels: int, beta: float, *,
+                    supervised: bool, quiet: bool) -> tuple[ModelKind, int, int, float]:
+    """A denoiser's family, latent shape (config.DENOISER_DEFAULTS) and, trained on clean images, KL weight
+    (config.SUPERVISED_DENOISER_BETA), for each of them the user left unset.
 
     The shape applies only to the spatial family, and the downsampling only without --widths (which fix it).
     """
@@ -223,9 +225,12 @@ def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, laten
         if unset("latent_channels"):
             latent_channels = DENOISER_DEFAULTS["latent_channels"]
             chosen.append(f"--latent-channels {latent_channels}")
+    if supervised and unset("beta"):
+        beta = SUPERVISED_DENOISER_BETA
+        chosen.append(f"--beta {beta:g}")
     if chosen:
-        info(f"denoiser model: {' '.join(chosen)} (the defaults with --corrupt or --noise-model)", quiet=quiet)
-    return model, downsample, latent_channels
+        info(f"denoiser defaults: {' '.join(chosen)} (the defaults with --corrupt or --noise-model)", quiet=quiet)
+    return model, downsample, latent_channels, beta
 
 
 def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:

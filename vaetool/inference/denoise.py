@@ -35,9 +35,11 @@ from .mmse import Draw, RowKey
 from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix
 from .tiling import round_up
 
-# Posterior samples averaged for the MMSE estimate of a model trained as a denoiser (--corrupt or a noise model),
-# by default: where PSNR against K levels off (each doubling beyond adds under 0.03 dB for twice the time). The
-# estimate beats the posterior mean's decode by about 2 dB for both kinds of denoiser (BENCHMARKS.md).
+# Posterior samples averaged for the MMSE estimate of a model trained as a denoiser (a noise model, or --corrupt
+# at the full ELBO's beta 1), by default: where PSNR against K levels off (each doubling beyond adds under 0.03 dB
+# for twice the time); there the estimate beats the posterior mean's decode by about 2 dB. A supervised denoiser
+# trained with a smaller KL weight (its default, 0.01) has a narrow posterior: 16 samples gave the posterior
+# mean's PSNR to 0.01 dB at 16 times the cost, so it gets the posterior mean (BENCHMARKS.md, "Denoising").
 DEFAULT_SAMPLES = 16
 # Beyond these an output is not a denoised input: noise of std 50/255 removed changes an image by about
 # 14 dB PSNR and its mean colour by under 2/255.
@@ -257,8 +259,8 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: 
                    seed: int) -> tuple[ModelRunner, tuple | None]:
     """The model on its device, and the corruptions it was trained with (None when unknown: a bare model).
 
-    `samples` None: the MMSE estimate over `DEFAULT_SAMPLES` for a model trained as a denoiser (with
-    --corrupt or a noise model), else the posterior-mean decode.
+    `samples` None: the MMSE estimate over `DEFAULT_SAMPLES` for a model trained as a denoiser with a noise
+    model, or with --corrupt at beta 1; else the posterior-mean decode.
     """
     loaded = load_for_inference(checkpoint, device=device)
     if isinstance(checkpoint, VAEFamily):
@@ -266,7 +268,8 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: 
     else:
         corruptions = loaded.train_config.corruptions if loaded.train_config else ()
     if samples is None:
-        samples = DEFAULT_SAMPLES if loaded.config.noise_model != "none" or corruptions else 0
+        full_elbo = loaded.train_config is not None and loaded.train_config.beta >= 1.0
+        samples = DEFAULT_SAMPLES if loaded.config.noise_model != "none" or (corruptions and full_elbo) else 0
     if samples < 0:
         raise ConfigError(f"--samples must be 0 (the posterior mean) or more, not {samples}")
     amp = resolve_precision(precision, model_device(loaded))

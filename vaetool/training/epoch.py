@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import json
 from pathlib import Path
@@ -12,12 +13,12 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..config import TrainConfig
+from ..config import Corruption, TrainConfig
 from ..io.decode import to_float
 from ..io.write import save_grid
 from ..io.atomic import atomic_write_bytes
 from ..models.base import VAEFamily
-from .corrupt import step_generator
+from .corrupt import corrupt, step_generator
 from .distributed import World, all_reduce_sum
 
 GRID_SAMPLES = 64
@@ -27,11 +28,14 @@ METRICS_FILE = "metrics.jsonl"
 
 @torch.no_grad()
 def validate(model: VAEFamily, pixels: torch.Tensor, index: torch.Tensor, *, batch: int, seed: int,
-             device: torch.device, world: World) -> dict[str, float]:
-    """Validation -ELBO (beta = 1, fixed noise) and PSNR of posterior-mean reconstructions, in float32.
+             device: torch.device, world: World, beta: float = 1.0,
+             corruptions: Sequence[Corruption] = ()) -> dict[str, float]:
+    """Validation -ELBO (beta = 1, fixed noise), the objective at the run's `beta`, and PSNR, in float32.
 
-    `pixels` is the uint8 image cache (N, C, H, W), `index` the held-out rows; each process scores its
-    shard and the sums are reduced, so every process returns the same figures.
+    A denoiser (`corruptions`) is validated as it is trained: its inputs are corrupted with fixed noise
+    and it is scored against the clean images, so the PSNR is the denoised images'. `pixels` is the
+    uint8 image cache (N, C, H, W), `index` the held-out rows; each process scores its shard and the
+    sums are reduced, so every process returns the same figures.
     """
     if len(index) == 0:
         return {}
@@ -42,16 +46,19 @@ def validate(model: VAEFamily, pixels: torch.Tensor, index: torch.Tensor, *, bat
     for k, start in enumerate(range(0, len(shard), batch)):
         rows = shard[start: start + batch]
         x = to_float(pixels[rows], device).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
-        out = model(x, sample=True, generator=step_generator(seed, k, device, stream=1))
+        seen = corrupt(x, corruptions, generator=step_generator(seed, k, device, stream=2), global_batch=len(rows),
+                       rows=slice(None))
+        out = model(seen, sample=True, generator=step_generator(seed, k, device, stream=1))
         recon = -model.log_likelihood(x, out.logits)  # (B,)
         kl = sum(out.kl_per_level().values())  # (B,)
-        mse = (model.reconstruct(x) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
+        mse = (model.reconstruct(seen) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum(), (-10.0 * torch.log10(mse)).sum(),
                              torch.tensor(float(len(rows)), device=device)]).double()
     model.train(was_training)
     total = all_reduce_sum(sums, world).tolist()
     n = max(total[4], 1.0)
-    return {"val_neg_elbo": total[0] / n, "val_recon": total[1] / n, "val_kl": total[2] / n, "val_psnr": total[3] / n}
+    return {"val_neg_elbo": total[0] / n, "val_recon": total[1] / n, "val_kl": total[2] / n,
+            "val_objective": (total[1] + beta * total[2]) / n, "val_psnr": total[3] / n}
 
 
 def nonfinite_tensor(*modules: nn.Module | None) -> str | None:

@@ -179,9 +179,15 @@ def _show_image(ax: Any, path: Path | None, title: str) -> None:
     ax.imshow(pixels, interpolation="nearest")
 
 
-def _score(row: dict[str, Any]) -> float:
+def _neg_elbo(row: dict[str, Any]) -> float:
     value = row.get("val_neg_elbo", row.get("train_neg_elbo"))
     return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def _best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch model.safetensors holds: the last one the trainer marked best (by the objective it trained)."""
+    marked = [r for r in rows if r.get("best")]
+    return marked[-1] if marked else min(rows, key=_neg_elbo)
 
 
 def _summary(run_dir: Path, rows: Sequence[dict[str, Any]]) -> str:
@@ -189,10 +195,10 @@ def _summary(run_dir: Path, rows: Sequence[dict[str, Any]]) -> str:
     last = rows[-1]
     partial = " (partial)" if last.get("partial") else ""
     parts = [f"{run_dir.resolve().name}: epoch {last.get('epoch')}{partial}, step {last['step']}"]
-    best = min(rows, key=_score)
-    if math.isfinite(_score(best)):
+    best = _best_row(rows)
+    if math.isfinite(_neg_elbo(best)):
         psnr = f", PSNR {best['val_psnr']:.2f} dB" if isinstance(best.get("val_psnr"), (int, float)) else ""
-        parts.append(f"best epoch {best.get('epoch')}: -ELBO {_score(best):.2f} nats/image{psnr}")
+        parts.append(f"best epoch {best.get('epoch')}: -ELBO {_neg_elbo(best):.2f} nats/image{psnr}")
     if isinstance(last.get("elapsed"), (int, float)):
         parts.append(f"{last['elapsed']:.0f} s of training")
     return ", ".join(parts)

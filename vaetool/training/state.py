@@ -29,11 +29,12 @@ class Counters:
     step: int = 0
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0
-    best: float = math.inf  # the best epoch's score (validation -ELBO, else training -ELBO)
+    best: float = math.inf  # the best epoch's score: validation recon + beta KL (else training's); -ELBO at beta 1
     bad_epochs: int = 0
     elapsed: float = 0.0  # seconds of training before this process started
     best_epoch: int = 0
     best_psnr: float | None = None
+    best_neg_elbo: float | None = None  # the best epoch's -ELBO (the score itself in states saved before)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Counters:

@@ -92,7 +92,7 @@ class TrainResult:
                    stopped, metrics, [(str(a), b) for a, b in trainer.cache.skipped], full_epochs=c.epoch,
                    images_per_s=trainer.speed.images_per_s(trainer.split.global_batch), wall_s=wall_s,
                    device=trainer.record["device"], precision=trainer.record["precision"],
-                   best_epoch=c.best_epoch or None, best_val_neg_elbo=c.best if has_val and c.best_epoch else None,
+                   best_epoch=c.best_epoch or None, best_val_neg_elbo=(c.best if c.best_neg_elbo is None else c.best_neg_elbo) if has_val and c.best_epoch else None,
                    best_val_psnr=c.best_psnr, report=report, prior=prior)
 
     def to_dict(self) -> dict[str, Any]:
