@@ -218,3 +218,42 @@ def test_write_decoded_in_bf16_stays_within_a_few_levels_and_fp16_on_the_cpu_wri
         ops.write_decoded(ckpt, z, [tmp_path / "half" / f"s{i}.png" for i in range(6)], batch_size=4,
                           precision="fp16")
     assert not (tmp_path / "half").exists()
+
+
+def test_encode_in_bf16_stays_close_to_float32_and_fp16_on_the_cpu_stops_before_any_output(ckpt, data, tmp_path):
+    from vaetool.errors import ConfigError
+
+    means = {}
+    for precision in ("fp32", "bf16"):
+        rows = [r for _, r in ops.encode_rows(ckpt, [data], batch_size=4, precision=precision)]
+        means[precision] = torch.cat([r["mu"] for r in rows])
+    assert means["fp32"].dtype == means["bf16"].dtype == torch.float32  # the file's latents stay float32
+    assert not torch.equal(means["fp32"], means["bf16"])  # bf16 reached the encoder
+    torch.testing.assert_close(means["bf16"], means["fp32"], rtol=0.1, atol=0.05)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        ops.encode_to_file(ckpt, [data], tmp_path / "half.safetensors", batch_size=4, precision="fp16")
+    assert not (tmp_path / "half.safetensors").exists()
+
+
+def test_interpolate_and_traverse_take_a_precision(ckpt_path, data, tmp_path):
+    from typer.testing import CliRunner
+
+    from vaetool.cli.app import app
+
+    runner = CliRunner()
+    images = sorted(data.glob("*.png"))[:2]
+    frames = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"frames-{precision}"
+        result = runner.invoke(app, ["interpolate", str(ckpt_path), *map(str, images), "-o", str(out), "--steps", "3",
+                                     "--precision", precision, "--device", "cpu", "-q"])
+        assert result.exit_code == 0, result.output
+        frames[precision] = np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.glob("*.png"))])
+    assert np.abs(frames["fp32"] - frames["bf16"]).max() <= 8
+    result = runner.invoke(app, ["traverse", str(ckpt_path), "-o", str(tmp_path / "grid.png"), "--rows", "2",
+                                 "--precision", "bf16", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.png").exists()
+    result = runner.invoke(app, ["traverse", str(ckpt_path), "-o", str(tmp_path / "half.png"), "--precision", "fp16",
+                                 "--device", "cpu"])
+    assert result.exit_code != 0 and "fp16 needs a CUDA GPU" in result.output and not (tmp_path / "half.png").exists()

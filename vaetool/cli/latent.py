@@ -51,7 +51,7 @@ def encode(
                                 'each is {level: flattened values} beside "shapes").', panel=OUTPUT) = False,
     seed: Seed = 0,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
-    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", precision: PrecisionOption = Precision.auto,
 ) -> None:
     """Encode images to each latent level's posterior means and log-variances in a safetensors file."""
     if output is None and not jsonl:
@@ -69,13 +69,13 @@ def encode(
     display = Display("encode", quiet=quiet, as_json=as_json)
     if to_stdout:
         for items, rows in encode_rows(ckpt, inputs, batch_size=batch_size, sample=sample, seed=seed,
-                                       stdin=sys.stdin, callback=display):
+                                       stdin=sys.stdin, callback=display, precision=precision.value):
             for obj in json_rows(ckpt, items, rows):
                 emit(obj, as_json=True)
     else:
         write = encode_to_npy if path.suffix.lower() == ".npy" else encode_to_file
         written, count = write(ckpt, inputs, path, batch_size=batch_size, sample=sample, seed=seed, force=force,
-                               stdin=sys.stdin, callback=display)
+                               stdin=sys.stdin, callback=display, precision=precision.value)
         if written is not None:
             emit(file_record(written, "latents", rows=count) if as_json else written, as_json=as_json)
     display.finish(summary=False)
@@ -160,7 +160,7 @@ def interpolate(
     gif: Annotated[Optional[Path], typer.Option("--gif", callback=gif_file, rich_help_panel=OUTPUT, help="Also write an animated GIF of the frames.")] = None,
     fps: Annotated[int, typer.Option("--fps", min=1, rich_help_panel=OUTPUT, help="GIF frames per second.")] = 12,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
-    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", precision: PrecisionOption = Precision.auto,
 ) -> None:
     """Walk the latent space through the posterior means of the given images; writes the frames."""
     if len(anchors) < 2:
@@ -174,8 +174,9 @@ def interpolate(
                             levels=levels.value, temperature=temperature, seed=0)
     paths = [output / f"frame_{i:04d}.png" for i in range(count_of(z))]
     display = Display("interpolate", quiet=quiet, as_json=as_json)
-    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate")
-    frames = decode_images(ckpt, z, batch_size=batch_size) if (grid or gif) else None
+    write_decoded(ckpt, z, paths, batch_size=batch_size, force=force, callback=display, command="interpolate",
+                  precision=precision.value)
+    frames = decode_images(ckpt, z, batch_size=batch_size, precision=precision.value) if (grid or gif) else None
     if grid is not None:
         display(Saved(str(save_grid(grid, frames, nrow=steps, force=force)), "grid"))
     if gif is not None:
@@ -229,7 +230,7 @@ def traverse(
     steps: Annotated[int, typer.Option("--steps", min=2, help="Columns: values along each dimension.")] = 9,
     span: Annotated[float, typer.Option("--range", callback=positive, help="Sweep from -R to +R prior sigmas around the start.")] = 3.0,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
-    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto",
+    batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", precision: PrecisionOption = Precision.auto,
 ) -> None:
     """A grid whose rows are the latent vector's dimensions (a hierarchy's top; the levels below at their
     conditional prior means) and whose columns sweep each one: what each dimension controls."""
@@ -239,8 +240,12 @@ def traverse(
     from ..inference.latent_ops import average_kl_per_dim, traverse_grid
     from ..inference.latent_space import vector_level
 
+    from ..inference.load import model_device
+    from ..runtime import resolve_precision
+
     ckpt = _open_any(checkpoint, device)
     level = vector_level(ckpt)  # a spatial model has none: one line saying so, before any work
+    resolve_precision(precision.value, model_device(ckpt))  # a bad precision too
     latent_dim = ckpt.config.latent_dim
     base = image_means(ckpt, [image])[level][0] if image else torch.zeros(latent_dim)
     ranking, ranked = None, Display("rank", quiet=quiet)
@@ -256,7 +261,7 @@ def traverse(
         if latent_dim > rows:
             warn(f"showing dimensions 0..{rows - 1} of {latent_dim}; pass --data FOLDER to show the most used ones")
         chosen = list(range(min(rows, latent_dim)))
-    pixels = traverse_grid(ckpt, base, chosen, steps=steps, span=span)
+    pixels = traverse_grid(ckpt, base, chosen, steps=steps, span=span, precision=precision.value)
     path = save_grid(output, pixels, nrow=steps, force=force)
     if as_json:
         kl = {str(d): float(ranking[d]) for d in chosen} if ranking is not None else None

@@ -82,7 +82,8 @@ def json_rows(checkpoint: Checkpoint, items: Sequence[FoundImage], rows: dict[st
 
 
 def encode_to_npy(checkpoint: Checkpoint, inputs, path: Path, *, batch_size: int, sample: bool, seed: int,
-                  force: bool, stdin: TextIO | None = None, callback: Callback = ignore) -> tuple[Path | None, int]:
+                  force: bool, stdin: TextIO | None = None, callback: Callback = ignore,
+                  precision: str = "auto") -> tuple[Path | None, int]:
     """The posterior means as one (N, D) float32 .npy array, which numpy.load and `vaetool decode` read.
 
     A .npy holds one array and no metadata, so the paths and logvar are left out: the safetensors file
@@ -96,7 +97,8 @@ def encode_to_npy(checkpoint: Checkpoint, inputs, path: Path, *, batch_size: int
     if path.exists() and not force:  # fail before the work, not after it
         raise OutputError(f"{path} already exists; pass --force to overwrite it")
     means = [rows["mu"].numpy() for _, rows in encode_rows(checkpoint, inputs, batch_size=batch_size, sample=sample,
-                                                           seed=seed, stdin=stdin, callback=callback)]
+                                                           seed=seed, stdin=stdin, callback=callback,
+                                                           precision=precision)]
     if not means:
         return None, 0
     table = np.concatenate(means).astype(np.float32)  # (N, D)

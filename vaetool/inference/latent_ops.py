@@ -35,9 +35,10 @@ Inputs = Sequence[str | os.PathLike]
 
 
 def _stream(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_size: int, callback: Callback,
-            workers: int | None = None, done: int = 0, total: int | None = None,
+            workers: int | None = None, done: int = 0, total: int | None = None, amp: torch.dtype | None = None,
             ) -> Iterator[tuple[list[FoundImage], torch.Tensor, Posterior, dict[str, DiagonalGaussian]]]:
-    """Yield (items, uint8 images, q(z|x) on the device, each level's Gaussian on the CPU in float32)."""
+    """Yield (items, uint8 images, q(z|x) on the device, each level's Gaussian on the CPU in float32); the
+    encoder runs under `amp`'s autocast (None: float32)."""
     cfg = checkpoint.config
     total = len(found) + done if total is None else total
     device = model_device(checkpoint)
@@ -45,7 +46,7 @@ def _stream(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_size: 
                                                batch_size=batch_size, workers=workers, callback=callback):
         done += len(items) + len(failures)
         if items:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(device, amp):
                 x = to_float(batch, device).contiguous(memory_format=torch.channels_last)  # (B, C, S, S)
                 posterior = checkpoint.model.encode(x)
                 levels = {name: DiagonalGaussian(q.mu.float().cpu(), q.logvar.float().cpu())
@@ -69,21 +70,25 @@ def stream_posteriors(checkpoint: Checkpoint, found: Sequence[FoundImage], *, ba
 
 
 def encode_rows(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int, sample: bool = False, seed: int = 0,
-                stdin: TextIO | None = None, callback: Callback = ignore,
+                stdin: TextIO | None = None, callback: Callback = ignore, precision: str = "auto",
                 ) -> Iterator[tuple[list[FoundImage], dict[str, torch.Tensor]]]:
     """Yield (items, tensors) per batch, keyed as the latents file stores them (`tensor_key`: "mu", "logvar"
-    [, "z"] for the vector family, "level.mu"... for the others), each (B, ...); z ~ q(z|x) from a CPU generator."""
+    [, "z"] for the vector family, "level.mu"... for the others), each (B, ...); z ~ q(z|x) from a CPU generator.
+    `precision` is the encoder's autocast (`auto`: float32 on CPUs, so latents match across machines)."""
+    amp = resolve_precision(precision, model_device(checkpoint))  # a bad precision stops here, before any work
     found = find_images(inputs, stdin=stdin, callback=callback)
-    return _encode_found(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed, callback=callback)
+    return _encode_found(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed, callback=callback,
+                         amp=amp)
 
 
 def _encode_found(checkpoint: Checkpoint, found: Sequence[FoundImage], *, batch_size: int, sample: bool, seed: int,
-                  callback: Callback) -> Iterator[tuple[list[FoundImage], dict[str, torch.Tensor]]]:
+                  callback: Callback, amp: torch.dtype | None = None,
+                  ) -> Iterator[tuple[list[FoundImage], dict[str, torch.Tensor]]]:
     callback(Started("encode", len(found)))
     generator = torch.Generator().manual_seed(seed)
     size = checkpoint.config.image_size
     names = checkpoint.model.latent_shapes(size, size)
-    for items, _, posterior, levels in _stream(checkpoint, found, batch_size=batch_size, callback=callback):
+    for items, _, posterior, levels in _stream(checkpoint, found, batch_size=batch_size, callback=callback, amp=amp):
         rows = {}
         for name, q in levels.items():
             rows[tensor_key(name, "mu", names)], rows[tensor_key(name, "logvar", names)] = q.mu, q.logvar
@@ -108,8 +113,9 @@ def _posterior_sample(checkpoint: Checkpoint, posterior: Posterior, levels: dict
 
 def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batch_size: int, sample: bool = False,
                    seed: int = 0, force: bool = False, stdin: TextIO | None = None,
-                   callback: Callback = ignore) -> tuple[Path | None, int]:
+                   callback: Callback = ignore, precision: str = "auto") -> tuple[Path | None, int]:
     """Encode images into one latents file written once at the end; (path or None if nothing was read, rows)."""
+    amp = resolve_precision(precision, model_device(checkpoint))
     if output.exists() and not force:  # fail before the work, not after it
         raise OutputError(f"{output} already exists; pass --force to overwrite it")
     check_writable_dirs([output])
@@ -117,7 +123,7 @@ def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batc
     table: dict[str, torch.Tensor] = {}
     done: list[FoundImage] = []
     for items, rows in _encode_found(checkpoint, found, batch_size=batch_size, sample=sample, seed=seed,
-                                     callback=callback):
+                                     callback=callback, amp=amp):
         if not table:
             # One (N, ...) table per key, allocated when the first batch arrives: many small tensors kept while
             # large activations come and go would fragment the heap, and RSS would grow with the folder.
@@ -246,7 +252,8 @@ def average_kl_per_dim(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: in
 
 
 def traverse_grid(checkpoint: Checkpoint, base: torch.Tensor, dims: Sequence[int], *, steps: int,
-                  span: float) -> torch.Tensor:
+                  span: float, precision: str = "auto") -> torch.Tensor:
     """Images (len(dims) * steps, C, H, W): row r sweeps dimension dims[r] of the vector level (a hierarchy's
     top) over base +- span (prior sigmas); the levels below at their conditional prior means."""
-    return decode_images(checkpoint, traverse_latents(checkpoint, base, list(dims), steps=steps, span=span))
+    return decode_images(checkpoint, traverse_latents(checkpoint, base, list(dims), steps=steps, span=span),
+                         precision=precision)
