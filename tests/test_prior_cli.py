@@ -84,6 +84,27 @@ def test_train_no_fit_prior_leaves_the_run_without_one(tmp_path):
     assert load_model(tmp_path / "run").prior is None and "fitted prior" not in result.stderr
 
 
+def test_train_fits_a_prior_to_a_small_latent_map_and_leaves_a_large_one_to_fit_prior(tmp_path, monkeypatch):
+    from vaetool.training import fit_prior
+
+    data = tmp_path / "data"
+    make_blobs(data, count=24)
+    spatial = ["train", str(data), "-o", str(tmp_path / "small"), "--steps", "2", "--no-report", "--no-disk-cache",
+               "--image-size", "16", "--model", "spatial", "--widths", "8,16", "--latent-channels", "2",
+               "--batch-size", "4", "--device", "cpu"]
+    result = runner.invoke(app, spatial)
+    assert result.exit_code == 0, result.output
+    prior = load_model(tmp_path / "small").prior
+    assert prior is not None and prior.level == "z" and prior.shape == (2, 4, 4)  # the map of a 16 px image
+    assert "fitted prior on latent z" in result.stderr
+    monkeypatch.setattr(fit_prior, "MAX_MAP_NUMBERS", 31)  # the same 32-number map, now "large"
+    spatial[3] = str(tmp_path / "large")
+    result = runner.invoke(app, spatial)
+    assert result.exit_code == 0, result.output
+    assert load_model(tmp_path / "large").prior is None
+    assert "the latent map has 32 numbers per image (above 31); `vaetool fit-prior` fits one" in result.stderr
+
+
 def test_the_installed_command_fits_a_prior_for_a_run_folder(setup, tmp_path):
     path, data = setup
     run_dir = tmp_path / "run"

@@ -237,15 +237,12 @@ def traverse(
     import torch
 
     from ..inference.latent_files import image_means, save_grid
-    from ..inference.latent_ops import average_kl_per_dim, traverse_grid
+    from ..inference.latent_ops import average_kl_per_dim, check_precision, traverse_grid
     from ..inference.latent_space import vector_level
-
-    from ..inference.load import model_device
-    from ..runtime import resolve_precision
 
     ckpt = _open_any(checkpoint, device)
     level = vector_level(ckpt)  # a spatial model has none: one line saying so, before any work
-    resolve_precision(precision.value, model_device(ckpt))  # a bad precision too
+    check_precision(ckpt, precision.value)  # a bad precision too
     latent_dim = ckpt.config.latent_dim
     base = image_means(ckpt, [image])[level][0] if image else torch.zeros(latent_dim)
     ranking, ranked = None, Display("rank", quiet=quiet)

@@ -142,6 +142,11 @@ def encode_to_file(checkpoint: Checkpoint, inputs: Inputs, output: Path, *, batc
     return path, len(done)
 
 
+def check_precision(checkpoint: Checkpoint, precision: str) -> None:
+    """Refuse a precision the checkpoint's device cannot run (fp16 on a CPU) before any work or output."""
+    resolve_precision(precision, model_device(checkpoint))
+
+
 def decode_images(checkpoint: Checkpoint, z: torch.Tensor | Latents, *, batch_size: int | None = None,
                   precision: str = "auto") -> torch.Tensor:
     """Mean images (B, C, H, W) in [0, 1] on the CPU for latents z ((B, D), or the family's levels),
@@ -193,7 +198,7 @@ def write_decoded(checkpoint: Checkpoint, z: torch.Tensor | Latents, paths: Sequ
                   source: str = "latents", command: str = "decode", precision: str = "auto") -> Outcome:
     """Decode each row of the latents (every level checked against the model) to the matching path, written
     on background threads; `command` names the work, `precision` the decoder's autocast."""
-    resolve_precision(precision, model_device(checkpoint))  # a bad precision stops here, before any output
+    check_precision(checkpoint, precision)
     latents = as_level_dict(checkpoint, z)
     fit_levels(checkpoint.model, latents, source)
     count = count_of(latents)
