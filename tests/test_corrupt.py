@@ -66,6 +66,11 @@ def test_a_denoiser_gets_the_denoising_model_and_kl_weight_unless_the_user_chose
     assert config.kind == "vector" and "denoiser defaults: --beta 0.01 " in stderr  # the family is the user's
     config, _ = _trained_config(tmp_path, "d", "--model", "spatial", "--widths", "8,16", "--latent-channels", "2")
     assert (config.kind, config.downsample) == ("spatial", 4)  # no --corrupt: the plain defaults
+    # One width means one halving: --widths alone fixes a spatial map's downsampling, denoiser or not.
+    config, _ = _trained_config(tmp_path, "f", "--model", "spatial", "--widths", "8", "--latent-channels", "2")
+    assert (config.kind, config.downsample, config.widths) == ("spatial", 2, (8,))
+    config, _ = _trained_config(tmp_path, "g", "--corrupt", "gaussian:0.1", "--widths", "8")
+    assert (config.kind, config.downsample, config.latent_channels) == ("spatial", 2, 16)
     from vaetool.events import Started
     from vaetool.inference.denoise import denoise_files
 

@@ -178,6 +178,8 @@ def train(
     if (corrupt or noise_model) and not resume:
         model, downsample, latent_channels, beta = _denoiser_model(ctx, model, downsample, latent_channels, beta,
                                                                    supervised=noise_model is None, quiet=quiet)
+    if model is ModelKind.spatial and widths and ctx.get_parameter_source("downsample").name == "DEFAULT":
+        downsample = 2 ** len(widths)  # the spatial map halves once per width: --widths 64 means f = 2
     if model is ModelKind.spatial:
         check_model_shape(image_size, (0,) * (downsample.bit_length() - 1))
     else:

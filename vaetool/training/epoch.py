@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-
-import json
 from pathlib import Path
 from typing import Any
 
