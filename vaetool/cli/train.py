@@ -11,7 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption, ModelConfig, TrainConfig, parse_noise_model
+from ..config import (DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption, ModelConfig, TrainConfig,
+                      parse_noise_model)
 from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
@@ -231,7 +232,8 @@ def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, laten
         beta = SUPERVISED_DENOISER_BETA
         chosen.append(f"--beta {beta:g}")
     if chosen:
-        info(f"denoiser defaults: {' '.join(chosen)} (the defaults with --corrupt or --noise-model)", quiet=quiet)
+        info(f"denoiser defaults: {' '.join(chosen)} (chosen with --corrupt or --noise-model when not given)",
+             quiet=quiet)
     return model, downsample, latent_channels, beta
 
 
