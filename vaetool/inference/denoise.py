@@ -34,6 +34,7 @@ from .load import Source, load_for_inference, model_device
 from .mmse import Draw, RowKey
 from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix
 from .tiling import round_up
+from .wiener import WienerStep, choose_wiener
 
 # Posterior samples averaged for the MMSE estimate of a model trained as a denoiser (a noise model, or --corrupt
 # at the full ELBO's beta 1), by default: where PSNR against K levels off (each doubling beyond adds under 0.03 dB
@@ -150,8 +151,8 @@ class Pipeline:
     def __init__(self, run: ModelRunner, *, tile: int | None, overlap: float, strength: float, batch_size: int,
                  workers: int, callback: Callback, max_pixels: int | None = None,
                  keep: Callable[[Task, torch.Tensor, torch.Tensor], None] | None = None,
-                 draws: dict[Path, int] | None = None) -> None:
-        self.run, self.tile, self.overlap, self.strength = run, tile, overlap, strength
+                 draws: dict[Path, int] | None = None, wiener: WienerStep | None = None) -> None:
+        self.run, self.tile, self.overlap, self.strength, self.wiener = run, tile, overlap, strength, wiener
         self.draws = draws or {}  # output -> which plausible clean version it is (--diverse)
         self.max_pixels, self.keep = max_pixels, keep  # keep(task, input, output) sees each image on a writer thread
         self.batch_size, self.workers, self.callback = batch_size, workers, callback
@@ -223,9 +224,11 @@ class Pipeline:
         return job
 
     def _finish(self, job: _Job) -> torch.Tensor:
-        """On a writer thread: blend the tiles and mix with the input by strength."""
+        """On a writer thread: blend the tiles, take the Wiener step, and mix with the input by strength."""
         denoised = join_outputs(torch.cat(job.outputs), job.layout)  # (C, H, W)
         job.outputs = []
+        if self.wiener is not None and job.draw is None:  # a plausible clean version stays the model's own draw
+            denoised = self.wiener(job.image.pixels, denoised)
         result = mix(denoised, job.image.pixels, self.strength if job.draw is None else 1.0)
         if self.keep is not None:
             self.keep(job.task, job.image.pixels, result)
@@ -255,9 +258,11 @@ class Pipeline:
             self.callback(event(message))
 
 
-def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: int | None,
-                   seed: int) -> tuple[ModelRunner, tuple | None]:
-    """The model on its device, and the corruptions it was trained with (None when unknown: a bare model).
+def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: int | None, seed: int,
+                   wiener: bool | None = None, sigma: float | None = None
+                   ) -> tuple[ModelRunner, tuple | None, WienerStep | None]:
+    """The model on its device, the corruptions it was trained with (None when unknown: a bare model), and
+    the Wiener step (`choose_wiener`).
 
     `samples` None: the MMSE estimate over `DEFAULT_SAMPLES` for a model trained as a denoiser with a noise
     model, or with --corrupt at beta 1; else the posterior-mean decode.
@@ -272,8 +277,11 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: 
         samples = DEFAULT_SAMPLES if loaded.config.noise_model != "none" or (corruptions and full_elbo) else 0
     if samples < 0:
         raise ConfigError(f"--samples must be 0 (the posterior mean) or more, not {samples}")
+    if sigma is not None and not 0 < sigma < 1:
+        raise ConfigError(f"--sigma must be above 0 and below 1 (0-1 scale) or 1-255 (0-255 scale), not {sigma}")
     amp = resolve_precision(precision, model_device(loaded))
-    return ModelRunner(loaded.model, amp_dtype=amp, samples=samples, seed=seed), corruptions
+    step = choose_wiener(wiener, sigma, loaded.config, corruptions)
+    return ModelRunner(loaded.model, amp_dtype=amp, samples=samples, seed=seed), corruptions, step
 
 
 def _diverse_tasks(found: Sequence[FoundImage], tasks: list[Task], *, count: int, folder: Path | None,
@@ -292,11 +300,12 @@ def _diverse_tasks(found: Sequence[FoundImage], tasks: list[Task], *, count: int
 
 
 def _announce(callback: Callback, run: ModelRunner, count: int, corruptions: tuple | None, *, tile: int | None,
-              max_pixels: int | None, batch_size: int) -> None:
+              max_pixels: int | None, batch_size: int, wiener: WienerStep | None) -> None:
     """`Started` with what the run does, and a `Note` when the model was never trained to denoise."""
     callback(Started("denoise", count, info={
         "device": str(run.device), "model": _describe(run), "tile": _describe_tiling(run, tile, max_pixels),
-        "batch": batch_size, "estimate": _describe_estimate(run)}))
+        "batch": batch_size, "estimate": _describe_estimate(run),
+        "wiener": "off" if wiener is None else wiener.describe()}))
     if corruptions is not None and not corruptions and run.model.config.noise_model == "none":
         callback(Note("this checkpoint was trained without --corrupt, so the output is a plain VAE reconstruction "
                       "(smoother, not a trained denoiser)"))
@@ -362,14 +371,16 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
                   ext: str | None = None, suffix: str = "", skip_existing: bool = False, force: bool = False,
                   device: str = "auto", precision: str = "auto", workers: int | None = None,
                   samples: int | None = None, seed: int = 0, diverse: int = 0,
-                  diverse_dir: str | os.PathLike | None = None, stdin: TextIO | None = None,
-                  callback: Callback = ignore) -> Outcome:
+                  diverse_dir: str | os.PathLike | None = None, wiener: bool | None = None,
+                  sigma: float | None = None, stdin: TextIO | None = None, callback: Callback = ignore) -> Outcome:
     """Denoise image files and folders into `out_dir`, mirroring the input tree; a bad file fails alone.
 
     `samples` K > 0 writes the MMSE estimate, the mean of K posterior samples' decodes; 0 the decode
     of the posterior mean; None chooses (K = `DEFAULT_SAMPLES` for a model trained as a denoiser, else 0).
     `diverse` N also writes N plausible clean versions of each image (single posterior samples) under
-    `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample.
+    `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample. `wiener` True takes the
+    Wiener step on each estimate (`wiener.py`), False never, None for a Gaussian denoiser; `sigma` is the
+    noise std it assumes (0-1 scale; None: the model's noise model, else estimated from each image).
 
     Reports `Started`, `Note`, `Warning`, and one `Skipped`, `Written` or `Failed` per file (each
     followed by `Progress`). Raises VaetoolError only for problems with the run as a whole
@@ -392,13 +403,15 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
                                   ext=ext, suffix=suffix)
     counted = counting(callback, total=len(tasks))
     todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, callback=counted)
-    run, corruptions = _prepare_model(checkpoint, device=device, precision=precision, samples=samples, seed=seed)
+    run, corruptions, step = _prepare_model(checkpoint, device=device, precision=precision, samples=samples,
+                                            seed=seed, wiener=wiener, sigma=sigma)
     tile_side, max_pixels = run.tiling(tile)
-    _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size)
+    _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size,
+              wiener=step)
     meter = ChangeMeter()
     pipeline = Pipeline(run, tile=tile_side, overlap=overlap, strength=strength, batch_size=batch_size,
                          workers=workers or default_workers(), callback=counted, max_pixels=max_pixels, draws=draws,
-                         keep=meter)
+                         keep=meter, wiener=step)
     try:
         pipeline.process(todo, force=force)
     finally:

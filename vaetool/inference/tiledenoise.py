@@ -10,7 +10,7 @@ image above `WHOLE_IMAGE_PIXELS` (or any image, with an explicit tile side) goes
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -212,10 +212,12 @@ def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
 
 
 def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile: TileSpec = "auto", overlap: float = 0.25,
-                  strength: float = 1.0, batch_size: int = 64, samples: int = 0, seed: int = 0) -> torch.Tensor:
+                  strength: float = 1.0, batch_size: int = 64, samples: int = 0, seed: int = 0,
+                  wiener: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Denoise one image (C, H, W) in [0, 1], C 1 or 3, any size; returns (C, H, W) float32 on the CPU.
 
-    `samples` K > 0 (for a bare model) gives the MMSE estimate over K posterior samples seeded by `seed`.
+    `samples` K > 0 (for a bare model) gives the MMSE estimate over K posterior samples seeded by `seed`;
+    `wiener(noisy, estimate)` (a `wiener.WienerStep`) refines the estimate before the strength mix.
     """
     check_options(overlap=overlap, strength=strength, batch_size=batch_size)
     run = model if isinstance(model, ModelRunner) else ModelRunner(model, samples=samples, seed=seed)
@@ -225,4 +227,5 @@ def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile:
     rows = run.rows_per_batch(batch_size, inputs.shape)
     keys = [(0, row, None) for row in range(layout.count)]  # the same noise whatever the batch size
     outputs = torch.cat([run(inputs[i: i + rows], keys[i: i + rows]) for i in range(0, layout.count, rows)])
-    return mix(join_outputs(outputs, layout), original, strength)
+    denoised = join_outputs(outputs, layout)
+    return mix(denoised if wiener is None else wiener(original, denoised), original, strength)

@@ -1,0 +1,227 @@
+"""The Wiener step of denoising: its filter, when it is taken, and the denoise command and API with it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_blobs
+from vaetool.checkpoint import save_model
+from vaetool.config import Corruption, ModelConfig, TrainConfig
+from vaetool.errors import ConfigError
+from vaetool.events import Started
+from vaetool.inference import wiener
+from vaetool.inference.denoise import denoise_files
+from vaetool.inference.wiener import WienerStep, choose_wiener, dct_basis, wiener_step
+from vaetool.io.decode import read_image
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10((a - b).pow(2).mean()))
+
+
+def _scene(channels: int = 3, height: int = 48, width: int = 40) -> torch.Tensor:
+    """Edges, a ramp and a sine: detail a smooth pilot lacks, on a clean image in [0.1, 0.9]."""
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    layers = [(x > width // 3).float() * 0.6 + 0.2, ((x - y).abs() < 7).float() * 0.5 + 0.3,
+              0.5 + 0.3 * torch.sin(x / 3.0 + y / 5.0)]
+    return torch.stack(layers[:channels])
+
+
+def _noisy(clean: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    return clean + sigma * noise  # unclipped: white Gaussian noise, as the filter assumes
+
+
+def test_the_dct_basis_is_orthonormal():
+    basis = dct_basis(8)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(wiener.OPPONENT @ wiener.OPPONENT.T, torch.eye(3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 40), (1, 37, 53), (3, 5, 9), (1, 1, 1), (3, 301, 17)])
+def test_a_pilot_with_signal_everywhere_gives_the_noisy_image_back(shape):
+    """Gain 1 in every coefficient: the blocks' DCT, inverse and overlap-add are exact at any size."""
+    noisy = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    out = wiener_step(noisy, noisy, 1e-6, strides=(2,))
+    assert out.shape == shape
+    torch.testing.assert_close(out, noisy, atol=1e-4, rtol=0)
+
+
+def test_bands_of_rows_give_the_whole_image_result(monkeypatch):
+    clean = _scene(height=70)
+    noisy, pilot = _noisy(clean, 0.1), clean.flip(-1)
+    whole = wiener_step(noisy, pilot, 0.1)
+    monkeypatch.setattr(wiener, "BAND_ROWS", 8)  # several bands, and a pass's coefficients recomputed
+    torch.testing.assert_close(wiener_step(noisy, pilot, 0.1), whole, atol=1e-5, rtol=0)
+
+
+def _smooth(clean: torch.Tensor) -> torch.Tensor:
+    """A pilot that lost the fine detail, as a model's decode does (28 dB on the scene), with no noise in it."""
+    return torch.nn.functional.avg_pool2d(clean[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("sigma", [5 / 255, 15 / 255])
+def test_the_step_brings_back_the_detail_a_smooth_pilot_lost(channels, sigma):
+    clean = _scene(channels)
+    noisy, smooth = _noisy(clean, sigma), _smooth(clean)
+    pilot_psnr, noisy_psnr = _psnr(smooth, clean), _psnr(noisy, clean)
+    out = wiener_step(noisy, smooth, sigma)
+    assert _psnr(out, clean) > max(pilot_psnr, noisy_psnr) + 1.0, (pilot_psnr, noisy_psnr, _psnr(out, clean))
+
+
+@pytest.mark.parametrize("sigma", [25 / 255, 50 / 255])
+def test_at_high_noise_a_noiseless_pilot_is_kept_by_the_blend(sigma):
+    """A pilot far better than the noisy image (here 8-14 dB): the filter alone keeps a share of the noise
+    and falls below it; the SURE blend stays near the pilot."""
+    clean = _scene()
+    noisy, smooth = _noisy(clean, sigma), _smooth(clean)
+    filtered = wiener_step(noisy, smooth, sigma, blend=False)
+    blended = wiener_step(noisy, smooth, sigma)
+    assert _psnr(filtered, clean) < _psnr(smooth, clean) - 0.5
+    assert _psnr(blended, clean) > max(_psnr(filtered, clean), _psnr(smooth, clean) - 1.5)
+
+
+@pytest.mark.parametrize("sigma", [10 / 255, 30 / 255])
+def test_the_sure_blend_is_near_the_best_blend(sigma):
+    """SURE is unbiased for a filter linear in the noisy image: with a pilot independent of the noise its
+    share is near the one the clean image would choose."""
+    from vaetool.inference.wiener import OPPONENT, _wiener_pass, sure_blend
+
+    clean = _scene()
+    pilot = _smooth(clean) * 0.9 + 0.05  # off in detail and in contrast
+    grid = torch.linspace(0, 1, 101)
+    gaps = []
+    for seed in range(4):
+        noisy = _noisy(clean, sigma, seed)
+        n, p, c = (torch.einsum("ij,jhw->ihw", OPPONENT, x) for x in (noisy, pilot, clean))
+        pad = (7, 7, 7, 7)
+        filtered, diagonal = _wiener_pass(torch.nn.functional.pad(n[None], pad, mode="reflect")[0],
+                                          torch.nn.functional.pad(p[None], pad, mode="reflect")[0], sigma, 2, {})
+        filtered, trace = filtered[:, 7:-7, 7:-7], float(diagonal[:, 7:-7, 7:-7].sum())
+        share = sure_blend(n, p, filtered, trace, sigma)
+        errors = torch.stack([(torch.lerp(p, filtered, a) - c).square().sum() for a in grid])
+        gaps.append(abs(share - float(grid[errors.argmin()])))
+    assert sum(gaps) / len(gaps) < 0.1, gaps
+
+
+def test_an_oracle_pilot_removes_most_of_the_noise():
+    clean = _scene()
+    noisy = _noisy(clean, 0.1)
+    assert _psnr(wiener_step(noisy, clean, 0.1, strides=(2,)), clean) > _psnr(noisy, clean) + 8.0
+
+
+def test_no_noise_leaves_the_image_alone():
+    image = _scene()
+    assert torch.equal(wiener_step(image, image * 0, 0.0), image)
+
+
+# ------------------------------------------------------------------------------- when the step is taken
+
+
+def _config(**changes) -> ModelConfig:
+    return ModelConfig(image_size=16, latent_dim=4, widths=(8, 16), **changes)
+
+
+GAUSSIAN = (Corruption.parse("gaussian:0.05-0.2"),)
+
+
+def test_a_gaussian_denoiser_takes_the_step_with_the_sigma_estimated_per_image():
+    step = choose_wiener(None, None, _config(), GAUSSIAN)
+    assert step == WienerStep(None, "estimated from each image")
+
+
+def test_a_noise_model_gives_its_own_sigma_and_a_given_sigma_wins():
+    config = _config(noise_model="gaussian", noise_sigma=0.08)
+    assert choose_wiener(None, None, config, ()).sigma == 0.08
+    assert choose_wiener(None, 0.02, config, ()).sigma == 0.02
+
+
+@pytest.mark.parametrize("corruptions", [(), None, (Corruption.parse("mask:0.3"),),
+                                         (Corruption.parse("gaussian:0.1"), Corruption.parse("saltpepper:0.05"))])
+def test_models_not_trained_on_gaussian_noise_alone_skip_it_unless_asked(corruptions):
+    assert choose_wiener(None, None, _config(), corruptions) is None
+    assert choose_wiener(True, None, _config(), corruptions) is not None
+    assert choose_wiener(False, None, _config(), GAUSSIAN) is None
+
+
+def test_the_estimated_sigma_follows_each_image():
+    clean = _scene(height=64, width=64)
+    step = WienerStep(None, "estimated from each image")
+    for sigma in (0.04, 0.15):
+        noisy = _noisy(clean, sigma)
+        expected = wiener_step(noisy, clean, sigma)
+        assert _psnr(step(noisy, clean), expected) > 30.0  # the estimate is within a few percent
+
+
+# ------------------------------------------------------------------------------- the command and the API
+
+
+@pytest.fixture
+def gaussian_denoiser(tmp_path):
+    from vaetool.models.vector import VAE
+
+    torch.manual_seed(0)
+    model = VAE(_config()).eval()
+    return save_model(tmp_path / "dn.safetensors", model, train_config=TrainConfig(corruptions=GAUSSIAN))
+
+
+def _denoise(checkpoint, folder, out, **options):
+    events = []
+    outcome = denoise_files(checkpoint, [folder], out, device="cpu", callback=events.append, **options)
+    assert len(outcome.written) == len(list(folder.iterdir())) and not outcome.failed
+    started = next(e for e in events if isinstance(e, Started))
+    return {p.name: read_image(p).pixels for p in sorted(out.iterdir())}, started.info["wiener"]
+
+
+def test_denoise_takes_the_step_for_a_gaussian_denoiser_and_says_so(tmp_path, gaussian_denoiser):
+    make_blobs(tmp_path / "in", count=2, size=24)
+    with_step, said = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "a")
+    without, said_off = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "b", wiener=False)
+    given, said_given = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "c", sigma=25 / 255)
+    assert said == "on, noise sigma estimated from each image" and said_off == "off"
+    assert said_given == "on, noise sigma 25/255 (as given)"
+    for name, image in with_step.items():
+        original = read_image(tmp_path / "in" / name).pixels
+        # A clean input has almost no noise: the step gives nearly the input back, the bare model a blur.
+        assert _psnr(image, original) > _psnr(without[name], original) + 5.0
+        assert not torch.equal(image, given[name])
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_a_sigma_out_of_range_is_refused_before_any_output(tmp_path, gaussian_denoiser, sigma):
+    make_blobs(tmp_path / "in", count=1, size=16)
+    with pytest.raises(ConfigError, match="--sigma"):
+        denoise_files(gaussian_denoiser, [tmp_path / "in"], tmp_path / "out", device="cpu", sigma=sigma)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_api_denoises_with_the_step_as_the_command_does(tmp_path, gaussian_denoiser):
+    import vaetool
+
+    make_blobs(tmp_path / "in", count=1, size=24)
+    files, _ = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "out", samples=0)  # the API's default
+    model = vaetool.load(gaussian_denoiser, device="cpu")
+    image = tmp_path / "in" / next(iter(files))
+    got = model.denoise(image)
+    assert (got - files[image.name]).abs().max() <= 1 / 255 + 1e-6
+    assert not torch.allclose(got, model.denoise(image, wiener=False), atol=1e-3)
+
+
+def test_the_installed_command_takes_wiener_options(tmp_path, gaussian_denoiser):
+    from typer.testing import CliRunner
+
+    from vaetool.cli.app import app
+
+    make_blobs(tmp_path / "in", count=1, size=16)
+    result = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
+                                      str(tmp_path / "out"), "--sigma", "25", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    off = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
+                                   str(tmp_path / "off"), "--no-wiener", "--device", "cpu"])
+    assert off.exit_code == 0, off.output
+    a, b = (read_image(next((tmp_path / d).iterdir())).pixels for d in ("out", "off"))
+    assert not torch.equal(a, b) and math.isfinite(float(a.sum()))
