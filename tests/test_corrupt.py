@@ -74,11 +74,14 @@ def test_a_denoiser_gets_the_denoising_model_and_kl_weight_unless_the_user_chose
     from vaetool.events import Started
     from vaetool.inference.denoise import denoise_files
 
-    # The MMSE estimate for a noisy-only model and a supervised one at beta 1; the posterior mean for a supervised
-    # one at its default small KL weight (a narrow posterior) and for a plain model.
+    # Without the Wiener step: the MMSE estimate for a noisy-only model and a supervised one at beta 1; the
+    # posterior mean for a supervised one at its default small KL weight (a narrow posterior) and for a plain
+    # model. With it (the default for these Gaussian denoisers), the posterior mean: its better pilot.
     mmse, mean = "MMSE over 16 posterior samples (seed 0)", "posterior mean"
-    for run, estimate in (("a", mean), ("b", mmse), ("e", mmse), ("d", mean)):
+    for run, estimate, wiener in (("a", mean, False), ("b", mmse, False), ("e", mmse, False), ("d", mean, None),
+                                  ("b", mean, None), ("e", mean, None)):
         started = []
-        denoise_files(tmp_path / run, [tmp_path / "data"], tmp_path / f"out-{run}", device="cpu",
-                      callback=lambda e: started.append(e) if isinstance(e, Started) else None)
+        denoise_files(tmp_path / run, [tmp_path / "data"], tmp_path / f"out-{run}-{wiener}", device="cpu",
+                      wiener=wiener, callback=lambda e: started.append(e) if isinstance(e, Started) else None)
         assert started[0].info["estimate"] == estimate, run
+        assert (started[0].info["wiener"] == "off") == (wiener is False or run == "d"), run

@@ -26,7 +26,7 @@ from ..models.noise_level import estimate_sigma
 BLOCK = 8
 # Output rows filtered at once: bounds the blocks held (64 numbers each per pixel / stride^2) to a few
 # hundred MiB for images thousands of pixels wide.
-BAND_ROWS = 256
+BAND_ROWS = 128
 # The passes' block strides. The second pass takes the first's output as its pilot, which holds the detail the
 # model's decode lost: on held-out faces and detail-rich images at noise std 5-25, +0.2 to +4 dB over one pass,
 # about the same at 50; more passes let noise back in at high noise. Strides 4 then 3 cost a third of two
