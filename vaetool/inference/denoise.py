@@ -380,7 +380,8 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     """Denoise image files and folders into `out_dir`, mirroring the input tree; a bad file fails alone.
 
     `samples` K > 0 writes the MMSE estimate, the mean of K posterior samples' decodes; 0 the decode
-    of the posterior mean; None chooses (K = `DEFAULT_SAMPLES` for a model trained as a denoiser, else 0).
+    of the posterior mean; None chooses (0 under the Wiener step; without it K = `DEFAULT_SAMPLES` for a
+    model trained as a denoiser, else 0).
     `diverse` N also writes N plausible clean versions of each image (single posterior samples) under
     `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample. `wiener` True takes the
     Wiener step on each estimate (`wiener.py`), False never, None for a Gaussian denoiser; `sigma` is the

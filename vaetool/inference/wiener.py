@@ -56,28 +56,31 @@ def _coefficients(image: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def _filter_band(noisy_coefficients: torch.Tensor, pilot: torch.Tensor, sigma: float, stride: int,
-                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Over a band of `size` (h, w): the weighted sums of the filtered blocks, their weights, and the weighted
-    sums of the filter's diagonal (how much of each noisy pixel stays in it), (C, h, w) each."""
+                 size: tuple[int, int], with_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over a band of `size` (h, w): the weighted sums of the filtered blocks, their weights, and (if asked,
+    else zeros) the weighted sums of the filter's diagonal (how much of each noisy pixel stays in it)."""
     energy = _coefficients(pilot, stride).square_()
     gain = energy.div_(energy + sigma * sigma)  # (C, rows, cols, 64)
     channels, rows, cols, blocks = gain.shape
     weight = 1.0 / (sigma * sigma * gain.square().sum(-1, keepdim=True)).clamp_min(1e-12)  # (C, rows, cols, 1)
     basis = dct_basis(BLOCK)
-    diagonal = (gain @ basis.square()).mul_(weight)  # sum_k gain_k basis_kq^2 at each position q of a block
+    diagonal = (gain @ basis.square()).mul_(weight) if with_diagonal else None  # sum_k gain_k basis_kq^2
     filtered = (gain.mul_(noisy_coefficients) @ basis).mul_(weight)  # back to pixels, weighted
 
     def fold(per_block: torch.Tensor) -> torch.Tensor:  # (C, rows, cols, 64) -> overlapping sums (C, h, w)
         flat = per_block.reshape(channels, rows * cols, -1).transpose(1, 2).reshape(1, -1, rows * cols)
         return F.fold(flat, output_size=size, kernel_size=BLOCK, stride=stride)[0]
 
-    return fold(filtered), fold(weight.expand(-1, -1, -1, blocks)), fold(diagonal)
+    weights = fold(weight.expand(-1, -1, -1, blocks))
+    return fold(filtered), weights, torch.zeros_like(weights) if diagonal is None else fold(diagonal)
 
 
 def _wiener_pass(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, stride: int,
-                 cache: dict[tuple[int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache: dict[tuple[int, int], torch.Tensor],
+                 with_diagonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One Wiener pass on padded images (C, h, w) in the filter's colour space, in bands of rows: the
-    estimate, and the diagonal of the linear map from the noisy image to it (the pilot's gains held fixed).
+    estimate, and the diagonal of the linear map from the noisy image to it (the pilot's gains held fixed;
+    zeros unless `with_diagonal`).
 
     `cache` keeps a band's noisy coefficients for the next pass when the image is one band (16 numbers a
     pixel: cheap for small images, too many to keep for large ones, which recompute them).
@@ -93,7 +96,8 @@ def _wiener_pass(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, stride:
             coefficients = _coefficients(noisy[:, top:bottom], stride)
             if len(starts) == 1:
                 cache[stride, top] = coefficients
-        parts = _filter_band(coefficients.clone(), pilot[:, top:bottom], sigma, stride, (bottom - top, cols))
+        parts = _filter_band(coefficients.clone(), pilot[:, top:bottom], sigma, stride, (bottom - top, cols),
+                             with_diagonal)
         for whole, part in zip((total, weights, diagonal), parts):
             whole[:, top:bottom] += part
     weights.clamp_min_(1e-12)  # the far edge of the padding may lie in no block
@@ -135,8 +139,8 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     padded = F.pad(noisy[None], (pad, pad, pad, pad), mode=mode)[0]
     estimate = F.pad(pilot[None], (pad, pad, pad, pad), mode=mode)[0]
     cache: dict[tuple[int, int], torch.Tensor] = {}
-    for stride in strides:
-        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache)
+    for last, stride in enumerate(strides, 1 - len(strides)):  # only the last pass's diagonal is used
+        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=last == 0)
     inside = (slice(None), slice(pad, pad + height), slice(pad, pad + width))
     out = estimate[inside]
     if blend:
