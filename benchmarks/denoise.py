@@ -13,9 +13,10 @@ trained with `vaetool train --time T` on 2 cores, as a user would):
 - supervised: clean training images, `--corrupt gaussian:0.04-0.22` (one blind model for all levels), also
   measured at levels outside that range (`--outside`, 5 and 75 by default; on the detail-rich set);
 - noisy only (DivNoising): the training images with the test's noise, `--noise-model gaussian` (sigma
-  estimated from them), one model per noise level; denoised with the MMSE estimate (`--samples` default).
-Each vaetool model is measured as `denoise` runs it (with the Wiener step, the default for Gaussian
-denoisers) and with `--no-wiener` (the model's estimate alone).
+  estimated from them), one model per noise level.
+Each vaetool model is measured as `denoise` runs it (the Wiener step on the posterior mean, the default for
+Gaussian denoisers) and with `--no-wiener` (the model's estimate alone: for a noisy-only model the MMSE
+estimate over 16 posterior samples).
 vaetool is timed end to end (read files, denoise, write files). BM3D (`pip install bm3d`) is given the true
 sigma; scikit-image's NL-means and TV estimate it from the image, as a user without a known sigma would run
 them (one thread each). Also: the MMSE estimate's PSNR and speed against the number of samples, the pipeline's

@@ -45,7 +45,7 @@ def test_the_dct_basis_is_orthonormal():
 def test_a_pilot_with_signal_everywhere_gives_the_noisy_image_back(shape):
     """Gain 1 in every coefficient: the blocks' DCT, inverse and overlap-add are exact at any size."""
     noisy = torch.rand(shape, generator=torch.Generator().manual_seed(1))
-    out = wiener_step(noisy, noisy, 1e-6, strides=(2,))
+    out = wiener_step(noisy, noisy, 1e-6, strides=(2,), blend=False)  # the blend would return the pilot
     assert out.shape == shape
     torch.testing.assert_close(out, noisy, atol=1e-4, rtol=0)
 
@@ -111,7 +111,7 @@ def test_the_sure_blend_is_near_the_best_blend(sigma):
 def test_an_oracle_pilot_removes_most_of_the_noise():
     clean = _scene()
     noisy = _noisy(clean, 0.1)
-    assert _psnr(wiener_step(noisy, clean, 0.1, strides=(2,)), clean) > _psnr(noisy, clean) + 8.0
+    assert _psnr(wiener_step(noisy, clean, 0.1, strides=(2,), blend=False), clean) > _psnr(noisy, clean) + 8.0
 
 
 def test_no_noise_leaves_the_image_alone():
@@ -217,11 +217,19 @@ def test_the_installed_command_takes_wiener_options(tmp_path, gaussian_denoiser)
     from vaetool.cli.app import app
 
     make_blobs(tmp_path / "in", count=1, size=16)
-    result = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
-                                      str(tmp_path / "out"), "--sigma", "25", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    off = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
-                                   str(tmp_path / "off"), "--no-wiener", "--device", "cpu"])
-    assert off.exit_code == 0, off.output
-    a, b = (read_image(next((tmp_path / d).iterdir())).pixels for d in ("out", "off"))
-    assert not torch.equal(a, b) and math.isfinite(float(a.sum()))
+    outputs = {}
+    for name, options in {"default": [], "given": ["--sigma", "25"], "off": ["--no-wiener"]}.items():
+        result = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
+                                          str(tmp_path / name), "--device", "cpu", "-q", *options])
+        assert result.exit_code == 0, result.output
+        written = next((tmp_path / name).iterdir())
+        assert result.stdout.split() == [str(written)]  # stdout: the written paths only
+        outputs[name] = read_image(written).pixels
+    # --sigma 25 differs from the sigma estimated on a clean image, and both from no step at all.
+    assert not torch.equal(outputs["default"], outputs["given"])
+    assert not torch.equal(outputs["default"], outputs["off"]) and not torch.equal(outputs["given"], outputs["off"])
+    assert math.isfinite(float(outputs["given"].sum()))
+    bad = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
+                                   str(tmp_path / "bad"), "--device", "cpu", "--sigma", "300"])
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1 and "--sigma" in bad.output
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
