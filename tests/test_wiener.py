@@ -12,8 +12,9 @@ from vaetool.checkpoint import save_model
 from vaetool.config import Corruption, ModelConfig, TrainConfig
 from vaetool.errors import ConfigError
 from vaetool.events import Started
-from vaetool.inference import wiener
+from vaetool.inference import blockmatch, wiener
 from vaetool.inference.denoise import denoise_files
+from vaetool.inference.transforms import haar_basis
 from vaetool.inference.wiener import WienerStep, choose_wiener, dct_basis, wiener_step
 from vaetool.io.decode import read_image
 
@@ -35,17 +36,21 @@ def _noisy(clean: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     return clean + sigma * noise  # unclipped: white Gaussian noise, as the filter assumes
 
 
-def test_the_dct_basis_is_orthonormal():
+def test_the_transforms_are_orthonormal():
     basis = dct_basis(8)
     torch.testing.assert_close(basis @ basis.T, torch.eye(64), atol=1e-5, rtol=0)
     torch.testing.assert_close(wiener.OPPONENT @ wiener.OPPONENT.T, torch.eye(3), atol=1e-6, rtol=0)
+    for size in (1, 2, 8, 16):
+        haar = haar_basis(size)
+        torch.testing.assert_close(haar @ haar.T, torch.eye(size), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("matching", [True, False])
 @pytest.mark.parametrize("shape", [(3, 48, 40), (1, 37, 53), (3, 5, 9), (1, 1, 1), (3, 301, 17)])
-def test_a_pilot_with_signal_everywhere_gives_the_noisy_image_back(shape):
-    """Gain 1 in every coefficient: the blocks' DCT, inverse and overlap-add are exact at any size."""
+def test_a_pilot_with_signal_everywhere_gives_the_noisy_image_back(shape, matching):
+    """Gain 1 in every coefficient: the transforms, their inverses and the aggregation are exact at any size."""
     noisy = torch.rand(shape, generator=torch.Generator().manual_seed(1))
-    out = wiener_step(noisy, noisy, 1e-6, strides=(2,), blend=False)  # the blend would return the pilot
+    out = wiener_step(noisy, noisy, 1e-6, strides=(2,), matching=matching, blend=False)  # a blend: the pilot
     assert out.shape == shape
     torch.testing.assert_close(out, noisy, atol=1e-4, rtol=0)
 
@@ -55,7 +60,37 @@ def test_bands_of_rows_give_the_whole_image_result(monkeypatch):
     noisy, pilot = _noisy(clean, 0.1), clean.flip(-1)
     whole = wiener_step(noisy, pilot, 0.1)
     monkeypatch.setattr(wiener, "BAND_ROWS", 8)  # several bands, and a pass's coefficients recomputed
+    monkeypatch.setattr(blockmatch, "BAND_NUMBERS", 5000)  # one row of references a band
     torch.testing.assert_close(wiener_step(noisy, pilot, 0.1), whole, atol=1e-5, rtol=0)
+
+
+def test_block_matching_finds_a_copied_block_and_puts_the_reference_first():
+    image = torch.rand(40, 40, generator=torch.Generator().manual_seed(2))
+    image[20:28, 25:33] = image[10:18, 12:20]  # the block at (10, 12) again at (20, 25)
+    rows, cols = torch.tensor([10]), torch.tensor([12])
+    matched = blockmatch.match_blocks(image, rows, cols, group=4, radius=16)
+    assert matched.shape == (1, 4)
+    assert int(matched[0, 0]) == 10 * 40 + 12 and int(matched[0, 1]) == 20 * 40 + 25
+    # Every match lies inside the image and within the search window.
+    ys, xs = matched // 40, matched % 40
+    assert bool(((ys - 10).abs() <= 16).all() and ((xs - 12).abs() <= 16).all() and (ys <= 32).all() and (xs <= 32).all())
+
+
+def _strokes(height: int = 64, width: int = 64) -> torch.Tensor:
+    """Thin strokes repeated across the image, in colour: detail that similar blocks elsewhere share."""
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    lines = ((x + 2 * y) % 12 < 3).float() * 0.6 + 0.2
+    return torch.stack([lines, 1.0 - lines, 0.5 + 0.3 * (x % 16 < 8).float()])
+
+
+@pytest.mark.parametrize("sigma", [15 / 255, 25 / 255])
+def test_block_matching_recovers_repeated_detail_better_than_blocks_alone(sigma):
+    """A pilot that lost the strokes (16 dB): blocks alone cannot tell them from the noise, their matches can."""
+    clean = _strokes()
+    noisy, smooth = _noisy(clean, sigma), _smooth(clean)
+    alone = _psnr(wiener_step(noisy, smooth, sigma, matching=False), clean)
+    matched = _psnr(wiener_step(noisy, smooth, sigma), clean)
+    assert matched > alone + 1.5, (alone, matched)
 
 
 def _smooth(clean: torch.Tensor) -> torch.Tensor:
@@ -79,8 +114,8 @@ def test_at_high_noise_a_noiseless_pilot_is_kept_by_the_blend(sigma):
     and falls below it; the SURE blend stays near the pilot."""
     clean = _scene()
     noisy, smooth = _noisy(clean, sigma), _smooth(clean)
-    filtered = wiener_step(noisy, smooth, sigma, blend=False)
-    blended = wiener_step(noisy, smooth, sigma)
+    filtered = wiener_step(noisy, smooth, sigma, matching=False, blend=False)
+    blended = wiener_step(noisy, smooth, sigma, matching=False)
     assert _psnr(filtered, clean) < _psnr(smooth, clean) - 0.5
     assert _psnr(blended, clean) > max(_psnr(filtered, clean), _psnr(smooth, clean) - 1.5)
 
@@ -111,7 +146,9 @@ def test_the_sure_blend_is_near_the_best_blend(sigma):
 def test_an_oracle_pilot_removes_most_of_the_noise():
     clean = _scene()
     noisy = _noisy(clean, 0.1)
-    assert _psnr(wiener_step(noisy, clean, 0.1, strides=(2,), blend=False), clean) > _psnr(noisy, clean) + 8.0
+    for matching in (True, False):
+        out = wiener_step(noisy, clean, 0.1, strides=(2,), matching=matching, blend=False)
+        assert _psnr(out, clean) > _psnr(noisy, clean) + 8.0
 
 
 def test_no_noise_leaves_the_image_alone():
@@ -182,13 +219,15 @@ def test_denoise_takes_the_step_for_a_gaussian_denoiser_and_says_so(tmp_path, ga
     with_step, said = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "a")
     without, said_off = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "b", wiener=False)
     given, said_given = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "c", sigma=25 / 255)
-    assert said == "on, noise sigma estimated from each image" and said_off == "off"
-    assert said_given == "on, noise sigma 25/255 (as given)"
+    blockwise, said_blockwise = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "d", block_matching=False)
+    assert said == "on, with block matching, noise sigma estimated from each image" and said_off == "off"
+    assert said_given == "on, with block matching, noise sigma 25/255 (as given)"
+    assert said_blockwise == "on, blockwise only, noise sigma estimated from each image"
     for name, image in with_step.items():
         original = read_image(tmp_path / "in" / name).pixels
         # A clean input has almost no noise: the step gives nearly the input back, the bare model a blur.
         assert _psnr(image, original) > _psnr(without[name], original) + 5.0
-        assert not torch.equal(image, given[name])
+        assert not torch.equal(image, given[name]) and not torch.equal(image, blockwise[name])
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.5])
@@ -209,6 +248,9 @@ def test_the_api_denoises_with_the_step_as_the_command_does(tmp_path, gaussian_d
     got = model.denoise(image)
     assert (got - files[image.name]).abs().max() <= 1 / 255 + 1e-6
     assert not torch.allclose(got, model.denoise(image, wiener=False), atol=1e-3)
+    blockwise, _ = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "blockwise", samples=0, block_matching=False)
+    got = model.denoise(image, block_matching=False)
+    assert (got - blockwise[image.name]).abs().max() <= 1 / 255 + 1e-6
 
 
 def test_the_installed_command_takes_wiener_options(tmp_path, gaussian_denoiser):
@@ -218,7 +260,8 @@ def test_the_installed_command_takes_wiener_options(tmp_path, gaussian_denoiser)
 
     make_blobs(tmp_path / "in", count=1, size=16)
     outputs = {}
-    for name, options in {"default": [], "given": ["--sigma", "25"], "off": ["--no-wiener"]}.items():
+    choices = {"default": [], "given": ["--sigma", "25"], "off": ["--no-wiener"], "blockwise": ["--no-block-matching"]}
+    for name, options in choices.items():
         result = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
                                           str(tmp_path / name), "--device", "cpu", "-q", *options])
         assert result.exit_code == 0, result.output
@@ -228,6 +271,7 @@ def test_the_installed_command_takes_wiener_options(tmp_path, gaussian_denoiser)
     # --sigma 25 differs from the sigma estimated on a clean image, and both from no step at all.
     assert not torch.equal(outputs["default"], outputs["given"])
     assert not torch.equal(outputs["default"], outputs["off"]) and not torch.equal(outputs["given"], outputs["off"])
+    assert not torch.equal(outputs["default"], outputs["blockwise"])
     assert math.isfinite(float(outputs["given"].sum()))
     bad = CliRunner().invoke(app, ["denoise", str(gaussian_denoiser), str(tmp_path / "in"), "-o",
                                    str(tmp_path / "bad"), "--device", "cpu", "--sigma", "300"])

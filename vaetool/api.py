@@ -134,11 +134,13 @@ class VAEModel:
 
 
     def denoise(self, images: torch.Tensor | str | Path, *, samples: int = 0, seed: int = 0, tile: str | int = "auto",
-                strength: float = 1.0, wiener: bool | None = None, sigma: float | None = None) -> torch.Tensor:
+                strength: float = 1.0, wiener: bool | None = None, sigma: float | None = None,
+                block_matching: bool = True) -> torch.Tensor:
         """Denoised images as `vaetool denoise` makes them: a (C, H, W) or (B, C, H, W) float tensor in [0, 1]
         of any size (a vector model works in blended tiles, the others whole), or an image file at its own
         size. `samples` K > 0 averages K posterior samples (the MMSE estimate of a noise-model run);
-        `wiener` and `sigma` (0-1 scale) as `vaetool denoise --wiener --sigma`."""
+        `wiener`, `sigma` (0-1 scale) and `block_matching` as `vaetool denoise --wiener --sigma
+        --block-matching`."""
         from .inference.tiledenoise import denoise_image
         from .inference.wiener import choose_wiener
         from .io.decode import read_image
@@ -146,7 +148,8 @@ class VAEModel:
         x = read_image(images).pixels if isinstance(images, (str, Path)) else images
         batch = x[None] if x.ndim == 3 else x
         train_config = self.checkpoint.train_config
-        step = choose_wiener(wiener, sigma, self.config, train_config.corruptions if train_config else ())
+        step = choose_wiener(wiener, sigma, self.config, train_config.corruptions if train_config else (),
+                             matching=block_matching)
         out = torch.stack([denoise_image(self.model, image, tile=tile, strength=strength, batch_size=self.batch_size,
                                          samples=samples, seed=seed, wiener=step) for image in batch])
         return out[0] if x.ndim == 3 else out

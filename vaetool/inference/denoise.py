@@ -261,7 +261,7 @@ class Pipeline:
 
 
 def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: int | None, seed: int,
-                   wiener: bool | None = None, sigma: float | None = None
+                   wiener: bool | None = None, sigma: float | None = None, block_matching: bool = True
                    ) -> tuple[ModelRunner, tuple | None, WienerStep | None]:
     """The model on its device, the corruptions it was trained with (None when unknown: a bare model), and
     the Wiener step (`choose_wiener`).
@@ -277,7 +277,7 @@ def _prepare_model(checkpoint: Source, *, device: str, precision: str, samples: 
         corruptions = loaded.train_config.corruptions if loaded.train_config else ()
     if sigma is not None and not 0 < sigma < 1:
         raise ConfigError(f"--sigma must be above 0 and below 1 (0-1 scale) or 1-255 (0-255 scale), not {sigma}")
-    step = choose_wiener(wiener, sigma, loaded.config, corruptions)
+    step = choose_wiener(wiener, sigma, loaded.config, corruptions, matching=block_matching)
     if samples is None:
         full_elbo = loaded.train_config is not None and loaded.train_config.beta >= 1.0
         trained_to_denoise = loaded.config.noise_model != "none" or (corruptions and full_elbo)
@@ -376,7 +376,8 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
                   device: str = "auto", precision: str = "auto", workers: int | None = None,
                   samples: int | None = None, seed: int = 0, diverse: int = 0,
                   diverse_dir: str | os.PathLike | None = None, wiener: bool | None = None,
-                  sigma: float | None = None, stdin: TextIO | None = None, callback: Callback = ignore) -> Outcome:
+                  sigma: float | None = None, block_matching: bool = True, stdin: TextIO | None = None,
+                  callback: Callback = ignore) -> Outcome:
     """Denoise image files and folders into `out_dir`, mirroring the input tree; a bad file fails alone.
 
     `samples` K > 0 writes the MMSE estimate, the mean of K posterior samples' decodes; 0 the decode
@@ -385,7 +386,8 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     `diverse` N also writes N plausible clean versions of each image (single posterior samples) under
     `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample. `wiener` True takes the
     Wiener step on each estimate (`wiener.py`), False never, None for a Gaussian denoiser; `sigma` is the
-    noise std it assumes (0-1 scale; None: the model's noise model, else estimated from each image).
+    noise std it assumes (0-1 scale; None: the model's noise model, else estimated from each image);
+    `block_matching` False leaves out its collaborative pass (10x faster, 0.5-1.6 dB less).
 
     Reports `Started`, `Note`, `Warning`, and one `Skipped`, `Written` or `Failed` per file (each
     followed by `Progress`). Raises VaetoolError only for problems with the run as a whole
@@ -409,7 +411,7 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     counted = counting(callback, total=len(tasks))
     todo = prepare_outputs(tasks, skip_existing=skip_existing, force=force, callback=counted)
     run, corruptions, step = _prepare_model(checkpoint, device=device, precision=precision, samples=samples,
-                                            seed=seed, wiener=wiener, sigma=sigma)
+                                            seed=seed, wiener=wiener, sigma=sigma, block_matching=block_matching)
     tile_side, max_pixels = run.tiling(tile)
     _announce(callback, run, len(tasks), corruptions, tile=tile_side, max_pixels=max_pixels, batch_size=batch_size,
               wiener=step)

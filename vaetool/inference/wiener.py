@@ -1,19 +1,18 @@
 """The Wiener step of denoising: the model's clean estimate as the pilot of an empirical Wiener filter.
 
-BM3D's second stage (Dabov et al. 2007) without its block matching: in every 8x8 block of the noisy image
-(overlapping, a few pixels apart), each DCT coefficient is kept in the proportion P^2 / (P^2 + sigma^2), P
-the pilot's coefficient there, and the blocks are averaged with weights 1 / (sigma^2 sum gains^2). Where the
+BM3D's second stage (Dabov et al. 2007) with the model in place of its first: in every 8x8 block of the noisy
+image (overlapping, a few pixels apart), each DCT coefficient is kept in the proportion P^2 / (P^2 + sigma^2),
+P the pilot's coefficient there, and the blocks are averaged with weights 1 / (sigma^2 sum gains^2). Where the
 pilot has signal, the noisy image's own detail comes back (a model's decode loses fine detail the noise does
-not hide); where it has none, the noise goes. A second pass takes the first's output as its pilot. Last, the
-output is blended with the pilot by Stein's unbiased risk estimate, so a pilot that is already better than
-the filter's output stays. Colour images are filtered in an orthonormal opponent colour space, so the noise
-keeps its sigma there.
+not hide); where it has none, the noise goes. Two such passes, each taking the one before as its pilot, then
+the collaborative pass of `blockmatch.py`, which filters each block together with the blocks most like it.
+Without block matching (10x faster), the output is blended with the pilot by Stein's unbiased risk estimate
+instead, so a pilot better than the blockwise filter's output stays. Colour images are filtered in an
+orthonormal opponent colour space, so the noise keeps its sigma there.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +21,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..models.noise_level import estimate_sigma
+from .blockmatch import collaborative_pass
+from .transforms import BLOCK, OPPONENT, dct_basis
 
-BLOCK = 8
 # Output rows filtered at once: bounds the blocks held (64 numbers each per pixel / stride^2) to a few
 # hundred MiB for images thousands of pixels wide.
 BAND_ROWS = 128
@@ -32,21 +32,6 @@ BAND_ROWS = 128
 # about the same at 50; more passes let noise back in at high noise. Strides 4 then 3 cost a third of two
 # passes at stride 2 for 0.1-0.2 dB less (BENCHMARKS.md, "The Wiener step").
 STRIDES = (4, 3)
-
-
-@functools.lru_cache(maxsize=4)
-def dct_basis(block: int) -> torch.Tensor:
-    """The orthonormal 2-D DCT-II of `block` x `block` blocks, as a (block^2, block^2) matrix on flattened rows."""
-    k = torch.arange(block, dtype=torch.float64)
-    basis = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * block)) * math.sqrt(2.0 / block)
-    basis[0] /= math.sqrt(2.0)
-    return torch.kron(basis, basis).float()
-
-
-# Rows: luminance, red-blue, green-magenta; orthonormal, so white noise of std sigma stays white and sigma.
-OPPONENT = torch.tensor([[1 / math.sqrt(3)] * 3,
-                         [1 / math.sqrt(2), 0.0, -1 / math.sqrt(2)],
-                         [1 / math.sqrt(6), -2 / math.sqrt(6), 1 / math.sqrt(6)]])
 
 
 def _coefficients(image: torch.Tensor, stride: int) -> torch.Tensor:
@@ -118,14 +103,16 @@ def sure_blend(noisy: torch.Tensor, pilot: torch.Tensor, filtered: torch.Tensor,
 
 
 def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strides: Sequence[int] = STRIDES,
-                blend: bool = True) -> torch.Tensor:
+                matching: bool = True, blend: bool = True) -> torch.Tensor:
     """The Wiener estimate (C, H, W) in [0, 1] from the noisy image and the pilot, both (C, H, W) in [0, 1].
 
-    `sigma` is the noise std on the 0-1 scale; one pass per stride, each after the first taking the one
-    before as its pilot. `blend`: the output is the blend of the pilot and the filtered image that SURE
-    expects to be closest to the clean image (`sure_blend`), so a pilot better than the filter's output
-    (a well-trained model at high noise) is kept. Any size: reflect padding by a block less one on every
-    side, so each pixel lies in as many blocks as any other; long images go through in bands of rows.
+    `sigma` is the noise std on the 0-1 scale; one blockwise pass per stride, each after the first taking the
+    one before as its pilot, then with `matching` the collaborative pass (`blockmatch.py`) on the last one.
+    Without it, `blend` gives the blend of the pilot and the filtered image that SURE expects to be closest to
+    the clean image (`sure_blend`), so a pilot better than the filter's output is kept. (After block matching
+    the blend only loses: 0.1-1.5 dB on held-out images, the pilot's own dependence on the noise uncounted.)
+    Any size: reflect padding by a block less one on every side, so each pixel lies in as many blocks as any
+    other; long images go through in bands of rows.
     """
     if sigma <= 0:
         return noisy.clone()
@@ -138,9 +125,12 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     mode = "reflect" if min(height, width) > pad else "replicate"
     padded = F.pad(noisy[None], (pad, pad, pad, pad), mode=mode)[0]
     estimate = F.pad(pilot[None], (pad, pad, pad, pad), mode=mode)[0]
+    blend = blend and not matching
     cache: dict[tuple[int, int], torch.Tensor] = {}
     for last, stride in enumerate(strides, 1 - len(strides)):  # only the last pass's diagonal is used
-        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=last == 0)
+        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=blend and last == 0)
+    if matching:
+        estimate, _ = collaborative_pass(padded, estimate, sigma)
     inside = (slice(None), slice(pad, pad + height), slice(pad, pad + width))
     out = estimate[inside]
     if blend:
@@ -157,32 +147,34 @@ class WienerStep:
 
     sigma: float | None
     source: str  # where sigma comes from, for the run's description
+    matching: bool = True  # the collaborative pass (`blockmatch.py`) after the blockwise ones
 
     def __call__(self, noisy: torch.Tensor, pilot: torch.Tensor) -> torch.Tensor:
         sigma = self.sigma if self.sigma is not None else estimate_sigma(noisy[None])
-        return wiener_step(noisy, pilot, sigma)
+        return wiener_step(noisy, pilot, sigma, matching=self.matching)
 
     def describe(self) -> str:
+        how = "on, with block matching" if self.matching else "on, blockwise only"
         if self.sigma is None:
-            return f"on, noise sigma {self.source}"
-        return f"on, noise sigma {255 * self.sigma:.3g}/255 ({self.source})"
+            return f"{how}, noise sigma {self.source}"
+        return f"{how}, noise sigma {255 * self.sigma:.3g}/255 ({self.source})"
 
 
 def choose_wiener(requested: bool | None, sigma: float | None, config: ModelConfig,
-                  corruptions: tuple | None) -> WienerStep | None:
+                  corruptions: tuple | None, *, matching: bool = True) -> WienerStep | None:
     """The Wiener step for this model, or None.
 
     `requested` None: on for a model that denoises Gaussian noise (a Gaussian noise model, or --corrupt with
     Gaussian noise only), whose inputs the step's model of the noise fits; off otherwise (masking or
     salt-and-pepper noise is not Gaussian, and a plain VAE is not asked to denoise). `sigma` None: the noise
-    model's own sigma, else estimated from each image.
+    model's own sigma, else estimated from each image. `matching`: the collaborative pass too.
     """
     gaussian = config.noise_model == "gaussian" or bool(corruptions) and all(
         c.kind == "gaussian" for c in corruptions)
     if not (gaussian if requested is None else requested):
         return None
     if sigma is not None:
-        return WienerStep(sigma, "as given")
+        return WienerStep(sigma, "as given", matching)
     if config.noise_model == "gaussian" and config.noise_sigma > 0:
-        return WienerStep(config.noise_sigma, "the model's noise model")
-    return WienerStep(None, "estimated from each image")
+        return WienerStep(config.noise_sigma, "the model's noise model", matching)
+    return WienerStep(None, "estimated from each image", matching)
