@@ -229,15 +229,18 @@ def _timed(runner: type) -> Iterator[list[float]]:
         runner.__call__ = original
 
 
+# A child's peak RSS counts the pages it shares with its parent at fork: started from this (large) process it
+# would report this process's size. A fresh, small interpreter starts the command and reports its child's.
+_PEAK_OF_CHILD = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+                  "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
 def peak_rss_mb(checkpoint: Path, folder: Path, out: Path) -> float:
     """Peak resident memory of a `vaetool denoise` process over `folder`, MiB."""
     shutil.rmtree(out, ignore_errors=True)
-    process = subprocess.Popen([VAETOOL, "denoise", str(checkpoint), str(folder), "-o", str(out), "-q",
-                                "--device", "cpu"], stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0, process.returncode
-    return usage.ru_maxrss / 1024
+    report = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, VAETOOL, "denoise", str(checkpoint), str(folder),
+                             "-o", str(out), "-q", "--device", "cpu"], check=True, capture_output=True, text=True)
+    return int(report.stdout.split()[-1]) / 1024
 
 
 def memory_flatness(checkpoint: Path, root: Path, *, small: int) -> dict:

@@ -8,7 +8,8 @@ detail-rich set (4 minutes each) and their held-out images. Noise of each std is
 as there; the model's estimate (the pilot) is computed once per image, then every variant of the step is
 applied to it. Stronger pilots are emulated by moving the model's estimate towards the clean image,
 P' = S + k (P - S): the model's own errors, k times smaller. The variants named by strides are the blockwise
-passes alone, without a blend; "matched" adds the collaborative pass (the default), "blend" the SURE blend.
+passes alone, without a blend; "matched" adds the collaborative pass, "blend" the SURE blend (the default
+both).
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ from denoise_data import ROOT, load, make_noisy  # noqa: E402
 
 from vaetool.checkpoint import load_model  # noqa: E402
 from vaetool.inference.tiledenoise import denoise_image  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from vaetool.inference.blockmatch import collaborative_pass  # noqa: E402
-from vaetool.inference.wiener import OPPONENT, STRIDES, _wiener_pass, sure_blend, wiener_step  # noqa: E402
+from vaetool.inference.wiener import wiener_step  # noqa: E402
 from vaetool.models.noise_level import estimate_sigma  # noqa: E402
 
 VARIANTS = {"one pass (2)": (2,), "two (2, 2)": (2, 2), "three (2, 2, 2)": (2, 2, 2), "two (3, 2)": (3, 2),
@@ -45,23 +43,6 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def _psnr(outputs: list[torch.Tensor], clean: list[torch.Tensor]) -> float:
     return statistics.mean(float(-10 * torch.log10((o - c).square().mean())) for o, c in zip(outputs, clean))
-
-
-def matched_and_blended(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
-    """The default step followed by the SURE blend with the model's pilot (the step leaves it out), the
-    collaborative filter's trace estimated by Hutchinson's method with one +-1 probe."""
-    pad, (height, width) = 7, noisy.shape[1:]
-    n, p = (torch.einsum("ij,jhw->ihw", OPPONENT, x) for x in (noisy, pilot))
-    probe = torch.randint(0, 2, n.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
-    padded, estimate, probe_padded = (F.pad(x[None], (pad,) * 4, mode="reflect")[0] for x in (n, p, probe))
-    cache: dict = {}
-    for stride in STRIDES:
-        estimate, _ = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=False)
-    out, response = collaborative_pass(padded, estimate, sigma, probe=probe_padded)
-    inside = (slice(None), slice(pad, pad + height), slice(pad, pad + width))
-    out = out[inside]
-    share = sure_blend(n, p, out, float((probe * response[inside]).sum()), sigma)
-    return torch.einsum("ji,jhw->ihw", OPPONENT, torch.lerp(p, out, share)).clamp(0, 1)
 
 
 def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float) -> dict[str, float]:
@@ -80,19 +61,20 @@ def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float
         [wiener_step(n, n, sigma, strides=(2,), matching=False, blend=False) for n in noisy], clean)
     row["(4, 3) + SURE blend (--no-block-matching)"] = _psnr(
         [wiener_step(n, p, sigma, matching=False) for n, p in zip(noisy, pilots)], clean)
-    row["(4, 3) + matched (default)"] = _psnr([wiener_step(n, p, sigma) for n, p in zip(noisy, pilots)], clean)
-    row["(4, 3) + matched + SURE blend"] = _psnr(
-        [matched_and_blended(n, p, sigma) for n, p in zip(noisy, pilots)], clean)
-    row["(4, 3) + matched, sigma estimated"] = _psnr(
+    row["(4, 3) + matched, no blend"] = _psnr(
+        [wiener_step(n, p, sigma, blend=False) for n, p in zip(noisy, pilots)], clean)
+    row["(4, 3) + matched + SURE blend (default)"] = _psnr(
+        [wiener_step(n, p, sigma) for n, p in zip(noisy, pilots)], clean)
+    row["(4, 3) + matched + SURE blend, sigma estimated"] = _psnr(
         [wiener_step(n, p, estimate_sigma(n[None])) for n, p in zip(noisy, pilots)], clean)
     for k in STRONGER:
         stronger = [c + k * (p - c) for p, c in zip(pilots, clean)]
         row[f"k={k:g} pilot"] = _psnr(stronger, clean)
         row[f"k={k:g} blockwise + blend"] = _psnr(
             [wiener_step(n, p, sigma, matching=False) for n, p in zip(noisy, stronger)], clean)
-        row[f"k={k:g} matched"] = _psnr([wiener_step(n, p, sigma) for n, p in zip(noisy, stronger)], clean)
-        row[f"k={k:g} matched + blend"] = _psnr(
-            [matched_and_blended(n, p, sigma) for n, p in zip(noisy, stronger)], clean)
+        row[f"k={k:g} matched, no blend"] = _psnr(
+            [wiener_step(n, p, sigma, blend=False) for n, p in zip(noisy, stronger)], clean)
+        row[f"k={k:g} matched + blend"] = _psnr([wiener_step(n, p, sigma) for n, p in zip(noisy, stronger)], clean)
     for label, matching in (("blockwise", False), ("matched", True)):
         start = time.perf_counter()
         for n, p in zip(noisy, pilots):

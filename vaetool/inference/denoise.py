@@ -387,7 +387,7 @@ def denoise_files(checkpoint: Source, inputs: Sequence[str | os.PathLike], out_d
     `diverse_dir`, mirroring the tree as `stem_1.png`...; `seed` fixes every sample. `wiener` True takes the
     Wiener step on each estimate (`wiener.py`), False never, None for a Gaussian denoiser; `sigma` is the
     noise std it assumes (0-1 scale; None: the model's noise model, else estimated from each image);
-    `block_matching` False leaves out its collaborative pass (10x faster, 0.5-1.6 dB less).
+    `block_matching` False leaves out its collaborative pass (the step 10 times faster, 0.0-1.6 dB less).
 
     Reports `Started`, `Note`, `Warning`, and one `Skipped`, `Written` or `Failed` per file (each
     followed by `Progress`). Raises VaetoolError only for problems with the run as a whole

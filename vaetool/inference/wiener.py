@@ -5,10 +5,10 @@ image (overlapping, a few pixels apart), each DCT coefficient is kept in the pro
 P the pilot's coefficient there, and the blocks are averaged with weights 1 / (sigma^2 sum gains^2). Where the
 pilot has signal, the noisy image's own detail comes back (a model's decode loses fine detail the noise does
 not hide); where it has none, the noise goes. Two such passes, each taking the one before as its pilot, then
-the collaborative pass of `blockmatch.py`, which filters each block together with the blocks most like it.
-Without block matching (10x faster), the output is blended with the pilot by Stein's unbiased risk estimate
-instead, so a pilot better than the blockwise filter's output stays. Colour images are filtered in an
-orthonormal opponent colour space, so the noise keeps its sigma there.
+the collaborative pass of `blockmatch.py`, which filters each block together with the blocks most like it
+(`--no-block-matching` leaves it out: the step 10 times faster). Last, the output is blended with the pilot by Stein's
+unbiased risk estimate, so a pilot already better than the filter's output stays. Colour images are filtered
+in an orthonormal opponent colour space, so the noise keeps its sigma there.
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
 
     `sigma` is the noise std on the 0-1 scale; one blockwise pass per stride, each after the first taking the
     one before as its pilot, then with `matching` the collaborative pass (`blockmatch.py`) on the last one.
-    Without it, `blend` gives the blend of the pilot and the filtered image that SURE expects to be closest to
-    the clean image (`sure_blend`), so a pilot better than the filter's output is kept. (After block matching
-    the blend only loses: 0.1-1.5 dB on held-out images, the pilot's own dependence on the noise uncounted.)
+    `blend`: the output is the blend of the pilot and the filtered image that SURE expects to be closest to
+    the clean image (`sure_blend`), so a pilot better than the filter's output is kept (a well-trained model
+    at high noise, which the filter alone would lose up to 11 dB to; with a weak pilot the blend costs 0-0.6
+    dB, leaning to the pilot: BENCHMARKS.md, "The Wiener step").
     Any size: reflect padding by a block less one on every side, so each pixel lies in as many blocks as any
     other; long images go through in bands of rows.
     """
@@ -125,17 +126,22 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     mode = "reflect" if min(height, width) > pad else "replicate"
     padded = F.pad(noisy[None], (pad, pad, pad, pad), mode=mode)[0]
     estimate = F.pad(pilot[None], (pad, pad, pad, pad), mode=mode)[0]
-    blend = blend and not matching
     cache: dict[tuple[int, int], torch.Tensor] = {}
     for last, stride in enumerate(strides, 1 - len(strides)):  # only the last pass's diagonal is used
-        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=blend and last == 0)
-    if matching:
-        estimate, _ = collaborative_pass(padded, estimate, sigma)
+        with_diagonal = blend and not matching and last == 0
+        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=with_diagonal)
     inside = (slice(None), slice(pad, pad + height), slice(pad, pad + width))
+    if matching:
+        # The collaborative filter's trace for the blend: Hutchinson's estimate with one fixed +-1 probe.
+        probe = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+        padded_probe = F.pad(probe[None], (pad, pad, pad, pad), mode=mode)[0] if blend else None
+        estimate, response = collaborative_pass(padded, estimate, sigma, probe=padded_probe)
+        trace = float((probe * response[inside]).sum()) if blend else 0.0
+    else:
+        trace = float(diagonal[inside].sum())
     out = estimate[inside]
     if blend:
-        share = sure_blend(noisy, pilot, out, float(diagonal[inside].sum()), sigma)
-        out = torch.lerp(pilot, out, share)
+        out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, trace, sigma))
     if channels == 3:
         out = torch.einsum("ji,jhw->ihw", OPPONENT, out)
     return out.clamp_(0.0, 1.0)
