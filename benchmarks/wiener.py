@@ -9,7 +9,7 @@ as there; the model's estimate (the pilot) is computed once per image, then ever
 applied to it. Stronger pilots are emulated by moving the model's estimate towards the clean image,
 P' = S + k (P - S): the model's own errors, k times smaller. The variants named by strides are the blockwise
 passes alone, without a blend; "matched" adds the collaborative pass, "blend" the SURE blend (the default
-both).
+both); "counting the divergence" gives the blend the model's own divergence, by one more forward pass.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def _psnr(outputs: list[torch.Tensor], clean: list[torch.Tensor]) -> float:
     return statistics.mean(float(-10 * torch.log10((o - c).square().mean())) for o, c in zip(outputs, clean))
 
 
+def model_divergence(model: torch.nn.Module, noisy: torch.Tensor, pilot: torch.Tensor, sigma: float) -> float:
+    """The model's divergence in its input, by one Monte-Carlo probe (Ramani et al. 2008): the input moved by
+    0.1 sigma along a +-1 vector, one more forward pass."""
+    probe = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+    step = 0.1 * sigma
+    return float((probe * (denoise_image(model, noisy + step * probe) - pilot)).sum()) / step
+
+
 def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float) -> dict[str, float]:
     pairs = make_noisy(test, work / f"wiener-{name}-{sigma255:g}", sigma255)
     clean = [_tensor(load(c)) for c, _ in pairs]
@@ -52,6 +60,7 @@ def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float
     model = load_model(checkpoint).model.eval()
     with torch.inference_mode():
         pilots = [denoise_image(model, n) for n in noisy]
+        divergences = [model_divergence(model, n, p, sigma255 / 255.0) for n, p in zip(noisy, pilots)]
     sigma = sigma255 / 255.0
     row = {"noisy input": _psnr(noisy, clean), "the model alone (pilot)": _psnr(pilots, clean)}
     for label, strides in VARIANTS.items():
@@ -65,6 +74,8 @@ def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float
         [wiener_step(n, p, sigma, blend=False) for n, p in zip(noisy, pilots)], clean)
     row["(4, 3) + matched + SURE blend (default)"] = _psnr(
         [wiener_step(n, p, sigma) for n, p in zip(noisy, pilots)], clean)
+    row["(4, 3) + matched + SURE blend counting the model's divergence"] = _psnr(
+        [wiener_step(n, p, sigma, pilot_divergence=d) for n, p, d in zip(noisy, pilots, divergences)], clean)
     row["(4, 3) + matched + SURE blend, sigma estimated"] = _psnr(
         [wiener_step(n, p, estimate_sigma(n[None])) for n, p in zip(noisy, pilots)], clean)
     for k in STRONGER:
@@ -75,6 +86,8 @@ def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float
         row[f"k={k:g} matched, no blend"] = _psnr(
             [wiener_step(n, p, sigma, blend=False) for n, p in zip(noisy, stronger)], clean)
         row[f"k={k:g} matched + blend"] = _psnr([wiener_step(n, p, sigma) for n, p in zip(noisy, stronger)], clean)
+        row[f"k={k:g} matched + blend counting the divergence"] = _psnr(  # the emulated pilot's is k times the model's
+            [wiener_step(n, p, sigma, pilot_divergence=k * d) for n, p, d in zip(noisy, stronger, divergences)], clean)
     for label, matching in (("blockwise", False), ("matched", True)):
         start = time.perf_counter()
         for n, p in zip(noisy, pilots):

@@ -144,6 +144,26 @@ def test_the_sure_blend_is_near_the_best_blend(sigma):
     assert sum(gaps) / len(gaps) < 0.1, gaps
 
 
+def test_the_sure_blend_counts_a_pilot_that_depends_on_the_noise():
+    """A pilot made from the noisy image itself (a 3x3 mean): with its divergence counted the blend's share is
+    near the one the clean image would choose; counted as fixed it leans towards the pilot."""
+    sigma, clean = 20 / 255, _scene()
+    inside = torch.nn.functional.avg_pool2d(torch.ones_like(clean)[None], 3, stride=1, padding=1)[0] * 9
+    divergence = float((1.0 / inside).sum())  # the mean's weight on each pixel itself: 1 / its neighbours
+    grid = torch.linspace(0, 1, 101)
+    gaps = {True: [], False: []}
+    for seed in range(4):
+        noisy = _noisy(clean, sigma, seed)
+        pilot = _smooth(noisy)
+        filtered = wiener_step(noisy, pilot, sigma, blend=False)
+        errors = torch.stack([(torch.lerp(pilot, filtered, a) - clean).square().sum() for a in grid])
+        best = torch.lerp(pilot, filtered, float(grid[errors.argmin()]))
+        for counted in (True, False):
+            out = wiener_step(noisy, pilot, sigma, pilot_divergence=divergence if counted else 0.0)
+            gaps[counted].append(float((out - best).square().mean()))
+    assert sum(gaps[True]) < 0.5 * sum(gaps[False]), gaps
+
+
 def test_an_oracle_pilot_removes_most_of_the_noise():
     clean = _scene()
     noisy = _noisy(clean, 0.1)

@@ -94,8 +94,8 @@ def sure_blend(noisy: torch.Tensor, pilot: torch.Tensor, filtered: torch.Tensor,
     """The share a in [0, 1] of `pilot + a (filtered - pilot)` that minimises Stein's unbiased risk estimate.
 
     SURE (Stein 1981) of that blend is |noisy - blend|^2 - n sigma^2 + 2 sigma^2 a trace, the filter being
-    linear in the noisy image with `trace` its diagonal's sum; the pilot counts as fixed (its own dependence
-    on the noise is not known), which leans the choice a little towards it.
+    linear in the noisy image with `trace` its diagonal's sum, less the pilot's divergence where it is known;
+    a pilot counted as fixed (its own dependence on the noise unknown) leans the choice towards it.
     """
     step = filtered - pilot
     agreement = float(((noisy - pilot) * step).sum()) - sigma * sigma * trace
@@ -103,7 +103,7 @@ def sure_blend(noisy: torch.Tensor, pilot: torch.Tensor, filtered: torch.Tensor,
 
 
 def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strides: Sequence[int] = STRIDES,
-                matching: bool = True, blend: bool = True) -> torch.Tensor:
+                matching: bool = True, blend: bool = True, pilot_divergence: float = 0.0) -> torch.Tensor:
     """The Wiener estimate (C, H, W) in [0, 1] from the noisy image and the pilot, both (C, H, W) in [0, 1].
 
     `sigma` is the noise std on the 0-1 scale; one blockwise pass per stride, each after the first taking the
@@ -111,7 +111,8 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     `blend`: the output is the blend of the pilot and the filtered image that SURE expects to be closest to
     the clean image (`sure_blend`), so a pilot better than the filter's output is kept (a well-trained model
     at high noise, which the filter alone would lose up to 11 dB to; with a weak pilot the blend costs 0-0.6
-    dB, leaning to the pilot: BENCHMARKS.md, "The Wiener step").
+    dB, leaning to the pilot: BENCHMARKS.md, "The Wiener step"). `pilot_divergence`: the pilot's own
+    divergence in the noisy image, for the blend's risk estimate (0: the pilot counted as fixed).
     Any size: reflect padding by a block less one on every side, so each pixel lies in as many blocks as any
     other; long images go through in bands of rows.
     """
@@ -141,7 +142,7 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
         trace = float(diagonal[inside].sum())
     out = estimate[inside]
     if blend:
-        out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, trace, sigma))
+        out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, trace - pilot_divergence, sigma))
     if channels == 3:
         out = torch.einsum("ji,jhw->ihw", OPPONENT, out)
     return out.clamp_(0.0, 1.0)
