@@ -88,29 +88,29 @@ def collaborative_pass(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *
     haar, window = haar_basis(group), kaiser_window()
     within = torch.arange(BLOCK)
     block_pixels = (within[:, None] * width + within[None, :]).reshape(-1)  # offsets of a block's 64 pixels
-    images = [noisy, pilot] + ([probe] if probe is not None else [])
-    flats = [image.reshape(channels, -1) for image in images]
-    totals = [torch.zeros_like(flats[0]) for _ in range(len(images) - 1)]
-    weights = torch.zeros_like(flats[0])
+    # The pilot first, then the images filtered (the noisy one, and the probe), stacked: one gather and one
+    # transform for all.
+    stacked = torch.cat([pilot, noisy] + ([probe] if probe is not None else [])).reshape(-1, height * width)
+    filtered_count = stacked.shape[0] // channels - 1
+    totals = torch.zeros(filtered_count * channels, height * width)
+    weights = torch.zeros(channels, height * width)
     band = max(1, BAND_NUMBERS // ((2 * radius + 1) ** 2 * width * stride))
     for start in range(0, len(rows), band):
         matched = match_blocks(pilot[0], rows[start:start + band], cols, group, radius)  # (n, group)
         pixels = (matched[..., None] + block_pixels).reshape(-1)  # (n * group * 64)
-
-        def spectrum(flat: torch.Tensor) -> torch.Tensor:  # (C, n, group, 64) 3-D transform of the groups
-            blocks = flat[:, pixels].view(channels, *matched.shape, BLOCK * BLOCK) @ dct.T
-            return torch.einsum("jk,cnkm->cnjm", haar, blocks)
-
-        energy = spectrum(flats[1]).square_()
+        blocks = stacked[:, pixels].view(-1, *matched.shape, BLOCK * BLOCK) @ dct.T
+        spectra = torch.einsum("jk,cnkm->cnjm", haar, blocks)  # the groups' 3-D transforms
+        energy = spectra[:channels].square()
         gain = energy.div_(energy + sigma * sigma)
         weight = 1.0 / (sigma * sigma * gain.square().sum((-1, -2))).clamp_min(1e-12)  # (C, n)
         placed = (weight[:, :, None, None] * window).expand(channels, *matched.shape, -1).reshape(channels, -1)
         weights.index_add_(1, pixels, placed)
-        for total, flat in zip(totals, flats[:1] + flats[2:]):
-            filtered = torch.einsum("jk,cnjm->cnkm", haar, gain * spectrum(flat)) @ dct
-            total.index_add_(1, pixels, filtered.reshape(channels, -1) * placed)
+        kept = spectra[channels:].reshape(filtered_count, channels, *gain.shape[1:]).mul_(gain)
+        back = torch.einsum("jk,cnjm->cnkm", haar, kept.reshape(-1, *gain.shape[1:])) @ dct
+        back = back.reshape(filtered_count, channels, -1).mul_(placed)
+        totals.index_add_(1, pixels, back.view(filtered_count * channels, -1))
     weights.clamp_min_(1e-12)
-    out = [(total / weights).view(channels, height, width) for total in totals]
+    out = (totals.view(filtered_count, channels, -1) / weights).view(filtered_count, channels, height, width)
     return out[0], out[1] if probe is not None else None
 
 
