@@ -15,9 +15,9 @@ trained with `vaetool train --time T` on 2 cores, as a user would):
 - noisy only (DivNoising): the training images with the test's noise, `--noise-model gaussian` (sigma
   estimated from them), one model per noise level.
 Each vaetool model is measured as `denoise` runs it (the Wiener step with block matching on the posterior mean,
-the default for Gaussian denoisers), with `--no-block-matching` (the blockwise Wiener passes only, 10x faster)
-and with `--no-wiener` (the model's estimate alone: for a noisy-only model the MMSE estimate over 16 posterior
-samples).
+the default for Gaussian denoisers), with `--no-block-matching` (the blockwise Wiener passes only: the step 10
+times faster) and with `--no-wiener` (the model's estimate alone: for a noisy-only model the MMSE estimate over
+16 posterior samples).
 vaetool is timed end to end (read files, denoise, write files). BM3D (`pip install bm3d`) is given the true
 sigma; scikit-image's NL-means and TV estimate it from the image, as a user without a known sigma would run
 them (one thread each). Also: the MMSE estimate's PSNR and speed against the number of samples, the pipeline's
@@ -98,7 +98,8 @@ def run_vaetool(checkpoint: Path, pairs: list[tuple[Path, Path]], out: Path, *,
     shutil.rmtree(out, ignore_errors=True)
     marks: dict[str, float] = {}
     summary = denoise_files(checkpoint, [str(n) for _, n in pairs], out, device="cpu", samples=samples,
-                            wiener=wiener, block_matching=block_matching, callback=lambda event: marks.setdefault(type(event).__name__, time.perf_counter()))
+                            wiener=wiener, block_matching=block_matching,
+                            callback=lambda event: marks.setdefault(type(event).__name__, time.perf_counter()))
     seconds = time.perf_counter() - marks["Started"]
     assert len(summary.written) == len(pairs) and not summary.failed, summary
     return [load(out / noisy.name) for _, noisy in pairs], seconds

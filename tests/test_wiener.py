@@ -73,7 +73,16 @@ def test_block_matching_finds_a_copied_block_and_puts_the_reference_first():
     assert int(matched[0, 0]) == 10 * 40 + 12 and int(matched[0, 1]) == 20 * 40 + 25
     # Every match lies inside the image and within the search window.
     ys, xs = matched // 40, matched % 40
-    assert bool(((ys - 10).abs() <= 16).all() and ((xs - 12).abs() <= 16).all() and (ys <= 32).all() and (xs <= 32).all())
+    assert bool(((ys - 10).abs() <= 16).all() and ((xs - 12).abs() <= 16).all())
+    assert bool((ys <= 32).all() and (xs <= 32).all())
+
+
+@pytest.mark.parametrize("group", [8, 32])
+def test_a_group_larger_than_a_small_image_holds_is_cut_to_fit(group):
+    """A 15 x 15 padded image (a 1-pixel input) leaves 16 candidate blocks at a corner: the stack stays inside."""
+    image = torch.rand(3, 15, 15, generator=torch.Generator().manual_seed(3))
+    out, _ = blockmatch.collaborative_pass(image, image, 1e-6, group=group, radius=8)
+    torch.testing.assert_close(out, image, atol=1e-4, rtol=0)
 
 
 def _strokes(height: int = 64, width: int = 64) -> torch.Tensor:

@@ -81,7 +81,8 @@ def collaborative_pass(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *
     gains and matches held fixed) applied to it, for Hutchinson's estimate of the filter's trace."""
     channels, height, width = noisy.shape
     radius = max(0, min(radius, (min(height, width) - BLOCK) // 2))
-    group = min(group, 2 ** int(math.log2((2 * radius + 1) ** 2)))  # the Haar transform wants a power of two
+    # No more than a corner's window holds, and a power of two for the Haar transform.
+    group = min(group, 2 ** int(math.log2((radius + 1) ** 2)))
     rows = reference_grid(height - BLOCK + 1, stride)
     cols = reference_grid(width - BLOCK + 1, stride)
     dct = dct_basis(BLOCK)

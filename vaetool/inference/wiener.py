@@ -6,9 +6,9 @@ P the pilot's coefficient there, and the blocks are averaged with weights 1 / (s
 pilot has signal, the noisy image's own detail comes back (a model's decode loses fine detail the noise does
 not hide); where it has none, the noise goes. Two such passes, each taking the one before as its pilot, then
 the collaborative pass of `blockmatch.py`, which filters each block together with the blocks most like it
-(`--no-block-matching` leaves it out: the step 10 times faster). Last, the output is blended with the pilot by Stein's
-unbiased risk estimate, so a pilot already better than the filter's output stays. Colour images are filtered
-in an orthonormal opponent colour space, so the noise keeps its sigma there.
+(`--no-block-matching` leaves it out: the step 10 times faster). Last, the output is blended with the pilot
+by Stein's unbiased risk estimate, so a pilot already better than the filter's output stays. Colour images
+are filtered in an orthonormal opponent colour space, so the noise keeps its sigma there.
 """
 
 from __future__ import annotations
@@ -132,14 +132,15 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
         with_diagonal = blend and not matching and last == 0
         estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=with_diagonal)
     inside = (slice(None), slice(pad, pad + height), slice(pad, pad + width))
-    if matching:
+    trace = float(diagonal[inside].sum())
+    if matching and blend:
         # The collaborative filter's trace for the blend: Hutchinson's estimate with one fixed +-1 probe.
         probe = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
-        padded_probe = F.pad(probe[None], (pad, pad, pad, pad), mode=mode)[0] if blend else None
+        padded_probe = F.pad(probe[None], (pad, pad, pad, pad), mode=mode)[0]
         estimate, response = collaborative_pass(padded, estimate, sigma, probe=padded_probe)
-        trace = float((probe * response[inside]).sum()) if blend else 0.0
-    else:
-        trace = float(diagonal[inside].sum())
+        trace = float((probe * response[inside]).sum())
+    elif matching:
+        estimate, _ = collaborative_pass(padded, estimate, sigma)
     out = estimate[inside]
     if blend:
         out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, trace - pilot_divergence, sigma))
