@@ -16,10 +16,10 @@ with seed 0, held-out images with seed 1) and each family, strictly one after an
 `--model` is passed only when `vaetool train` has that option (before it, only `vector` runs). A family
 named `KIND@VARIANT` (e.g. `--models hierarchical,hierarchical@f2 --family-args 'hierarchical@f2=--downsample
 2'`) runs KIND with that variant's train options, in a row of its own.
-At the same budget a plain pytorch/examples-style loop (a conv VAE with a linear bottleneck,
-MSE + KL, Adam) trains on the detail set for the side-by-side; its PSNR and SSIM are measured on the
-same held-out images with vaetool's own metric functions, and
-(with --sample-metric) its prior samples go through the same two-sample test. Writes OUT/results.json, OUT/results.md
+At the same budget the peers of benchmarks/peers.py (`--peers`: the plain pytorch/examples-style loop, pythae's
+VAE with its default or its CelebA networks) train on the data sets of `--baseline` for the side-by-side; their
+PSNR and SSIM are measured on the same held-out images with vaetool's own metric functions, and (with
+--sample-metric) their prior samples go through the same two-sample test. Writes OUT/results.json, OUT/results.md
 (the Markdown table, also printed) and the grids in each OUT/runs/NAME/.
 """
 
@@ -38,11 +38,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 # name: (image side, channels); digits are gray like MNIST, the others colour.
 DATASETS: dict[str, tuple[int, int]] = {"faces": (64, 3), "digits": (32, 1), "detail": (64, 3)}
 FAMILIES = ("vector", "spatial", "hierarchical")  # the table's row order; others follow, the plain loop last
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
 GRID_IMAGES = 16
+PEER_NAMES = ("baseline", "pythae", "pythae-celeba")  # benchmarks/peers.py; 'baseline' is the plain loop
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -144,117 +146,6 @@ def run_family(data: str, family: str, *, folder: Path, run: Path, minutes: floa
                       "reconstructions": str(run / "heldout_reconstructions.png")}}
 
 
-# ------------------------------------------------------------------------------ the plain loop
-
-
-def _load_images(folder: Path, channels: int):
-    """Every PNG under `folder` as one uint8 tensor (N, C, H, W), sorted by path."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    mode = "L" if channels == 1 else "RGB"
-    arrays = [np.asarray(Image.open(p).convert(mode)) for p in sorted(folder.rglob("*.png"))]
-    stacked = np.stack(arrays)  # (N, H, W) or (N, H, W, C)
-    return torch.from_numpy(stacked.reshape(*stacked.shape[:3], channels)).permute(0, 3, 1, 2).contiguous()
-
-
-def _baseline_model(channels: int, size: int, latent: int = 64):
-    """pytorch/examples' VAE with conv layers: four stride-2 convs, a linear bottleneck, the mirror back up."""
-    import torch
-    from torch import nn
-
-    class ConvVAE(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            widths, self.side = (32, 64, 128, 256), size // 16
-            layers, c = [], channels
-            for w in widths:
-                layers += [nn.Conv2d(c, w, 4, 2, 1), nn.ReLU()]
-                c = w
-            self.encoder = nn.Sequential(*layers, nn.Flatten())
-            flat = widths[-1] * self.side * self.side
-            self.mu, self.logvar = nn.Linear(flat, latent), nn.Linear(flat, latent)
-            self.expand = nn.Linear(latent, flat)
-            layers = []
-            for w_in, w_out in zip(widths[::-1], [*widths[-2::-1], channels]):
-                layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1), nn.ReLU()]
-            self.decoder = nn.Sequential(*layers[:-1], nn.Sigmoid())
-
-        def encode(self, x):
-            h = self.encoder(x)  # (B, 256 * side * side)
-            return self.mu(h), self.logvar(h)
-
-        def decode(self, z):
-            return self.decoder(self.expand(z).view(z.shape[0], -1, self.side, self.side))  # (B, C, H, W)
-
-    torch.manual_seed(0)
-    return ConvVAE()
-
-
-def _save_grid(path: Path, images, nrow: int) -> None:
-    """(N, C, H, W) floats in [0, 1] as one PNG grid with 2-pixel gaps."""
-    import numpy as np
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    sheet = np.full((rows * (h + 2), nrow * (w + 2), c), 255, np.uint8)
-    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-    for i, image in enumerate(pixels):
-        r, k = divmod(i, nrow)
-        sheet[r * (h + 2):r * (h + 2) + h, k * (w + 2):k * (w + 2) + w] = image
-    Image.fromarray(sheet.squeeze(-1) if c == 1 else sheet).save(path)
-
-
-def baseline_run(folder: Path, run: Path, *, seconds: float, channels: int, batch_size: int = 64,
-                 sample_metric: int = 0) -> dict:
-    """Train the plain loop (MSE summed + KL, Adam 1e-3) for `seconds` of wall time; PSNR/SSIM on the held-out set,
-    and with `sample_metric` N, the two-sample test of N prior samples against the held-out images, the same test
-    (`vaetool.inference.sample_metric`, same seed and setup) that `vaetool eval --samples N` runs."""
-    import torch
-    import torch.nn.functional as F
-
-    from vaetool.inference.evaluate import psnr, ssim  # the same definitions as `vaetool eval`
-
-    train, test = _load_images(folder / "train", channels), _load_images(folder / "test", channels)
-    model = _baseline_model(channels, train.shape[-1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    steps, started = 0, time.monotonic()
-    while time.monotonic() - started < seconds:
-        for index in torch.randperm(len(train), generator=generator).split(batch_size):
-            x = train[index].float() / 255.0  # (B, C, H, W)
-            mu, logvar = model.encode(x)
-            z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
-            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-            loss = F.mse_loss(model.decode(z), x, reduction="sum") + kl
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if time.monotonic() - started >= seconds:
-                break
-    elapsed = time.monotonic() - started
-    with torch.inference_mode():
-        x = test.float() / 255.0
-        recon = torch.cat([model.decode(model.encode(b)[0]) for b in x.split(100)])  # posterior means
-        _save_grid(run / "heldout_reconstructions.png", torch.cat([x[:GRID_IMAGES], recon[:GRID_IMAGES]]), GRID_IMAGES)
-        _save_grid(run / "prior_samples.png", model.decode(torch.randn(64, 64, generator=generator)), 8)
-        metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item()}
-        two_sample = None
-        if sample_metric:
-            from vaetool.inference.sample_metric import classifier_two_sample_test
-
-            drawn = torch.cat([model.decode(z) for z in torch.randn(sample_metric, 64, generator=generator).split(100)])
-            two_sample = {"samples": {"two_sample": classifier_two_sample_test(x, drawn, seed=0).to_dict()}}
-    return {"family": "baseline", "label": "plain loop (pytorch/examples)", "steps": steps,
-            "train_s": round(elapsed, 1), "images_per_s": steps * batch_size / elapsed, "test": metrics,
-            "sample_metric": two_sample,
-            "grids": {"samples": str(run / "prior_samples.png"),
-                      "reconstructions": str(run / "heldout_reconstructions.png")}}
-
-
 # ------------------------------------------------------------------------------------- the table
 
 
@@ -314,32 +205,37 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-metric", type=int, default=0, metavar="N",
                         help="also `vaetool eval --samples N` (the two-sample test), when eval has it")
     parser.add_argument("--baseline", default="detail",
-                        help="data sets for the pytorch/examples-style loop, comma separated, or none (default detail)")
+                        help="data sets for the peers, comma separated, or none (default detail)")
+    parser.add_argument("--peers", default="loop",
+                        help="peers to train beside vaetool: loop, pythae, pythae-celeba (default loop)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "families")
     parser.add_argument("--only", nargs="*", default=None, help="shell patterns of DATA-FAMILY names to run")
     parser.add_argument("--report", action="store_true", help="only print the table of the results in OUT")
-    parser.add_argument("--baseline-worker", nargs=3, default=None, help=argparse.SUPPRESS)  # DATA FOLDER RUN
+    parser.add_argument("--baseline-worker", nargs=4, default=None, help=argparse.SUPPRESS)  # PEER DATA FOLDER RUN
     args = parser.parse_args(argv)
     unknown = sorted(set(args.data.split(",")) - set(DATASETS))
     if unknown:
         parser.error(f"--data: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    args.peers = [{"loop": "baseline"}.get(p, p) for p in args.peers.split(",") if p]
+    if set(args.peers) - set(PEER_NAMES):
+        parser.error(f"--peers: choose from loop, pythae, pythae-celeba, not {args.peers}")
     if args.minutes <= 0 or args.count < 10 or args.held_out < 1:
         parser.error("need --minutes > 0, --count >= 10 and --held-out >= 1")
     return args
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(data, family) pairs in run order; family 'baseline' is the plain loop."""
+    """(data, family) pairs in run order; the peers' families are PEER_NAMES."""
     baseline = [] if args.baseline == "none" else args.baseline.split(",")
     pairs = [(d, f) for d in args.data.split(",") for f in args.models.split(",") if f]
-    pairs += [(d, "baseline") for d in args.data.split(",") if d in baseline]
+    pairs += [(d, peer) for d in args.data.split(",") if d in baseline for peer in args.peers]
     return [(d, f) for d, f in pairs if not args.only or any(fnmatch.fnmatchcase(f"{d}-{f}", p) for p in args.only)]
 
 
 def collect(out: Path) -> list[dict]:
     """Every run's result in OUT/runs, this invocation's and earlier ones', in data-set order."""
     found = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
-    families = [*FAMILIES, *sorted({r["family"] for r in found} - set(FAMILIES) - {"baseline"}), "baseline"]
+    families = [*FAMILIES, *sorted({r["family"] for r in found} - set(FAMILIES) - set(PEER_NAMES)), *PEER_NAMES]
     return sorted(found, key=lambda r: (list(DATASETS).index(r["data"]), families.index(r["family"])))
 
 
@@ -347,9 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the plan one run at a time, then print and write the table."""
     args = _parse(argv)
     if args.baseline_worker:
-        data, folder, run = args.baseline_worker
-        result = baseline_run(Path(folder), Path(run), seconds=args.minutes * 60, channels=DATASETS[data][1],
-                              sample_metric=args.sample_metric)
+        from peers import PEERS
+
+        peer, data, folder, run = args.baseline_worker
+        result = PEERS[peer](Path(folder), Path(run), seconds=args.minutes * 60, channels=DATASETS[data][1],
+                             sample_metric=args.sample_metric)
         (Path(run) / "result.json").write_text(json.dumps({"data": data, "minutes": args.minutes, **result}, indent=1))
         return
     if not args.report:
@@ -373,8 +271,8 @@ def _run_plan(args: argparse.Namespace, *, invocation: str) -> None:
         run = args.out / "runs" / f"{data}-{family}"
         print(f"{data}-{family}: {args.minutes:g} min ...", file=sys.stderr, flush=True)
         try:
-            if family == "baseline":
-                result = _baseline_subprocess(args.minutes, data, folder, run, sample_metric=args.sample_metric)
+            if family in PEER_NAMES:
+                result = _peer_subprocess(family, args.minutes, data, folder, run, sample_metric=args.sample_metric)
             elif family != "vector" and not has_model:
                 raise RuntimeError("this vaetool's train has no --model option yet")
             else:
@@ -389,16 +287,16 @@ def _run_plan(args: argparse.Namespace, *, invocation: str) -> None:
         (run / "result.json").write_text(json.dumps({**result, "invocation": invocation}, indent=1))
 
 
-def _baseline_subprocess(minutes: float, data: str, folder: Path, run: Path, *, sample_metric: int) -> dict:
-    """The plain loop in a fresh process of its own, as each vaetool command is; its result."""
+def _peer_subprocess(peer: str, minutes: float, data: str, folder: Path, run: Path, *, sample_metric: int) -> dict:
+    """One peer in a fresh process of its own, as each vaetool command is; its result."""
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     command = [sys.executable, __file__, "--minutes", str(minutes), "--sample-metric", str(sample_metric),
-               "--baseline-worker", data, str(folder), str(run)]
+               "--baseline-worker", peer, data, str(folder), str(run)]
     with open(run / "commands.log", "w", encoding="utf-8") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the plain loop exited {done.returncode} (see {run / 'commands.log'})")
+        raise RuntimeError(f"{peer} exited {done.returncode} (see {run / 'commands.log'})")
     return json.loads((run / "result.json").read_text())
 
 
