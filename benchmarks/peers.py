@@ -68,6 +68,23 @@ def _baseline_model(channels: int, size: int, latent: int = 64):
     return ConvVAE()
 
 
+def _train_for(seconds: float, train, batch_size: int, generator, loss_of, optimizer) -> tuple[int, float]:
+    """Adam steps on shuffled batches of the uint8 images until `seconds` of wall time have passed: (steps, s)."""
+    import torch
+
+    steps, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        for index in torch.randperm(len(train), generator=generator).split(batch_size):
+            loss = loss_of(train[index].float() / 255.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if time.monotonic() - started >= seconds:
+                break
+    return steps, time.monotonic() - started
+
+
 def _save_grid(path: Path, images, nrow: int) -> None:
     """(N, C, H, W) floats in [0, 1] as one PNG grid with 2-pixel gaps."""
     import numpy as np
@@ -97,21 +114,14 @@ def baseline_run(folder: Path, run: Path, *, seconds: float, channels: int, batc
     model = _baseline_model(channels, train.shape[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    steps, started = 0, time.monotonic()
-    while time.monotonic() - started < seconds:
-        for index in torch.randperm(len(train), generator=generator).split(batch_size):
-            x = train[index].float() / 255.0  # (B, C, H, W)
-            mu, logvar = model.encode(x)
-            z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
-            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-            loss = F.mse_loss(model.decode(z), x, reduction="sum") + kl
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if time.monotonic() - started >= seconds:
-                break
-    elapsed = time.monotonic() - started
+
+    def loss_of(x):  # x: (B, C, H, W) in [0, 1]
+        mu, logvar = model.encode(x)
+        z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return F.mse_loss(model.decode(z), x, reduction="sum") + kl
+
+    steps, elapsed = _train_for(seconds, train, batch_size, generator, loss_of, optimizer)
     with torch.inference_mode():
         x = test.float() / 255.0
         recon = torch.cat([model.decode(model.encode(b)[0]) for b in x.split(100)])  # posterior means
@@ -164,17 +174,7 @@ def pythae_run(folder: Path, run: Path, *, seconds: float, channels: int, varian
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # pythae's BaseTrainerConfig defaults
     generator = torch.Generator().manual_seed(0)
     model.train()
-    steps, started = 0, time.monotonic()
-    while time.monotonic() - started < seconds:
-        for index in torch.randperm(len(train), generator=generator).split(batch_size):
-            loss = model({"data": train[index].float() / 255.0}).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if time.monotonic() - started >= seconds:
-                break
-    elapsed = time.monotonic() - started
+    steps, elapsed = _train_for(seconds, train, batch_size, generator, lambda x: model({"data": x}).loss, optimizer)
     model.eval()
     torch.manual_seed(0)  # pythae's samplers draw from the global generators (torch's and, for the mixture, numpy's)
     with torch.inference_mode():
