@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 # name: (image side, channels); digits are gray like MNIST, the others colour.
 DATASETS: dict[str, tuple[int, int]] = {"faces": (64, 3), "digits": (32, 1), "detail": (64, 3)}
-FAMILIES = ("vector", "spatial", "hierarchical")  # the table's row order; others follow, the plain loop last
+FAMILIES = ("vector", "spatial", "hierarchical")  # the table's row order; others follow, the peers last
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
 GRID_IMAGES = 16
 PEER_NAMES = ("baseline", "pythae", "pythae-celeba")  # benchmarks/peers.py; 'baseline' is the plain loop

@@ -69,7 +69,7 @@ def _baseline_model(channels: int, size: int, latent: int = 64):
 
 
 def _train_for(seconds: float, train, batch_size: int, generator, loss_of, optimizer) -> tuple[int, float]:
-    """Adam steps on shuffled batches of the uint8 images until `seconds` of wall time have passed: (steps, s)."""
+    """Optimizer steps on shuffled batches of the uint8 images until `seconds` of wall time have passed: (steps, s)."""
     import torch
 
     steps, started = 0, time.monotonic()
@@ -128,13 +128,12 @@ def baseline_run(folder: Path, run: Path, *, seconds: float, channels: int, batc
         _save_grid(run / "heldout_reconstructions.png", torch.cat([x[:GRID_IMAGES], recon[:GRID_IMAGES]]), GRID_IMAGES)
         _save_grid(run / "prior_samples.png", model.decode(torch.randn(64, 64, generator=generator)), 8)
         metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item()}
-        drawn = [model.decode(z) for z in torch.randn(sample_metric, 64, generator=generator).split(100)]
-    two_sample = None
-    if sample_metric:  # outside inference mode (and on copies of its tensors): the test trains its classifier
-        from vaetool.inference.sample_metric import classifier_two_sample_test
+        two_sample = None
+        if sample_metric:
+            from vaetool.inference.sample_metric import classifier_two_sample_test
 
-        result = classifier_two_sample_test(x.clone(), torch.cat(drawn).clone(), seed=0)
-        two_sample = {"samples": {"two_sample": result.to_dict()}}
+            drawn = torch.cat([model.decode(z) for z in torch.randn(sample_metric, 64, generator=generator).split(100)])
+            two_sample = {"samples": {"two_sample": classifier_two_sample_test(x, drawn, seed=0).to_dict()}}
     return {"family": "baseline", "label": "plain loop (pytorch/examples)", "steps": steps,
             "train_s": round(elapsed, 1), "images_per_s": steps * batch_size / elapsed, "test": metrics,
             "sample_metric": two_sample,
@@ -193,10 +192,10 @@ def pythae_run(folder: Path, run: Path, *, seconds: float, channels: int, varian
         with torch.inference_mode():
             drawn = sampler.sample(num_samples=max(64, sample_metric), batch_size=100).reshape(-1, *x.shape[1:])
         _save_grid(run / f"prior_samples_{name}.png", drawn[:64], 8)
-        if sample_metric:  # outside inference mode (and on copies of its tensors): the test trains its classifier
+        if sample_metric:
             from vaetool.inference.sample_metric import classifier_two_sample_test
 
-            two_sample[name] = classifier_two_sample_test(x.clone(), drawn[:sample_metric].clone(), seed=0).to_dict()
+            two_sample[name] = classifier_two_sample_test(x, drawn[:sample_metric], seed=0).to_dict()
     label = {"pythae": "pythae VAE (default MLP nets)", "pythae-celeba": "pythae VAE (CelebA conv nets)"}[variant]
     return {"family": variant, "label": label, "steps": steps, "train_s": round(elapsed, 1),
             "images_per_s": steps * batch_size / elapsed, "test": metrics,

@@ -149,3 +149,11 @@ def test_eval_sample_report_finds_copies_of_the_images(real):
     copies = _report(real[:64], real[:64], steps=2)  # a model that returns the images themselves
     assert copies.memorisation.min == 0.0 and copies.memorisation.near_fraction >= 0.4
     assert copies.memorisation.training == 32 and copies.memorisation.reference == 32
+
+
+def test_it_trains_when_called_in_inference_mode_on_tensors_made_there(real, other):
+    options = OPTIONS | {"steps": 20}
+    expected = classifier_two_sample_test(real[:64], blur(other[:64]), seed=3, **options)
+    with torch.inference_mode():
+        inside = classifier_two_sample_test(real[:64].clone(), blur(other[:64]), seed=3, **options)
+    assert inside == expected

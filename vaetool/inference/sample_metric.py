@@ -133,8 +133,15 @@ def classifier_two_sample_test(real: torch.Tensor, generated: torch.Tensor, *, s
 
     The halves, the initial weights and every batch come from `seed`, so the same inputs and seed
     give the same result. Runs on the CPU in float32: the classifier is small, and the same
-    arithmetic everywhere keeps the score comparable between machines.
+    arithmetic everywhere keeps the score comparable between machines. It trains, so it runs with
+    gradients on even when called under `torch.inference_mode()` or `no_grad`, on tensors made there.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _two_sample_test(real, generated, seed=seed, steps=steps, batch_size=batch_size, widths=widths, lr=lr)
+
+
+def _two_sample_test(real: torch.Tensor, generated: torch.Tensor, *, seed: int, steps: int, batch_size: int,
+                     widths: tuple[int, ...], lr: float) -> TwoSampleResult:
     real, generated = _prepare(real, "real"), _prepare(generated, "generated")
     if real.shape[1:] != generated.shape[1:]:
         raise DataError(f"real images {tuple(real.shape[1:])} and generated ones {tuple(generated.shape[1:])} "
