@@ -378,7 +378,7 @@ def test_old_configs_load_as_vector_and_new_fields_are_validated():
 
 
 def test_family_default_widths():
-    assert ModelConfig().widths == (32, 64, 128, 256)
+    assert ModelConfig().widths == (16, 32, 64, 128)
     assert ModelConfig(kind="hierarchical").widths == (32, 64, 128, 256)
     assert len(ModelConfig(kind="spatial").widths) == 2 and len(ModelConfig(kind="spatial", downsample=8).widths) == 3
     assert ModelConfig(kind="spatial", widths=(8, 16)).widths == (8, 16)

@@ -16,8 +16,10 @@ DECODER_SCALES = ("learned", "optimal", "fixed")
 CORRUPTIONS = ("gaussian", "mask", "saltpepper")
 KINDS = ("vector", "spatial", "hierarchical")  # the model families (models/ registers one class per kind)
 # Each family's widths when none are given. The spatial family halves the resolution once per width,
-# so its default depends on the downsampling f: two stages for f = 4, and so on.
-DEFAULT_WIDTHS = {"vector": (32, 64, 128, 256), "hierarchical": (32, 64, 128, 256)}
+# so its default depends on the downsampling f: two stages for f = 4, and so on. The vector family's are half
+# the hierarchy's: at equal time 2.8x the steps, better on faces and digits at 3 and 10 minutes and level on the
+# detail-rich set, where a 64-number bottleneck, not the widths, limits it (BENCHMARKS.md, "Narrower vector models").
+DEFAULT_WIDTHS = {"vector": (16, 32, 64, 128), "hierarchical": (32, 64, 128, 256)}
 SPATIAL_WIDTHS = (64, 128, 128, 256)  # the first log2(f) of these
 LR_SCHEDULES = ("cosine", "constant")
 # "gaussian": the model learns from noisy images alone (DivNoising, Prakash et al. 2021): the decoder gives
