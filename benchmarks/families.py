@@ -153,27 +153,29 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _accuracy(samples: dict | None) -> float | None:
-    """The classifier two-sample test's accuracy from `eval --samples`, whatever its key is called."""
-    two_sample = ((samples or {}).get("samples") or {}).get("two_sample") or {}
+def _accuracy(samples: dict | None, key: str = "two_sample") -> float | None:
+    """The classifier two-sample test's accuracy from `eval --samples`: of the samples, or (key "reconstructions")
+    of reconstructions of half the held-out images against the other half, where that version of eval has it."""
+    two_sample = ((samples or {}).get("samples") or {}).get(key) or {}
     return two_sample.get("accuracy")
 
 
 def table(results: list[dict]) -> str:
     """The Markdown table: one row per (data, family), the baseline loop beside them."""
-    head = ("| data | family | min | steps | img/s | -ELBO | -log p(x), IWAE | bits/dim | PSNR dB | SSIM | C2ST acc |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| data | family | min | steps | img/s | -ELBO | -log p(x), IWAE | bits/dim | PSNR dB | SSIM | C2ST acc "
+            "| C2ST recon |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['data']} | {r['family']} | {r['minutes']:g} | failed: {r['error']} |" + " |" * 7)
+            rows.append(f"| {r['data']} | {r['family']} | {r['minutes']:g} | failed: {r['error']} |" + " |" * 8)
             continue
         t = r["test"]
         rows.append(f"| {r['data']} | {r.get('label', r['family'])} | {r['minutes']:g} | {r['steps']} "
                     f"| {r['images_per_s']:.0f} "
                     f"| {_fmt(t.get('neg_elbo'), '.1f')} | {_fmt(t.get('iwae_nll'), '.1f')} "
                     f"| {_fmt(t.get('bits_per_dim'), '.3f')} | **{t['psnr']:.2f}** | {t['ssim']:.3f} "
-                    f"| {_fmt(_accuracy(r.get('sample_metric')), '.3f')} |")
+                    f"| {_fmt(_accuracy(r.get('sample_metric')), '.3f')} "
+                    f"| {_fmt(_accuracy(r.get('sample_metric'), 'reconstructions'), '.3f')} |")
     return "\n".join([head, *rows])
 
 

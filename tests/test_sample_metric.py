@@ -101,11 +101,11 @@ def test_memorisation_compares_samples_with_held_out_real_images(real, other):
 class _Bank(torch.nn.Module):
     """A stand-in model whose prior samples are the next images of a fixed bank: the metric's wiring, tested alone."""
 
-    def __init__(self, images: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, reconstruct=lambda x: x) -> None:
         super().__init__()
         from types import SimpleNamespace
 
-        self.images, self.taken = images, 0
+        self.images, self.taken, self.reconstruct = images, 0, reconstruct
         self.config = SimpleNamespace(image_size=images.shape[-1])
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # where the model's weights live: the CPU
 
@@ -117,19 +117,26 @@ class _Bank(torch.nn.Module):
         self.taken += count
         return {"rows": rows}
 
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(mode=lambda: {"pixels": self.reconstruct(x)})
+
     def decode(self, latents):
+        if "pixels" in latents:
+            return latents["pixels"]
         return self.images[latents["rows"].long()]
 
     def mean_image(self, logits):
         return logits
 
 
-def _report(real, bank, **options):
+def _report(real, bank, reconstruct=lambda x: x, **options):
     from types import SimpleNamespace
 
     from vaetool.inference.sample_metric import sample_report
 
-    checkpoint = SimpleNamespace(model=_Bank(bank), config=None)
+    checkpoint = SimpleNamespace(model=_Bank(bank, reconstruct), config=None)
     return sample_report(checkpoint, (real * 255).round().to(torch.uint8), len(bank), seed=0,
                          test_options=OPTIONS | options)
 
@@ -143,6 +150,16 @@ def test_eval_sample_report_real_against_real_near_chance_and_blurred_well_above
     assert data["samples"] == 200 and data["prior"] == "standard" and data["seed"] == 0
     assert "100 steps of 32, seed 0" in data["setup"] and data["two_sample"]["real_test"] == 100
     assert data["notes"] and "half of the evaluated images" in data["reference"]
+
+
+def test_eval_sample_report_scores_the_reconstructions_of_half_the_images_against_the_other_half(real, other):
+    exact = _report(real[:200], other[:200])  # reconstructions that are the images: chance
+    assert abs(exact.reconstructions.accuracy - 0.5) <= 0.12
+    assert exact.reconstructions.real_train == 50 and exact.reconstructions.generated_train == 50
+    blurry = _report(real[:200], other[:200], reconstruct=blur)  # a decoder that blurs: told apart
+    assert blurry.reconstructions.accuracy >= 0.75
+    assert blurry.to_dict()["reconstructions"]["accuracy"] == blurry.reconstructions.accuracy
+    assert _report(real[:6], other[:6], steps=2).reconstructions is None  # too few images to split twice
 
 
 def test_eval_sample_report_finds_copies_of_the_images(real):

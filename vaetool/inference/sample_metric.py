@@ -6,6 +6,10 @@ accuracy on the other halves: 0.5 means the classifier cannot tell them apart, 1
 gives itself away. A low score can also come from copying the training set, so the nearest-neighbour
 distance from each sample to the training images is reported beside the same distance for held-out
 real images (a model that memorises puts its samples much nearer than real images of the distribution).
+
+Samples go through the same decoder as reconstructions, so the same test of the reconstructions of half
+the real images against the other half tells how far a better prior alone could take the samples: when
+the classifier tells even the reconstructions apart, the decoder's blur sets the score, not the prior.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..events import Callback, Note, Started, ignore
 MAX_SIZE = 64  # larger images are area-averaged to this side first: the test stays fast at any size
 NEAR_QUANTILE = 0.05
 SAMPLE_CHUNK = 64  # prior samples decoded per pass (fixed, so the batch size never changes the draws)
+MIN_RECONSTRUCTION_TEST = 8  # real images needed to score reconstructions of half against the other half (2 a class)
 
 
 @dataclass
@@ -241,10 +246,13 @@ class SampleReport:
     reference: str  # which images the nearest-image distances are to
     setup: str = ""
     notes: list[str] = field(default_factory=list)
+    # the same test of the reconstructions of half the real images against the other half (None: too few images)
+    reconstructions: TwoSampleResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["two_sample"], data["memorisation"] = self.two_sample.to_dict(), self.memorisation.to_dict()
+        data["reconstructions"] = self.reconstructions.to_dict() if self.reconstructions else None
         return data
 
 
@@ -258,6 +266,22 @@ def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperatu
 
     latents = sample_latents(checkpoint, count, temperature=temperature, seed=seed, prior=prior)
     return decode_images(checkpoint, latents, batch_size=SAMPLE_CHUNK).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def reconstruct_images(checkpoint: Checkpoint, images: torch.Tensor, *, batch_size: int = SAMPLE_CHUNK) -> torch.Tensor:
+    """Posterior-mean reconstructions (N, C, H, W) in [0, 1] on the CPU of images in [0, 1], in float32 on CPUs
+    as the commands run there."""
+    from ..runtime import autocast, resolve_precision
+    from .load import model_device
+
+    model, device = checkpoint.model, model_device(checkpoint)
+    parts = []
+    with autocast(device, resolve_precision("auto", device)):
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            parts.append(model.mean_image(model.decode(model.encode(x).mode())).float().cpu())
+    return torch.cat(parts).clamp(0.0, 1.0)
 
 
 def prior_used(checkpoint: Checkpoint, prior: str) -> str:
@@ -291,6 +315,8 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
     The classifier two-sample test uses half of each set to train, half to score. The nearest-image
     distances are to the `train_data` images (held-out reference: `real`) when given; else to the half
     of `real` the classifier trained on (reference: the other half), which shows copying of those images only.
+    With at least 8 real images, the same test scores the reconstructions of one half of `real` against
+    the other half (`reconstructions`): roughly the best score a better prior alone could give.
     `test_options` go to `classifier_two_sample_test` (steps, batch_size, widths, lr).
     """
     if count < 2 or real.shape[0] < 2:
@@ -301,17 +327,21 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
     real = real.float() / 255.0 if real.dtype == torch.uint8 else real.float()
     test = classifier_two_sample_test(real, generated, seed=seed, **(test_options or {}))
     notes = []
+    fit, held = _halves(real.shape[0], torch.Generator().manual_seed(seed))
+    reconstructed = None
+    if real.shape[0] >= MIN_RECONSTRUCTION_TEST:
+        reconstructed = classifier_two_sample_test(real[fit], reconstruct_images(checkpoint, real[held]), seed=seed,
+                                                   **(test_options or {}))
     if train_data:
         training = _training_images(checkpoint, train_data, batch_size=batch_size, workers=workers, callback=callback)
         memo, reference = memorisation(generated, training, real), "the --train-data images"
     else:
-        fit, held = _halves(real.shape[0], torch.Generator().manual_seed(seed))
         memo = memorisation(generated, real[fit], real[held])
         reference = "half of the evaluated images (give --train-data for the training images)"
         notes.append("nearest-image distances are to evaluated images, not the training set: "
                      "they show copying only of those")
     report = SampleReport(test, memo, count, prior=prior_used(checkpoint, prior), temperature=temperature, seed=seed,
-                          reference=reference, setup=test.summary(), notes=notes)
+                          reference=reference, setup=test.summary(), notes=notes, reconstructions=reconstructed)
     for note in notes:
         callback(Note(note))
     return report
