@@ -105,7 +105,8 @@ class _Bank(torch.nn.Module):
         super().__init__()
         from types import SimpleNamespace
 
-        self.images, self.taken, self.reconstruct = images, 0, reconstruct
+        self.images, self.taken = images, 0
+        self.reconstruct = reconstruct  # what the model's own reconstruct gives: the images, or a blur of them
         self.config = SimpleNamespace(image_size=images.shape[-1])
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # where the model's weights live: the CPU
 
@@ -117,14 +118,7 @@ class _Bank(torch.nn.Module):
         self.taken += count
         return {"rows": rows}
 
-    def encode(self, x):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(mode=lambda: {"pixels": self.reconstruct(x)})
-
     def decode(self, latents):
-        if "pixels" in latents:
-            return latents["pixels"]
         return self.images[latents["rows"].long()]
 
     def mean_image(self, logits):

@@ -270,8 +270,8 @@ def draw_samples(checkpoint: Checkpoint, count: int, *, seed: int = 0, temperatu
 
 @torch.no_grad()
 def reconstruct_images(checkpoint: Checkpoint, images: torch.Tensor, *, batch_size: int = SAMPLE_CHUNK) -> torch.Tensor:
-    """Posterior-mean reconstructions (N, C, H, W) in [0, 1] on the CPU of images in [0, 1], in float32 on CPUs
-    as the commands run there."""
+    """The family's own reconstructions (`model.reconstruct`: posterior means, level by level in a hierarchy),
+    (N, C, H, W) in [0, 1] on the CPU, of images in [0, 1]; float32 on CPUs, as the commands run there."""
     from ..runtime import autocast, resolve_precision
     from .load import model_device
 
@@ -280,7 +280,7 @@ def reconstruct_images(checkpoint: Checkpoint, images: torch.Tensor, *, batch_si
     with autocast(device, resolve_precision("auto", device)):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
-            parts.append(model.mean_image(model.decode(model.encode(x).mode())).float().cpu())
+            parts.append(model.reconstruct(x).float().cpu())
     return torch.cat(parts).clamp(0.0, 1.0)
 
 
@@ -330,8 +330,8 @@ def sample_report(checkpoint: Checkpoint, real: torch.Tensor, count: int, *, see
     fit, held = _halves(real.shape[0], torch.Generator().manual_seed(seed))
     reconstructed = None
     if real.shape[0] >= MIN_RECONSTRUCTION_TEST:
-        reconstructed = classifier_two_sample_test(real[fit], reconstruct_images(checkpoint, real[held]), seed=seed,
-                                                   **(test_options or {}))
+        reconstructions = reconstruct_images(checkpoint, real[held], batch_size=batch_size)
+        reconstructed = classifier_two_sample_test(real[fit], reconstructions, seed=seed, **(test_options or {}))
     if train_data:
         training = _training_images(checkpoint, train_data, batch_size=batch_size, workers=workers, callback=callback)
         memo, reference = memorisation(generated, training, real), "the --train-data images"
