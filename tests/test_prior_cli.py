@@ -96,7 +96,7 @@ def test_train_fits_a_prior_to_a_small_latent_map_and_leaves_a_large_one_to_fit_
     assert result.exit_code == 0, result.output
     prior = load_model(tmp_path / "small").prior
     assert prior is not None and prior.level == "z" and prior.shape == (2, 4, 4)  # the map of a 16 px image
-    assert "fitted prior on latent z" in result.stderr
+    assert prior.kind == "second-stage" and "second-stage prior on latent z" in result.stderr
     monkeypatch.setattr(fit_prior, "MAX_MAP_NUMBERS", 31)  # the same 32-number map, now "large"
     spatial[3] = str(tmp_path / "large")
     result = runner.invoke(app, spatial)

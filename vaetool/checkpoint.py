@@ -1,7 +1,7 @@
 """Safetensors checkpoints: weights plus JSON config and metadata, and the resume state; atomic writes.
 
-A fitted prior (models/prior.py) is stored beside the weights as `prior.*` tensors; it is not part of
-the weights, so a checkpoint's identity (the weights' hash) is the same with or without one.
+A fitted prior (a mixture, models/prior.py, or a second-stage VAE, models/second_stage.py) is stored
+beside the weights as `prior.*` tensors; it is not part of the weights, so a checkpoint's identity (the weights' hash) is the same with or without one.
 Nothing here unpickles: `torch.load` is never called, so a checkpoint cannot run code.
 """
 
@@ -26,10 +26,12 @@ from .io.atomic import atomic_path, write_safetensors
 from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError
 from .models.base import VAEFamily, build_model
-from .models.prior import FittedPrior
+from .models.prior import FittedPrior, prior_levels
+from .models.second_stage import SecondStagePrior, second_stage_levels
 
 FORMAT = "vaetool"
-FORMAT_VERSION = 2  # the newest format this version reads: 2 is 1 plus a fitted prior's tensors
+# The newest format this version reads: 2 is 1 plus a fitted mixture's tensors, 3 is 1 plus a second-stage prior's.
+FORMAT_VERSION = 3
 # A file is written at the oldest format that holds what it carries: an older vaetool still reads every
 # checkpoint without a prior, and for one with a prior says to upgrade instead of calling it damaged.
 PLAIN_FORMAT_VERSION = 1
@@ -37,6 +39,7 @@ MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
 STATE_FILE = "state.safetensors"
 PRIOR_PREFIX = "prior."  # tensors of the fitted prior; no model's state dict has a key starting so
+Prior = FittedPrior | SecondStagePrior  # what `vaetool sample --prior fitted` draws from
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)  # step, epoch, metrics, data summary
     path: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    prior: FittedPrior | None = None  # a density fitted to the training images' posterior means, when stored
+    prior: Prior | None = None  # a density fitted to the training images' posterior means, when stored
 
     @property
     def identity(self) -> str:
@@ -88,7 +91,7 @@ def weights_hash(model: VAEFamily) -> str:
 
 def save_model(path: str | Path, model: VAEFamily, *, train_config: TrainConfig | None = None,
                training: dict[str, Any] | None = None, force: bool = True,
-               prior: FittedPrior | None = None) -> Path:
+               prior: Prior | None = None) -> Path:
     """Write the model's weights and config (and a fitted prior, when given) to `path` atomically."""
     inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
     metadata = {
@@ -106,7 +109,7 @@ def save_model(path: str | Path, model: VAEFamily, *, train_config: TrainConfig 
     return Path(path)
 
 
-def save_prior(path: str | Path, prior: FittedPrior | None, *, output: str | Path | None = None,
+def save_prior(path: str | Path, prior: Prior | None, *, output: str | Path | None = None,
                force: bool = False) -> Path:
     """Store `prior` in the checkpoint at `path` (replacing any there; None removes it), atomically.
 
@@ -126,8 +129,10 @@ def save_prior(path: str | Path, prior: FittedPrior | None, *, output: str | Pat
     return target
 
 
-def _format_version(prior: FittedPrior | None) -> str:
-    return str(FORMAT_VERSION if prior is not None else PLAIN_FORMAT_VERSION)
+def _format_version(prior: Prior | None) -> str:
+    if prior is None:
+        return str(PLAIN_FORMAT_VERSION)
+    return "3" if isinstance(prior, SecondStagePrior) else "2"
 
 
 def _sniff(path: Path) -> None:
@@ -218,12 +223,18 @@ def _split_prior(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return {k: v for k, v in state.items() if k not in prior}, prior
 
 
-def _load_prior(path: Path, tensors: dict[str, torch.Tensor], model: VAEFamily) -> FittedPrior | None:
+def _load_prior(path: Path, tensors: dict[str, torch.Tensor], model: VAEFamily) -> Prior | None:
     """The stored prior, checked against the model's latent shapes at its image size; None when there is none."""
     if not tensors:
         return None
+    staged = second_stage_levels(tensors, prefix=PRIOR_PREFIX)
+    if len(staged) + len(prior_levels(tensors, prefix=PRIOR_PREFIX)) > 1:
+        raise CheckpointError(f"{path} holds more than one fitted prior; run `vaetool fit-prior` again to keep one")
     try:
-        prior = FittedPrior.from_tensors(tensors, prefix=PRIOR_PREFIX)
+        if staged:
+            prior = SecondStagePrior.from_tensors(tensors, prefix=PRIOR_PREFIX, level=staged[0])
+        else:
+            prior = FittedPrior.from_tensors(tensors, prefix=PRIOR_PREFIX)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     size = model.config.image_size

@@ -36,6 +36,8 @@ def choices(name: str, doc: str, values: str | dict[str, str]) -> type[Enum]:
 
 ModelKind = choices("ModelKind", "The model family: vector (one latent vector), spatial (a latent map), "
                     "hierarchical (a top vector and maps).", "vector spatial hierarchical")
+PriorKind = choices("PriorKind", "The prior fitted after training.",
+                    {"auto": "auto", "mixture": "mixture", "second_stage": "second-stage"})
 LrSchedule = choices("LrSchedule", "How the learning rate moves after warm-up.", "cosine constant")
 Likelihood = choices("Likelihood", "The decoder's distribution p(x|z).", "gaussian laplace bernoulli")
 DecoderScale = choices("DecoderScale", "How a Gaussian/Laplace decoder's shared scale is set.", "optimal learned fixed")

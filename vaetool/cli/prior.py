@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from .common import Display
-from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, Json, Quiet, Seed, Workers, force_option,
-                      inputs_argument)
+from .options import (BATCH_SIZE, OUTPUT, BatchSize, Checkpoint, Device, Json, Quiet, Seed, Workers, flag,
+                      force_option, inputs_argument)
 
 
 def _components(value: str) -> str:
@@ -34,12 +34,18 @@ def fit_prior(
         "--output", "-o", rich_help_panel=OUTPUT,
         help="Write the checkpoint with the prior here instead of into CHECKPOINT.")] = None,
     force: force_option("Overwrite an existing --output file.") = False,
+    second_stage: flag("--second-stage", help="For a latent map (spatial family): train a small second VAE on the maps "
+                       "and fit the mixture to its codes (Dai & Wipf 2019); its samples hold together where the "
+                       "mixture's drift apart.") = False,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="Training steps of the second stage (default 2000; the same seed and steps give the "
+        "same prior).")] = None,
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", workers: Workers = None,
     as_json: Json = False, quiet: Quiet = False,
 ) -> None:
     """Fit a prior to the latents of the images a checkpoint was trained on, for samples that look like them.
 
-    Encodes DATA to posterior means (of the top latent for a hierarchical model), fits a full-covariance Gaussian mixture to them by EM, and stores it beside the weights, which stay as they are (so does the checkpoint's identity): in CHECKPOINT itself, atomically, or in --output. `vaetool train` does this at the end of a run; this is for checkpoints made before, or for another choice of --components.
+    Encodes DATA to posterior means (of the top latent for a hierarchical model), fits a full-covariance Gaussian mixture to them by EM (with --second-stage, first a small VAE over a spatial model's maps, and the mixture to its codes), and stores it beside the weights, which stay as they are (so does the checkpoint's identity): in CHECKPOINT itself, atomically, or in --output. `vaetool train` does this at the end of a run; this is for checkpoints made before, or for another choice of --components.
 
     Prints the path written (a JSON object with the fit's figures with --json). Unreadable images are named on stderr and left out (exit code 3 at the end).
     """
@@ -49,7 +55,7 @@ def fit_prior(
     try:
         fit_checkpoint_prior(checkpoint, data, components=None if components == "auto" else int(components),
                              seed=seed, output=output, force=force, batch_size=batch_size, device=device,
-                             workers=workers, callback=display)
+                             workers=workers, second_stage=second_stage, steps=steps, callback=display)
     finally:
         display.close()
     display.finish(summary=False)

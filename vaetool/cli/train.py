@@ -16,8 +16,8 @@ from ..config import (DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BET
 from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
-                      DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, Quiet, Widths,
-                      batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
+                      DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, PriorKind, Quiet,
+                      Widths, batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
                       parse_duration, parse_size, parse_widths, positive, seed_option, workers_option)
 
 class _TrainDisplay(Display):
@@ -171,6 +171,8 @@ def train(
     no_disk_cache: flag("--no-disk-cache", help="Keep the decoded images in memory only.", panel=PERFORMANCE) = False,
     cache_memory: Annotated[Optional[int], typer.Option(parser=parse_size, metavar="SIZE", rich_help_panel=PERFORMANCE, help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
     no_fit_prior: flag("--no-fit-prior", help="Do not fit a prior to the training images' latents at the end (`vaetool fit-prior` can, later).", panel=OUTPUT) = False,
+    prior: Annotated[PriorKind, typer.Option("--prior", case_sensitive=False, rich_help_panel=OUTPUT, help="The prior fitted at the end for `sample`: auto (a second-stage VAE over a spatial model's map, a mixture for a vector latent), mixture, second-stage. With --time the second stage takes the last third of the budget.")] = PriorKind.auto,
+    prior_steps: Annotated[Optional[int], typer.Option("--prior-steps", min=1, rich_help_panel=OUTPUT, help="Training steps of the second stage (default: its share of --time, else 4 per training step, at most 2000).")] = None,
 ) -> None:
     """Train a VAE on a folder of images.
 
@@ -204,7 +206,8 @@ def train(
                precision=precision.value, detect_channels=channels is Channels.auto, resume=resume, force=force,
                strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),
                cache_memory=cache_memory, compile=compile, workers=workers, report=not no_report,
-               tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior)
+               tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior, prior=prior.value,
+               prior_steps=prior_steps)
 
 
 def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, latent_channels: int, beta: float, *,
@@ -324,7 +327,8 @@ def _default_cache_dir() -> Path:
 def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, train_config: TrainConfig, device: str,
                precision: str, detect_channels: bool, resume: bool, force: bool, strict: bool,
                cache_dir: Path | None, cache_memory: int | None, compile: bool, workers: int | None, report: bool,
-               tensorboard: bool, quiet: bool, as_json: bool, fit_prior: bool = True) -> None:
+               tensorboard: bool, quiet: bool, as_json: bool, fit_prior: bool = True, prior: str = "auto",
+               prior_steps: int | None = None) -> None:
     import os
 
     from ..training.data import paths_from_stdin
@@ -345,7 +349,8 @@ def _run_train(data: list[str], output: Path, *, model_config: ModelConfig, trai
                      precision=precision, detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                      cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers, report=report,
                      callback=callback, invocation=_invocation(data, model_config, train_config, device=device,
-                                                               precision=precision), fit_prior=fit_prior)
+                                                               precision=precision), fit_prior=fit_prior,
+                     prior=prior, prior_steps=prior_steps)
     except KeyboardInterrupt:
         display.close()
         if display.state_saved:
@@ -396,6 +401,10 @@ def info_command(
 def _prior_line(prior: dict[str, Any] | None) -> str:
     if prior is None:
         return "none: samples come from N(0, I) (`vaetool fit-prior` fits one)"
+    if prior.get("kind") == "second-stage":
+        return (f"second stage over latent {prior['level']} {tuple(prior['shape'])}: a VAE of {prior['steps']} steps "
+                f"with {prior['code_size']}-number codes, and a mixture of {prior['components']} component(s) over "
+                f"them (held-out log-likelihood {prior['held_out_log_likelihood']:.2f} nats per code)")
     reduced = f" in its top {prior['reduced_dims']} principal directions" if prior["reduced_dims"] else ""
     return (f"fitted, {prior['components']} component(s) over latent {prior['level']} {tuple(prior['shape'])}{reduced}; "
             f"held-out log-likelihood {prior['held_out_log_likelihood']:.2f} nats per latent")

@@ -55,6 +55,8 @@ class FittedPrior:
     held_out: float = float("nan")  # mean held-out log-likelihood per latent (nats) of the chosen size
     scores: dict[int, float] = field(default_factory=dict)  # candidate components -> held-out score
 
+    kind = "mixture"
+
     @property
     def components(self) -> int:
         return int(self.weights.shape[0])
@@ -147,17 +149,18 @@ class FittedPrior:
 
     def describe(self) -> dict[str, object]:
         """A JSON-able summary: level, shape, components, reduction, held-out scores."""
-        return {"level": self.level, "shape": list(self.shape), "components": self.components,
+        return {"kind": self.kind, "level": self.level, "shape": list(self.shape), "components": self.components,
                 "reduced_dims": None if self.basis is None else int(self.basis.shape[1]),
                 "held_out_log_likelihood": self.held_out,
                 "scores": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
 def prior_levels(tensors: dict[str, torch.Tensor], *, prefix: str = "prior.") -> list[str]:
-    """The levels that have a fitted prior among a checkpoint's tensors."""
+    """The levels that have a fitted mixture among a checkpoint's tensors (a level's name has no dot: the
+    tensors of a second-stage prior, `{level}.stage2.*`, hold a mixture of their own and are not levels)."""
     suffix = ".weights"
-    return sorted(name[len(prefix):-len(suffix)] for name in tensors
-                  if name.startswith(prefix) and name.endswith(suffix))
+    levels = (name[len(prefix):-len(suffix)] for name in tensors if name.startswith(prefix) and name.endswith(suffix))
+    return sorted(level for level in levels if "." not in level)
 
 
 def prior_level(levels: Sequence[str]) -> str:

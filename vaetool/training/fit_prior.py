@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ from ..io.decode import to_float
 from ..io.find import find_images
 from ..models.base import VAEFamily
 from ..models.prior import FittedPrior, prior_level, select_mixture
+
+if TYPE_CHECKING:
+    from .second_stage import SecondStageFit
 
 CANDIDATES = (1, 2, 4, 8, 16, 32)  # mixture sizes tried by held-out likelihood
 # EM's cost grows with the number of latents; past this many a seeded random subset is fitted, which
@@ -119,14 +123,53 @@ def model_prior_level(model: VAEFamily) -> str:
 # ------------------------------------------------------------------------------ after training
 
 
+PRIOR_KINDS = ("auto", "mixture", "second-stage", "none")  # train --prior
+# With --time and a second stage, this share of the budget is the second stage's, so the whole run keeps to
+# --time: at 3 minutes a spatial model trained 2 and its second stage 1 sampled better than either alone
+# (BENCHMARKS.md). Without --time the second stage trains its own steps (SECOND_STAGE_STEPS) after the run.
+SECOND_STAGE_SHARE = 1 / 3
+
+
+def planned_prior(kind: str, model: VAEFamily, *, emit: Callback = ignore) -> str | None:
+    """What the end of a run fits for `train --prior KIND`: "mixture", "second-stage", or None.
+
+    auto is a second stage for a latent map (the spatial family) and a mixture for a vector level (the
+    vector family, the hierarchy's top). A map above MAX_MAP_NUMBERS numbers per image gets neither.
+    """
+    if kind not in PRIOR_KINDS:
+        raise ConfigError(f"unknown prior {kind!r}; use one of {', '.join(PRIOR_KINDS)}")
+    if kind == "none":
+        return None
+    level, size = model_prior_level(model), model.config.image_size
+    shape = model.latent_shapes(size, size)[level]
+    is_map = len(shape) == 3
+    if kind == "second-stage" and not is_map:
+        raise ConfigError(f"--prior second-stage is for latent maps; this {model.config.kind} model's latent {level} "
+                          f"is a vector, which the mixture (--prior mixture, the default) models")
+    if is_map and math.prod(shape) > MAX_MAP_NUMBERS:
+        emit(Note(f"no prior is fitted at the end of training: the latent map has {math.prod(shape)} numbers per "
+                  f"image (above {MAX_MAP_NUMBERS}); `vaetool fit-prior` fits one"))
+        return None
+    if kind == "auto":
+        return "second-stage" if is_map else "mixture"
+    return kind
+
+
 def fit_run_priors(run_dir: Path, pixels: torch.Tensor, index: torch.Tensor, *, batch: int, seed: int,
-                   device: torch.device, flip: bool, emit: Callback = ignore) -> PriorFit | None:
-    """Fit a prior for each checkpoint of a run (model and last) on the training images and store it in the file.
+                   device: torch.device, flip: bool, kind: str = "mixture", steps: int | None = None,
+                   seconds: float | None = None, amp: torch.dtype | None = None,
+                   emit: Callback = ignore) -> PriorFit | SecondStageFit | None:
+    """Fit a prior of `kind` (a `planned_prior`) for each checkpoint of a run (model and last) on the training
+    images and store it in the file.
 
     `pixels` is the uint8 image cache (N, C, H, W) and `index` the training rows. Checkpoints with the
-    same weights share one fit. Returns model.safetensors' fit (None when there are too few images).
+    same weights share one fit. A second stage trains for `steps` (or until `seconds` pass) on
+    model.safetensors' maps; a last.safetensors with other weights gets a mixture, which costs
+    seconds, rather than a second budget. Returns model.safetensors' fit (None with too few images).
     """
-    fits: dict[str, PriorFit] = {}
+    from .second_stage import STEPS, fit_second_stage
+
+    fits: dict[str, PriorFit | SecondStageFit] = {}
     result = None
     for name in (ckpt.MODEL_FILE, ckpt.LAST_FILE):
         path = run_dir / name
@@ -134,12 +177,6 @@ def fit_run_priors(run_dir: Path, pixels: torch.Tensor, index: torch.Tensor, *, 
             continue
         loaded = ckpt.load_model(path, device=device)
         level = model_prior_level(loaded.model)
-        size = loaded.config.image_size
-        numbers = math.prod(loaded.model.latent_shapes(size, size)[level])
-        if loaded.model.vector_level is None and numbers > MAX_MAP_NUMBERS:
-            emit(Note(f"no prior fitted at the end of training: the latent map has {numbers} numbers per image "
-                      f"(above {MAX_MAP_NUMBERS}); `vaetool fit-prior` fits one"))
-            return None
         fit = fits.get(loaded.identity)
         if fit is None:
             batches = (pixels[index[start: start + batch]] for start in range(0, len(index), batch))
@@ -147,8 +184,13 @@ def fit_run_priors(run_dir: Path, pixels: torch.Tensor, index: torch.Tensor, *, 
             if len(latents) < MIN_LATENTS:
                 emit(Note(f"no prior fitted: {len(latents)} training images are too few (at least {MIN_LATENTS})"))
                 return None
-            fit = fits[loaded.identity] = fit_prior(latents, level=level, seed=seed)
-            emit(Note(fit.message()))
+            if kind == "second-stage" and not fits:
+                fit = fit_second_stage(latents, level=level, steps=steps or (None if seconds else STEPS),
+                                       seconds=seconds, seed=seed, device=device, amp=amp, emit=emit)
+            else:
+                fit = fit_prior(latents, level=level, seed=seed)
+                emit(Note(fit.message()))
+            fits[loaded.identity] = fit
         ckpt.save_prior(path, fit.prior)
         result = result or fit
     return result
@@ -160,14 +202,17 @@ def fit_run_priors(run_dir: Path, pixels: torch.Tensor, index: torch.Tensor, *, 
 def fit_checkpoint_prior(checkpoint: str | os.PathLike, data: Sequence[str | os.PathLike], *,
                          components: int | None = None, seed: int = 0, output: str | os.PathLike | None = None,
                          force: bool = False, batch_size: int = 64, device: str = "auto", workers: int | None = None,
-                         callback: Callback = ignore) -> tuple[Path, PriorFit]:
+                         second_stage: bool = False, steps: int | None = None,
+                         callback: Callback = ignore) -> tuple[Path, PriorFit | SecondStageFit]:
     """Fit a prior to the posterior means of the images under `data` and store it in `checkpoint` (or `output`).
 
-    Mirrored images are added when the checkpoint was trained with flips. Unreadable images are
-    reported as `Failed` and left out; the written file is reported as `Written` with the fit's
-    summary. Returns the path written and the fit.
+    The prior is a mixture, or with `second_stage` a second-stage VAE of `steps` steps over a latent
+    map (training/second_stage.py). Mirrored images are added when the checkpoint was trained with
+    flips. Unreadable images are reported as `Failed` and left out; the written file is reported as
+    `Written` with the fit's summary. Returns the path written and the fit.
     """
-    from ..runtime import resolve_device
+    from ..runtime import resolve_device, resolve_precision
+    from .second_stage import STEPS, fit_second_stage
 
     path = ckpt.resolve_checkpoint(checkpoint)
     target = Path(output) if output is not None else path
@@ -176,6 +221,9 @@ def fit_checkpoint_prior(checkpoint: str | os.PathLike, data: Sequence[str | os.
     where = resolve_device(device)
     loaded = ckpt.load_model(path, device=where)
     level, size = model_prior_level(loaded.model), loaded.config.image_size
+    if second_stage and len(loaded.model.latent_shapes(size, size)[level]) != 3:
+        raise ConfigError(f"a second-stage prior is for latent maps; this {loaded.config.kind} model's latent {level} "
+                          f"is a vector, which the mixture (without --second-stage) models")
     found = find_images(list(data), callback=callback)
     if not found:
         raise DataError(f"no images found in {', '.join(map(str, data))}; give the images the model was trained on")
@@ -184,8 +232,12 @@ def fit_checkpoint_prior(checkpoint: str | os.PathLike, data: Sequence[str | os.
                                     workers=workers, callback=callback), len(found), callback)
     flip = bool(loaded.train_config and loaded.train_config.augment_flip)
     latents = posterior_means(loaded.model, batches, level=level, device=where, flip=flip)
-    fit = fit_prior(latents, level=level, components=components, seed=seed)
-    callback(Note(fit.message()))
+    if second_stage:
+        fit = fit_second_stage(latents, level=level, steps=steps or STEPS, seed=seed, device=where,
+                               amp=resolve_precision("auto", where, training=True), emit=callback)
+    else:
+        fit = fit_prior(latents, level=level, components=components, seed=seed)
+        callback(Note(fit.message()))
     written = ckpt.save_prior(path, fit.prior, output=target, force=True)
     callback(Written(str(written), extra={"prior": fit.describe()}))
     return written, fit

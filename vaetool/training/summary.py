@@ -58,7 +58,7 @@ def start_info(trainer: Trainer) -> dict[str, Any]:
             "world": trainer.world.size, "steps_per_epoch": split.steps_per_epoch,
             "total_steps": trainer.total_steps, "start_step": trainer.counters.step,
             "device": str(trainer.device), "precision": trainer.record["precision"],
-            "config": trainer.model_config.to_dict(), "time_limit": cfg.time_limit, "lr_schedule": cfg.lr_schedule, "log_every": cfg.log_every,
+            "config": trainer.model_config.to_dict(), "time_limit": cfg.time_limit, "prior": trainer.prior_kind, "prior_seconds": trainer.prior_seconds, "lr_schedule": cfg.lr_schedule, "log_every": cfg.log_every,
             "cache_on_disk": cache.on_disk, "cache_reused": cache.reused}
 
 
@@ -114,7 +114,9 @@ class TrainResult:
         if self.best_epoch is not None and self.best_val_neg_elbo is not None:
             psnr = f", PSNR {self.best_val_psnr:.2f} dB" if self.best_val_psnr is not None else ""
             parts.append(f"best epoch {self.best_epoch}: validation -ELBO {self.best_val_neg_elbo:.2f}{psnr}")
-        if self.prior:
+        if self.prior and self.prior.get("kind") == "second-stage":
+            parts.append(f"second-stage prior: {self.prior['steps']} steps, {self.prior['components']} component(s)")
+        elif self.prior:
             parts.append(f"fitted prior: {self.prior['components']} component(s)")
         parts.append(f"stopped by {self.stopped}")
         if self.report:

@@ -26,7 +26,8 @@ from .corrupt import corrupt, global_rand, global_randn, step_generator
 from .data import Split, default_cache_memory, load_cache, split_data
 from .distributed import World, all_reduce_sum, barrier, broadcast_value, global_mean, init_world, shutdown
 from .epoch import MetricsLog, draw_grids, kl_spike, nonfinite_tensor, save_checkpoints, validate
-from .fit_prior import fit_run_priors
+from .fit_prior import SECOND_STAGE_SHARE, fit_run_priors, planned_prior
+from .second_stage import STEPS as SECOND_STAGE_STEPS
 from .interrupts import StepGuard
 from .noise import fit_noise_model
 from .schedule import budget_fraction, kl_weight, learning_rate
@@ -34,6 +35,7 @@ from .state import Counters, ResumeState, run_record, save_state, write_run_reco
 from .summary import SteadySpeed, TrainResult, start_info, write_report_safely
 
 DEFAULT_EPOCHS = 30
+SECOND_STAGE_PER_STEP = 4  # a second-stage step costs a fraction of a training step (BENCHMARKS.md)
 PROGRESS_SECONDS = 1.0  # the longest the progress bar waits for news
 
 __all__ = ["train", "TrainResult", "make_optimizer", "update_ema", "default_cache_memory", "DEFAULT_EPOCHS"]
@@ -61,7 +63,8 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
           detect_channels: bool = True, resume: bool = False, force: bool = False, strict: bool = False,
           cache_dir: str | Path | None = None, cache_memory: int | None = None, compile: bool = False,
           workers: int | None = None, report: bool = True, callback: Callback | None = None,
-          invocation: dict[str, Any] | None = None, fit_prior: bool = True) -> TrainResult:
+          invocation: dict[str, Any] | None = None, fit_prior: bool = True, prior: str = "auto",
+          prior_steps: int | None = None) -> TrainResult:
     """Train a VAE family on the images under `data`; write checkpoints, metrics and grids to `run_dir`.
 
     Under torchrun each process trains on its shard of every batch with DDP and only rank 0 writes;
@@ -69,7 +72,8 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
     the events of `vaetool.events` (rank 0 only). `invocation` (the command line and options, say)
     is kept in the run's `run.json` and checkpoints beside the data folders, device and precision.
     With `fit_prior`, a prior fitted to the training images' posterior means is stored in the run's
-    checkpoints at the end (training/fit_prior.py).
+    checkpoints at the end (training/fit_prior.py): of kind `prior` (auto, mixture, second-stage); a
+    second stage trains `prior_steps` steps, or with a time limit its share of the time.
     """
     started = time.monotonic()
     resolved = resolve_device(device)
@@ -79,8 +83,9 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
                           model_config=model_config or ModelConfig(), train_config=train_config or TrainConfig(),
                           detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                           cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers,
-                          callback=callback or ignore, invocation=invocation)
-        return trainer.run(report=report, fit_prior=fit_prior, started=started)
+                          callback=callback or ignore, invocation=invocation,
+                          prior=prior if fit_prior else "none", prior_steps=prior_steps)
+        return trainer.run(report=report, started=started)
     finally:
         shutdown(world)
 
@@ -103,7 +108,8 @@ class Trainer:
     def __init__(self, data: Sequence[str | Path], run_dir: Path, *, world: World, device: torch.device,
                  precision: str, model_config: ModelConfig, train_config: TrainConfig, detect_channels: bool,
                  resume: bool, force: bool, strict: bool, cache_dir: str | Path | None, cache_memory: int | None,
-                 compile: bool, workers: int | None, callback: Callback, invocation: dict[str, Any] | None) -> None:
+                 compile: bool, workers: int | None, callback: Callback, invocation: dict[str, Any] | None,
+                 prior: str = "auto", prior_steps: int | None = None) -> None:
         self.run_dir, self.world, self.device = run_dir, world, device
         self.emit: Callback = callback if world.is_main else ignore
         self.amp_dtype = resolve_precision(precision, device, training=True)
@@ -127,7 +133,12 @@ class Trainer:
         self._build_model(saved, compile=compile)
         self.levels = list(self.model.latent_shapes(*self.cache.images.shape[-2:]))  # latent level names
         self.total_steps = self._budget_steps()
-        self.time_budget = self.counters.elapsed + self.config.time_limit if self.config.time_limit else None
+        self.prior_kind, self.prior_steps = planned_prior(prior, self.model, emit=self.emit), prior_steps
+        # With --time and a second stage, training stops early enough for the second stage to fit in the budget.
+        limit = self.config.time_limit
+        self.prior_seconds = limit * SECOND_STAGE_SHARE if limit and self.prior_kind == "second-stage" else None
+        self.time_limit = limit - self.prior_seconds if self.prior_seconds else limit  # this invocation's training
+        self.time_budget = self.counters.elapsed + self.time_limit if self.time_limit else None
         self.metrics_log = MetricsLog(run_dir, fresh=existing and not resume)
         self.record = run_record(data=[str(d) for d in data][:32], device=device, world_size=world.size,
                                  precision=precision_name(self.amp_dtype), invocation=invocation, resumed=resume)
@@ -177,7 +188,7 @@ class Trainer:
         return min(limits) if limits else None
 
     # ----- the loop -----------------------------------------------------------------------
-    def run(self, *, report: bool, fit_prior: bool, started: float) -> TrainResult:
+    def run(self, *, report: bool, started: float) -> TrainResult:
         """Train epoch after epoch until the budget or the patience runs out; Ctrl-C saves a resumable state."""
         self.emit(Started("train", self.total_steps, "steps", start_info(self)))
         if self.world.is_main:
@@ -197,14 +208,23 @@ class Trainer:
             self._save_interrupted()
             raise
         prior = None
-        if fit_prior and self.world.is_main:  # the other processes wait at the barrier: the fit is rank 0's
+        if self.prior_kind and self.world.is_main:  # the other processes wait at the barrier: the fit is rank 0's
             prior = fit_run_priors(self.run_dir, self.cache.images, self.split.train_index, batch=self.split.batch,
                                    seed=self.config.seed, device=self.device, flip=self.config.augment_flip,
-                                   emit=self.emit)
+                                   kind=self.prior_kind, steps=self._second_stage_steps(), seconds=self.prior_seconds,
+                                   amp=self.amp_dtype, emit=self.emit)
         report_path = write_report_safely(self.run_dir, self.emit) if report and self.world.is_main else None
         barrier(self.world)
         return TrainResult.of(self, stopped=stopped, metrics=metrics, report=report_path,
                               wall_s=time.monotonic() - started, prior=prior.describe() if prior else None)
+
+    def _second_stage_steps(self) -> int | None:
+        """--prior-steps; else with --time the second stage's share of it (None); else SECOND_STAGE_PER_STEP
+        second-stage steps per training step, at most SECOND_STAGE_STEPS: deterministic, and a short run
+        (a test, a try) does not wait minutes for its prior."""
+        if self.prior_steps or self.prior_seconds:
+            return self.prior_steps
+        return max(1, min(SECOND_STAGE_STEPS, SECOND_STAGE_PER_STEP * self.counters.step))
 
     def _train_epoch(self) -> bool:
         """Train until the epoch ends (True) or the budget runs out mid-epoch (False)."""
@@ -278,7 +298,7 @@ class Trainer:
         """Synchronise rank 0's clock with every process and say whether a budget is spent."""
         self.elapsed = broadcast_value(time.monotonic() - self.clock, self.world, self.device)
         session = self.elapsed - (self.session_start - self.clock)
-        limit, total = self.config.time_limit, self.total_steps
+        limit, total = self.time_limit, self.total_steps
         return (total is not None and self.counters.step >= total) or (limit is not None and session >= limit)
 
     def _check_loss(self) -> None:
