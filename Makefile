@@ -16,8 +16,9 @@ install: $(BIN)/python
 dev: $(BIN)/python
 	$(BIN)/pip install -e '.[dev]' -q
 
-# Train on the built-in procedural faces for a few minutes on CPU, then draw samples (from the prior the run fits
-# at its end). 32 px: on a slow 2-core CPU, 3 minutes at 64 px are too few steps for faces with features.
+# Train the default (spatial) model on the built-in procedural faces for a few minutes on CPU, its second-stage
+# prior in the last third, then draw samples from that prior. 32 px: on a slow 2-core CPU, 3 minutes at 64 px
+# are too few steps for faces with features.
 demo: install
 	$(BIN)/python examples/faces.py examples-data --count 2000 --size 32 --seed 0 > /dev/null
 	$(BIN)/vaetool train examples-data -o runs/faces --time $(DEMO_TIME) --image-size 32 --force

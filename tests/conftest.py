@@ -12,7 +12,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-TINY_ARGS = ["--image-size", "16", "--widths", "8,16", "--latent-dim", "4", "--batch-size", "2",
+TINY_ARGS = ["--model", "vector", "--image-size", "16", "--widths", "8,16", "--latent-dim", "4", "--batch-size", "2",
              "--no-disk-cache", "--device", "cpu", "-q"]
 
 

@@ -20,7 +20,7 @@ VAETOOL = str(Path(sys.executable).with_name("vaetool"))
 BAD_VALUES = [
     (["train", "IN", "-o", "OUT", "--likelihood", "gausian"], "--likelihood", "bernoulli"),
     (["train", "IN", "-o", "OUT", "--decoder-scale", "learnt"], "--decoder-scale", "learned"),
-    (["train", "IN", "-o", "OUT", "--image-size", "50"], "--image-size", "48 or 64"),
+    (["train", "IN", "-o", "OUT", "--image-size", "50"], "--image-size", "48 or 52"),
     (["train", "IN", "-o", "OUT", "--image-size", "12", "--widths", "8,16,32"], "--image-size", "multiple of 8 (e.g. 8 or 16)"),
     (["train", "IN", "-o", "OUT", "--time", "5x"], "--time", "90s"),
     (["train", "IN", "-o", "OUT", "--widths", "32,x"], "--widths", "32,64"),

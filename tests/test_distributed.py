@@ -19,7 +19,7 @@ from vaetool.training.trainer import train
 COMMON = ["--steps", "4", "--val-fraction", "0.2", "--log-every", "1", "--image-size", "16", "--widths", "8,16",
           "--latent-dim", "4", "--device", "cpu", "-q"]
 # Each family's smallest settings: spatial a 4x4 map, hierarchical a top vector and maps at 1/4 and 1/2.
-FAMILY_ARGS = {"vector": [], "spatial": ["--model", "spatial", "--latent-channels", "2", "--downsample", "4"],
+FAMILY_ARGS = {"vector": ["--model", "vector"], "spatial": ["--model", "spatial", "--latent-channels", "2", "--downsample", "4"],
                "hierarchical": ["--model", "hierarchical", "--latent-channels", "2", "--downsample", "2"]}
 
 

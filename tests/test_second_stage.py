@@ -177,9 +177,10 @@ def test_train_prior_options_and_the_time_share(tmp_path):
     data, result = _spatial_run(tmp_path, "--steps", "2", "--prior", "mixture")
     assert result.exit_code == 0, result.output
     assert isinstance(load_model(tmp_path / "run").prior, FittedPrior)
-    data, result = _spatial_run(tmp_path, "--steps", "2", "--prior-steps", "7", "--force")
+    data, result = _spatial_run(tmp_path, "--steps", "2", "--prior-steps", "200", "--force")
     assert result.exit_code == 0, result.output
-    assert load_model(tmp_path / "run").prior.steps == 7
+    assert load_model(tmp_path / "run").prior.steps == 200
+    assert "second stage step 100/200 loss" in result.stderr  # its progress, in the training display
     from vaetool.config import TrainConfig
     from vaetool.training.trainer import Trainer
     from vaetool.training.distributed import init_world
@@ -204,8 +205,9 @@ def test_fit_prior_second_stage_for_an_earlier_checkpoint_and_its_errors(tmp_pat
     loaded = load_model(run)
     assert isinstance(loaded.prior, SecondStagePrior) and loaded.identity == before
     vector = tmp_path / "vector"
-    made = runner.invoke(app, ["train", str(data), "-o", str(vector), "--steps", "1", "--no-report", "--image-size",
-                               "16", "--widths", "8,16", "--latent-dim", "4", "--batch-size", "4", "--device", "cpu"])
+    made = runner.invoke(app, ["train", str(data), "-o", str(vector), "--model", "vector", "--steps", "1", "--no-report",
+                               "--image-size", "16", "--widths", "8,16", "--latent-dim", "4", "--batch-size", "4",
+                               "--device", "cpu"])
     assert made.exit_code == 0, made.output
     refused = runner.invoke(app, ["fit-prior", str(vector), str(data), "--second-stage"])
     assert refused.exit_code == 1 and "latent maps" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import (DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption, ModelConfig, TrainConfig,
+from ..config import (DEFAULT_KIND, DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption, ModelConfig, TrainConfig,
                       parse_noise_model)
 from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
@@ -39,8 +39,12 @@ class _TrainDisplay(Display):
         if self.failed:
             warn(f"{self.failed} file(s) could not be read and were skipped")
         cache = "reused on-disk cache" if d["cache_reused"] else ("memory-mapped cache" if d["cache_on_disk"] else "in-memory cache")
-        self._line(f"{d['train']} training and {d['val']} validation images ({cache}); {cfg.get('kind', 'vector')} "
-                   f"model {cfg['image_size']}px x{cfg['channels']}, latent {cfg['latent_dim']}, widths "
+        kind = cfg.get("kind", "vector")
+        side = cfg["image_size"] // cfg.get("downsample", 1)
+        latent = (f"latent map {cfg['latent_channels']}x{side}x{side}" if kind == "spatial"
+                  else f"latent {cfg['latent_dim']}")
+        self._line(f"{d['train']} training and {d['val']} validation images ({cache}); {kind} "
+                   f"model {cfg['image_size']}px x{cfg['channels']}, {latent}, widths "
                    f"{cfg['widths']}, {cfg['likelihood']} likelihood; batch {d['batch']} per process x {d['world']} "
                    f"= {d['global_batch']}; device {d['device']} ({d['precision']})")
         self.log_every, self.total_steps = d.get("log_every", 25), e.total
@@ -58,6 +62,12 @@ class _TrainDisplay(Display):
             self.progress.update(self.task, completed=e.done, total=e.total)
             return
         steps = f"step {e.done}/{e.total}" if e.total else f"step {e.done}"
+        if "epoch" not in m:  # the second-stage prior trained after the run
+            status = f"second stage {steps} loss {m['loss']:.1f}"
+            self.progress.update(self.task, completed=min(max(m["budget"], 0.0), 1.0), status=status)
+            if self.progress.disable:
+                self._line(status)
+            return
         status = f"{steps} ep {m['epoch']} loss {m['loss']:.1f} kl {m['kl']:.1f} {m['images_per_s']:.0f} img/s"
         fraction = min(max(m["budget"], 0.0), 1.0)
         self.progress.update(self.task, completed=fraction, status=status)
@@ -129,7 +139,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, callback=non_negative, rich_help_panel=DATA, help="Share of images held out for validation.")] = 0.05,
     flip: flag("--flip", help="Random horizontal flips.", panel=DATA) = False,
     strict: flag("--strict", help="Stop at the first unreadable image instead of skipping it.", panel=DATA) = False,
-    model: Annotated[ModelKind, typer.Option("--model", case_sensitive=False, rich_help_panel=MODEL, help="Model family: vector (one latent vector z), spatial (a latent map at 1/--downsample of the image), hierarchical (a top vector and latent maps below it, each with a learned prior).")] = ModelKind.vector,
+    model: Annotated[ModelKind, typer.Option("--model", case_sensitive=False, rich_help_panel=MODEL, help="Model family: spatial (a latent map at 1/--downsample of the image; sampled through a second-stage prior), vector (one latent vector z), hierarchical (a top vector and latent maps below it, each with a learned prior).")] = ModelKind(DEFAULT_KIND),
     latent_dim: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Size of the latent vector z (vector), or of the top latent (hierarchical).")] = 64,
     latent_channels: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Channels of each latent map (spatial, hierarchical).")] = 8,
     downsample: Annotated[int, typer.Option(min=2, rich_help_panel=MODEL, help="Latent maps at 1/f of the image resolution: 2, 4 or 8 (spatial: the one map; hierarchical: the finest).")] = 4,

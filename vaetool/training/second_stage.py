@@ -92,7 +92,7 @@ def fit_second_stage(maps: torch.Tensor, *, level: str, steps: int | None = STEP
             window.append(loss.detach())  # read back every PROGRESS_EVERY steps: no device sync per step
             if len(window) == PROGRESS_EVERY:
                 last, window = _mean_loss(window, step), []
-                emit(Progress(step, steps, {"loss": last}))
+                emit(Progress(step, steps, {"loss": last, "budget": done}))
         if window:
             last = _mean_loss(window, step)
     net = net.float().eval().to(memory_format=torch.contiguous_format)
