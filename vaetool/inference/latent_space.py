@@ -183,7 +183,8 @@ def vector_level(checkpoint: Checkpoint) -> str:
     if model.vector_level is None:
         raise ConfigError(f"a {model.kind} model has no latent vector to traverse: its latent is a map of "
                           f"{model.config.latent_channels} channels per position, whose dimensions are places, "
-                          f"not properties; use `vaetool interpolate` between images instead")
+                          f"not properties; use `vaetool interpolate` between images, or train with --model vector "
+                          f"to explore single dimensions")
     return model.vector_level
 
 

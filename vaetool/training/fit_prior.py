@@ -12,8 +12,8 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -125,8 +125,9 @@ def model_prior_level(model: VAEFamily) -> str:
 
 PRIOR_KINDS = ("auto", "mixture", "second-stage", "none")  # train --prior
 # With --time and a second stage, this share of the budget is the second stage's, so the whole run keeps to
-# --time: at 3 minutes a spatial model trained 2 and its second stage 1 sampled better than either alone
-# (BENCHMARKS.md). Without --time the second stage trains its own steps (SECOND_STAGE_STEPS) after the run.
+# --time: at 3 minutes a spatial model trained for 2 and its second stage for 1 sampled better than the vector
+# family in 3 (BENCHMARKS.md, "The spatial family as the default"). Without --time the second stage trains a
+# number of steps after the run (the trainer's SECOND_STAGE_PER_STEP).
 SECOND_STAGE_SHARE = 1 / 3
 
 

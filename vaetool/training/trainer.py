@@ -80,7 +80,8 @@ def train(data: Sequence[str | Path], run_dir: str | Path, *, model_config: Mode
     world = init_world(resolved.type)
     try:
         trainer = Trainer(data, Path(run_dir), world=world, device=resolved, precision=precision,
-                          model_config=model_config or ModelConfig(kind=DEFAULT_KIND), train_config=train_config or TrainConfig(),
+                          model_config=model_config or ModelConfig(kind=DEFAULT_KIND),
+                          train_config=train_config or TrainConfig(),
                           detect_channels=detect_channels, resume=resume, force=force, strict=strict,
                           cache_dir=cache_dir, cache_memory=cache_memory, compile=compile, workers=workers,
                           callback=callback or ignore, invocation=invocation,
