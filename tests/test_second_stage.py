@@ -177,10 +177,10 @@ def test_train_prior_options_and_the_time_share(tmp_path):
     data, result = _spatial_run(tmp_path, "--steps", "2", "--prior", "mixture")
     assert result.exit_code == 0, result.output
     assert isinstance(load_model(tmp_path / "run").prior, FittedPrior)
-    data, result = _spatial_run(tmp_path, "--steps", "2", "--prior-steps", "200", "--force")
+    data, result = _spatial_run(tmp_path, "--steps", "2", "--prior-steps", "500", "--force")
     assert result.exit_code == 0, result.output
-    assert load_model(tmp_path / "run").prior.steps == 200
-    assert "second stage step 100/200 loss" in result.stderr  # its progress, in the training display
+    assert load_model(tmp_path / "run").prior.steps == 500
+    assert "second stage step 500/500 loss" in result.stderr  # its progress, in the training display
     from vaetool.config import TrainConfig
     from vaetool.training.trainer import Trainer
     from vaetool.training.distributed import init_world

@@ -1,7 +1,8 @@
 """Safetensors checkpoints: weights plus JSON config and metadata, and the resume state; atomic writes.
 
 A fitted prior (a mixture, models/prior.py, or a second-stage VAE, models/second_stage.py) is stored
-beside the weights as `prior.*` tensors; it is not part of the weights, so a checkpoint's identity (the weights' hash) is the same with or without one.
+beside the weights as `prior.*` tensors; it is not part of the weights, so a checkpoint's identity (the
+weights' hash) is the same with or without one.
 Nothing here unpickles: `torch.load` is never called, so a checkpoint cannot run code.
 """
 
@@ -35,6 +36,8 @@ FORMAT_VERSION = 3
 # A file is written at the oldest format that holds what it carries: an older vaetool still reads every
 # checkpoint without a prior, and for one with a prior says to upgrade instead of calling it damaged.
 PLAIN_FORMAT_VERSION = 1
+MIXTURE_FORMAT_VERSION = 2
+SECOND_STAGE_FORMAT_VERSION = 3
 MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
 STATE_FILE = "state.safetensors"
@@ -132,7 +135,7 @@ def save_prior(path: str | Path, prior: Prior | None, *, output: str | Path | No
 def _format_version(prior: Prior | None) -> str:
     if prior is None:
         return str(PLAIN_FORMAT_VERSION)
-    return "3" if isinstance(prior, SecondStagePrior) else "2"
+    return str(SECOND_STAGE_FORMAT_VERSION if isinstance(prior, SecondStagePrior) else MIXTURE_FORMAT_VERSION)
 
 
 def _sniff(path: Path) -> None:

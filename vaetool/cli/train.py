@@ -11,14 +11,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import (DEFAULT_KIND, DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption, ModelConfig, TrainConfig,
-                      parse_noise_model)
+from ..config import (DEFAULT_KIND, DEFAULT_WIDTHS, DENOISER_DEFAULTS, SUPERVISED_DENOISER_BETA, Corruption,
+                      ModelConfig, TrainConfig, parse_noise_model)
 from ..errors import ConfigError
 from .common import EXIT_INTERRUPTED, Display, emit, info, make_progress, warn
 from .options import (BATCH_SIZE, BUDGET, DATA, MODEL, OBJECTIVE, OPTIMISATION, OUTPUT, PERFORMANCE, Channels, Checkpoint,
                       DecoderScale, Device, Json, Likelihood, LrSchedule, ModelKind, Precision, PriorKind, Quiet,
                       Widths, batch_size_option, check_model_shape, flag, force_option, non_negative, parse_corruption,
                       parse_duration, parse_size, parse_widths, positive, seed_option, workers_option)
+
+SECOND_STAGE_LINE_EVERY = 500  # steps between the second stage's plain progress lines (it makes 25-65 a second)
+
 
 class _TrainDisplay(Display):
     """The shared display, with training's own start line, bar status and one line per epoch.
@@ -65,7 +68,7 @@ class _TrainDisplay(Display):
         if "epoch" not in m:  # the second-stage prior trained after the run
             status = f"second stage {steps} loss {m['loss']:.1f}"
             self.progress.update(self.task, completed=min(max(m["budget"], 0.0), 1.0), status=status)
-            if self.progress.disable:
+            if self.progress.disable and e.done % SECOND_STAGE_LINE_EVERY == 0:  # no bar: a line now and then
                 self._line(status)
             return
         status = f"{steps} ep {m['epoch']} loss {m['loss']:.1f} kl {m['kl']:.1f} {m['images_per_s']:.0f} img/s"
