@@ -47,7 +47,7 @@ class SecondStageNet(nn.Module):
 
     def __init__(self, channels: int, height: int, width: int, *, latent: int = 64, features: int = 64) -> None:
         super().__init__()
-        self.channels, self.latent, self.features = channels, latent, features
+        self.latent, self.features = latent, features
         self.sizes = halvings(height, width)
         small = self.sizes[-1][0] * self.sizes[-1][1]
         down = [nn.Conv2d(channels, features, 3, padding=1), nn.SiLU()]
@@ -112,7 +112,7 @@ class SecondStagePrior:
     @torch.no_grad()
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         """First-stage latent maps (N, C, h, w) float32 on the CPU for codes u (N, latent), in batches."""
-        net = self.net.to("cpu").float().eval()
+        net = self.net  # float32 on the CPU, in eval mode: as fit_second_stage and from_tensors leave it
         center, scale = self.center.float().view(1, -1, 1, 1), self.scale.float().view(1, -1, 1, 1)
         maps = [net.decode(u[start: start + DECODE_BATCH].float()) for start in range(0, len(u), DECODE_BATCH)]
         return torch.cat(maps) * scale + center if maps else torch.zeros(0, *self.shape)
