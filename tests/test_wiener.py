@@ -81,7 +81,7 @@ def test_block_matching_finds_a_copied_block_and_puts_the_reference_first():
 def test_a_group_larger_than_a_small_image_holds_is_cut_to_fit(group):
     """A 15 x 15 padded image (a 1-pixel input) leaves 16 candidate blocks at a corner: the stack stays inside."""
     image = torch.rand(3, 15, 15, generator=torch.Generator().manual_seed(3))
-    out, _ = blockmatch.collaborative_pass(image, image, 1e-6, group=group, radius=8)
+    [[out]] = blockmatch.collaborative_pass([(image, [image])], 1e-6, group=group, radius=8)
     torch.testing.assert_close(out, image, atol=1e-4, rtol=0)
 
 
@@ -171,6 +171,67 @@ def test_the_sure_blend_counts_a_pilot_that_depends_on_the_noise():
             out = wiener_step(noisy, pilot, sigma, pilot_divergence=divergence if counted else 0.0)
             gaps[counted].append(float((out - best).square().mean()))
     assert sum(gaps[True]) < 0.5 * sum(gaps[False]), gaps
+
+
+def test_the_probe_estimates_a_smoothers_divergence():
+    """One +-1 direction and one more pass give the divergence of a 3x3 mean within a few percent (the
+    neighbours' terms average out over the pixels); the step moves the image by a tenth of sigma."""
+    sigma, clean = 20 / 255, _scene()
+    inside = torch.nn.functional.avg_pool2d(torch.ones_like(clean)[None], 3, stride=1, padding=1)[0] * 9
+    exact = float((1.0 / inside).sum())
+    noisy = _noisy(clean, sigma)
+    probe = WienerStep(sigma, "as given").probe(noisy)
+    assert probe.sigma == sigma and probe.step == pytest.approx(sigma / 10)
+    assert set(probe.direction.unique().tolist()) == {-1.0, 1.0} and probe.direction.shape == noisy.shape
+    estimate = probe.divergence(_smooth(noisy), _smooth(probe.moved(noisy)))
+    assert estimate == pytest.approx(exact, rel=0.1)
+    assert WienerStep(sigma, "as given", divergence=False).probe(noisy) is None
+    assert WienerStep(None, "estimated").probe(clean * 0 + 0.5) is None  # no noise: no step to take
+
+
+def test_the_step_takes_the_moved_estimate_only_when_given_it():
+    sigma, clean = 20 / 255, _scene()
+    noisy = _noisy(clean, sigma)
+    step, pilot = WienerStep(sigma, "as given"), _smooth(noisy)
+    probe = step.probe(noisy)
+    moved = _smooth(probe.moved(noisy))
+    expected = wiener_step(noisy, pilot, sigma, moved=wiener.Moved(probe.direction, probe.step, moved))
+    torch.testing.assert_close(step(noisy, pilot, probe, moved), expected)
+    assert torch.equal(step(noisy, pilot), wiener_step(noisy, pilot, sigma))
+
+
+@pytest.mark.parametrize("matching", [True, False])
+@pytest.mark.parametrize("k", [1.0, 0.25])
+def test_monte_carlo_sure_blends_near_the_best_blend_for_weak_and_strong_pilots(k, matching):
+    """Pilots made from the noisy image (its 3x3 mean, and the same k times nearer the clean image): the blend
+    whose risk counts both divergences by the moved image is nearer the best share (chosen with the clean
+    image) than the pilot counted as fixed, and than the pilot's divergence alone, which leans to the filter
+    when the pilot is strong."""
+    sigma, clean = 20 / 255, _scene(height=48, width=48)
+    grid = torch.linspace(0, 1, 101)
+    gaps = {"monte carlo": [], "fixed": [], "pilot only": []}
+    step = WienerStep(sigma, "as given")
+
+    def model(image: torch.Tensor) -> torch.Tensor:
+        return clean + k * (_smooth(image) - clean)
+
+    for seed in range(3):
+        noisy = _noisy(clean, sigma, seed)
+        pilot, probe = model(noisy), step.probe(noisy)
+        moved = model(probe.moved(noisy))
+        filtered = wiener_step(noisy, pilot, sigma, matching=matching, blend=False)
+        errors = torch.stack([(torch.lerp(pilot, filtered, a) - clean).square().sum() for a in grid])
+        best = torch.lerp(pilot, filtered, float(grid[errors.argmin()])).clamp(0, 1)
+        outputs = {"monte carlo": wiener_step(noisy, pilot, sigma, matching=matching,
+                                              moved=wiener.Moved(probe.direction, probe.step, moved)),
+                   "fixed": wiener_step(noisy, pilot, sigma, matching=matching),
+                   "pilot only": wiener_step(noisy, pilot, sigma, matching=matching,
+                                             pilot_divergence=probe.divergence(pilot, moved))}
+        for name, out in outputs.items():
+            gaps[name].append(float((out - best).square().mean()))
+    total = {name: sum(values) for name, values in gaps.items()}
+    # Each of the other two is right for one kind of pilot only, and ten times further off for the other.
+    assert total["monte carlo"] < 0.1 * max(total["fixed"], total["pilot only"]), total
 
 
 def test_an_oracle_pilot_removes_most_of_the_noise():
@@ -281,6 +342,34 @@ def test_the_api_denoises_with_the_step_as_the_command_does(tmp_path, gaussian_d
     blockwise, _ = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "blockwise", samples=0, block_matching=False)
     got = model.denoise(image, block_matching=False)
     assert (got - blockwise[image.name]).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_the_folder_pipeline_gives_the_step_the_models_estimate_of_the_moved_image(tmp_path, gaussian_denoiser,
+                                                                                 monkeypatch):
+    """Each image's moved copy goes through the model with it (in the same batches), and the step gets both
+    estimates: the same as the model gives each alone; a plausible clean version (--diverse) gets no step."""
+    from vaetool.checkpoint import load_model
+    from vaetool.inference.tiledenoise import denoise_image
+
+    make_blobs(tmp_path / "in", count=3, size=24)
+    make_blobs(tmp_path / "in" / "odd", count=1, size=37, seed=4)  # tiles of a fixed-size model
+    seen = []
+    original = WienerStep.__call__
+
+    def spy(self, noisy, pilot, probe=None, moved_pilot=None):
+        seen.append((noisy, pilot, probe, moved_pilot))
+        return original(self, noisy, pilot, probe, moved_pilot)
+
+    monkeypatch.setattr(WienerStep, "__call__", spy)
+    outcome = denoise_files(gaussian_denoiser, [tmp_path / "in"], tmp_path / "out", device="cpu", batch_size=3,
+                            diverse=1, diverse_dir=tmp_path / "versions", sigma=25 / 255)
+    assert len(outcome.written) == 8 and not outcome.failed
+    assert len(seen) == 4  # the four clean estimates; the four versions are the model's own draws
+    model = load_model(gaussian_denoiser).model
+    for noisy, pilot, probe, moved_pilot in seen:
+        assert probe is not None and moved_pilot is not None
+        torch.testing.assert_close(pilot, denoise_image(model, noisy), atol=1e-5, rtol=0)
+        torch.testing.assert_close(moved_pilot, denoise_image(model, probe.moved(noisy)), atol=1e-5, rtol=0)
 
 
 def test_the_installed_command_takes_wiener_options(tmp_path, gaussian_denoiser):

@@ -34,7 +34,7 @@ from .load import Source, load_for_inference, model_device
 from .mmse import Draw, RowKey
 from .tiledenoise import Layout, ModelRunner, TileSpec, check_options, join_outputs, mix
 from .tiling import round_up
-from .wiener import WienerStep, choose_wiener
+from .wiener import Probe, WienerStep, choose_wiener
 
 # Posterior samples averaged for the MMSE estimate of a model trained as a denoiser (a noise model, or --corrupt
 # at the full ELBO's beta 1), by default: where PSNR against K levels off (each doubling beyond adds under 0.03 dB
@@ -68,14 +68,20 @@ class _Job:
     task: Task
     image: DecodedImage
     layout: Layout
-    inputs: torch.Tensor | None  # (N, Cm, S, S) model inputs, dropped once they have all run
+    inputs: torch.Tensor | None  # (rows, Cm, S, S) model inputs, dropped once they have all run
     outputs: list[torch.Tensor] = field(default_factory=list)
     received: int = 0
     key: int = 0  # seeds the posterior samples of this image's inputs (mmse.py), from its relative path
     draw: Draw = None  # None: the clean estimate; d: the d-th plausible clean version
+    probe: Probe | None = None  # with it, the inputs are the image's pieces and then its moved copy's
+
+    @property
+    def rows(self) -> int:
+        return self.layout.count * (2 if self.probe is not None else 1)
 
     def keys(self, start: int, stop: int) -> list[RowKey]:
-        return [(self.key, row, self.draw) for row in range(start, stop)]
+        # The moved copy's pieces draw the same posterior noise as the image's: the difference is the model's.
+        return [(self.key, row % self.layout.count, self.draw) for row in range(start, stop)]
 
 
 class _Batcher:
@@ -97,7 +103,7 @@ class _Batcher:
         if self.queue and job.inputs.shape[1:] != self.queue[0][0].inputs.shape[1:]:
             finished += self.flush()  # the head's shape can grow no more: run it, smaller batch or not
         self.queue.append((job, 0))
-        self.queued += job.layout.count
+        self.queued += job.rows
         full = self.rows(job.inputs.shape)
         while self.queued >= full:
             finished += self._run_one()
@@ -114,9 +120,9 @@ class _Batcher:
         pieces, need = [], self.rows(self.queue[0][0].inputs.shape)
         while need and self.queue:
             job, start = self.queue[0]
-            stop = min(job.layout.count, start + need)
+            stop = min(job.rows, start + need)
             pieces.append((job, start, stop))
-            if stop == job.layout.count:
+            if stop == job.rows:
                 self.queue.popleft()
             else:
                 self.queue[0] = (job, stop)
@@ -129,7 +135,7 @@ class _Batcher:
             job.outputs.append(out[offset: offset + b - a])
             offset += b - a
             job.received += b - a
-            if job.received == job.layout.count:
+            if job.received == job.rows:
                 job.inputs = None  # free the inputs as soon as they have run
                 finished.append(job)
         return finished
@@ -203,7 +209,7 @@ class Pipeline:
     def _write(self, writer: Writer, jobs: list[_Job]) -> None:
         for job in jobs:
             writer.submit(job.task, functools.partial(self._finish, job), alpha=job.image.alpha,
-                          bit_depth=job.image.bit_depth, weight=job.layout.count)
+                          bit_depth=job.image.bit_depth, weight=job.rows)
 
     def _load(self, task: Task) -> _Job:
         """On a worker thread: decode the file and cut it into model inputs."""
@@ -212,7 +218,13 @@ class Pipeline:
         inputs, layout = self.run.split(image.pixels, tile=self.tile, max_pixels=self.max_pixels,
                                         overlap=self.overlap)
         key = zlib.crc32(task.source.relative.as_posix().encode()) if task.source is not None else 0
-        return _Job(task, image, layout, inputs, key=key, draw=self.draws.get(task.output))
+        draw = self.draws.get(task.output)
+        probe = self.wiener.probe(image.pixels) if self.wiener is not None and draw is None else None
+        if probe is not None:  # the moved copy goes through the model with the image, cut the same way
+            moved, _ = self.run.split(probe.moved(image.pixels), tile=self.tile, max_pixels=self.max_pixels,
+                                      overlap=self.overlap)
+            inputs = torch.cat([inputs, moved])
+        return _Job(task, image, layout, inputs, key=key, draw=draw, probe=probe)
 
     def _take(self, task: Task, future: Future) -> _Job | None:
         try:
@@ -220,17 +232,19 @@ class Pipeline:
         except (VaetoolError, OSError) as exc:
             self.callback(Failed(task.input, _reason(exc)))
             return None
-        self.tiles_seen += job.layout.count
+        self.tiles_seen += job.rows
         self.images_seen += 1
         self._warn_once(job)
         return job
 
     def _finish(self, job: _Job) -> torch.Tensor:
         """On a writer thread: blend the tiles, take the Wiener step, and mix with the input by strength."""
-        denoised = join_outputs(torch.cat(job.outputs), job.layout)  # (C, H, W)
+        outputs, count = torch.cat(job.outputs), job.layout.count
         job.outputs = []
+        denoised = join_outputs(outputs[:count], job.layout)  # (C, H, W)
         if self.wiener is not None and job.draw is None:  # a plausible clean version stays the model's own draw
-            denoised = self.wiener(job.image.pixels, denoised)
+            moved = join_outputs(outputs[count:], job.layout) if job.probe is not None else None
+            denoised = self.wiener(job.image.pixels, denoised, job.probe, moved)
         result = mix(denoised, job.image.pixels, self.strength if job.draw is None else 1.0)
         if self.keep is not None:
             self.keep(job.task, job.image.pixels, result)

@@ -22,6 +22,7 @@ from ..models.base import VAEFamily
 from ..runtime import autocast
 from .mmse import RowKey, estimate
 from .tiling import TilePlan, auto_tile, blend_tiles, extract_tiles, pad_to, plan_tiles, round_up
+from .wiener import WienerStep
 
 TileSpec = int | str | None  # "auto", "off" / None, or a tile side in pixels
 # An any-size model takes an image up to this many pixels whole; a larger one goes through in tiles of
@@ -217,7 +218,8 @@ def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile:
     """Denoise one image (C, H, W) in [0, 1], C 1 or 3, any size; returns (C, H, W) float32 on the CPU.
 
     `samples` K > 0 (for a bare model) gives the MMSE estimate over K posterior samples seeded by `seed`;
-    `wiener(noisy, estimate)` (a `wiener.WienerStep`) refines the estimate before the strength mix.
+    `wiener(noisy, estimate)` (a `wiener.WienerStep`) refines the estimate before the strength mix; a
+    WienerStep's blend also gets the estimate's divergence, from one more pass on the image moved by its probe.
     """
     check_options(overlap=overlap, strength=strength, batch_size=batch_size)
     run = model if isinstance(model, ModelRunner) else ModelRunner(model, samples=samples, seed=seed)
@@ -226,6 +228,16 @@ def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile:
     inputs, layout = run.split(original, tile=side, max_pixels=max_pixels, overlap=overlap)
     rows = run.rows_per_batch(batch_size, inputs.shape)
     keys = [(0, row, None) for row in range(layout.count)]  # the same noise whatever the batch size
-    outputs = torch.cat([run(inputs[i: i + rows], keys[i: i + rows]) for i in range(0, layout.count, rows)])
-    denoised = join_outputs(outputs, layout)
-    return mix(denoised if wiener is None else wiener(original, denoised), original, strength)
+
+    def estimate(pieces: torch.Tensor) -> torch.Tensor:
+        outputs = torch.cat([run(pieces[i: i + rows], keys[i: i + rows]) for i in range(0, layout.count, rows)])
+        return join_outputs(outputs, layout)
+
+    denoised = estimate(inputs)
+    if wiener is None:
+        return mix(denoised, original, strength)
+    probe = wiener.probe(original) if isinstance(wiener, WienerStep) else None
+    if probe is None:
+        return mix(wiener(original, denoised), original, strength)
+    moved = estimate(run.split(probe.moved(original), tile=side, max_pixels=max_pixels, overlap=overlap)[0])
+    return mix(wiener(original, denoised, probe, moved), original, strength)

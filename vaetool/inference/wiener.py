@@ -7,8 +7,10 @@ pilot has signal, the noisy image's own detail comes back (a model's decode lose
 not hide); where it has none, the noise goes. Two such passes, each taking the one before as its pilot, then
 the collaborative pass of `blockmatch.py`, which filters each block together with the blocks most like it
 (`--no-block-matching` leaves it out: the step 10 times faster). Last, the output is blended with the pilot
-by Stein's unbiased risk estimate, so a pilot already better than the filter's output stays. Colour images
-are filtered in an orthonormal opponent colour space, so the noise keeps its sigma there.
+by Stein's unbiased risk estimate, so a pilot already better than the filter's output stays; the estimate
+counts how both depend on the noise from the model's estimate of the noisy image moved a little along a
+fixed direction, and the step taken on that too (Monte-Carlo SURE). Colour images are filtered in an
+orthonormal opponent colour space, so the noise keeps its sigma there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ BAND_ROWS = 128
 # about the same at 50; more passes let noise back in at high noise. Strides 4 then 3 cost a third of two
 # passes at stride 2 for 0.1-0.2 dB less (BENCHMARKS.md, "The Wiener step").
 STRIDES = (4, 3)
+# The pilot's divergence for the blend comes from the model's estimate of the noisy image moved by a tenth of
+# sigma along a +-1 direction (at least 1/2550, where float rounding would swamp the difference). Counted,
+# the blend stops leaning to a pilot worse than the filter: +0.0 to +1.4 dB on held-out images against the
+# pilot counted as fixed (BENCHMARKS.md, "The Wiener step").
+PROBE_STEP, MIN_PROBE_STEP = 0.1, 1 / 2550
 
 
 def _coefficients(image: torch.Tensor, stride: int) -> torch.Tensor:
@@ -93,8 +100,9 @@ def sure_blend(noisy: torch.Tensor, pilot: torch.Tensor, filtered: torch.Tensor,
                sigma: float) -> float:
     """The share a in [0, 1] of `pilot + a (filtered - pilot)` that minimises Stein's unbiased risk estimate.
 
-    SURE (Stein 1981) of that blend is |noisy - blend|^2 - n sigma^2 + 2 sigma^2 a trace, the filter being
-    linear in the noisy image with `trace` its diagonal's sum, less the pilot's divergence where it is known;
+    SURE (Stein 1981) of that blend is |noisy - blend|^2 - n sigma^2 + 2 sigma^2 (div pilot + a trace), with
+    `trace` the filtered image's divergence less the pilot's: measured by a finite difference (`wiener_step`'s
+    `moved`), or the filter's trace with its pilot held fixed, less the pilot's divergence where it is known;
     a pilot counted as fixed (its own dependence on the noise unknown) leans the choice towards it.
     """
     step = filtered - pilot
@@ -103,50 +111,116 @@ def sure_blend(noisy: torch.Tensor, pilot: torch.Tensor, filtered: torch.Tensor,
 
 
 def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strides: Sequence[int] = STRIDES,
-                matching: bool = True, blend: bool = True, pilot_divergence: float = 0.0) -> torch.Tensor:
+                matching: bool = True, blend: bool = True, pilot_divergence: float = 0.0,
+                moved: Moved | None = None) -> torch.Tensor:
     """The Wiener estimate (C, H, W) in [0, 1] from the noisy image and the pilot, both (C, H, W) in [0, 1].
 
     `sigma` is the noise std on the 0-1 scale; one blockwise pass per stride, each after the first taking the
     one before as its pilot, then with `matching` the collaborative pass (`blockmatch.py`) on the last one.
     `blend`: the output is the blend of the pilot and the filtered image that SURE expects to be closest to
     the clean image (`sure_blend`), so a pilot better than the filter's output is kept (a well-trained model
-    at high noise, which the filter alone would lose up to 11 dB to; with a weak pilot the blend costs 0-0.6
-    dB, leaning to the pilot: BENCHMARKS.md, "The Wiener step"). `pilot_divergence`: the pilot's own
-    divergence in the noisy image, for the blend's risk estimate (0: the pilot counted as fixed).
+    at high noise, which the filter alone would lose up to 11 dB to).
+    What the risk estimate knows of how each depends on the noise: with `moved` (the noisy image moved along
+    a direction, and the model's estimate of it), the divergence of both the pilot and the filtered image, by
+    one finite difference each (Monte-Carlo SURE, Ramani, Blu & Unser 2008: the filter's dependence on the
+    noise through its pilot included). Without it, the filter's trace with its pilot held fixed, less
+    `pilot_divergence` (0: the pilot counted as fixed, which leans the blend to it).
     Any size: reflect padding by a block less one on every side, so each pixel lies in as many blocks as any
     other; long images go through in bands of rows.
     """
     if sigma <= 0:
         return noisy.clone()
-    noisy, pilot = noisy.float(), pilot.float()
     channels, height, width = noisy.shape
-    if channels == 3:
-        noisy, pilot = (torch.einsum("ij,jhw->ihw", OPPONENT, image) for image in (noisy, pilot))
+    to_filter, from_filter = _colour_space(channels)
+    noisy, pilot = to_filter(noisy.float()), to_filter(pilot.float())
     pad = BLOCK - 1
     # Reflect padding needs a side longer than the pad: tiny images are replicated at their edges instead.
     mode = "reflect" if min(height, width) > pad else "replicate"
-    padded = F.pad(noisy[None], (pad, pad, pad, pad), mode=mode)[0]
-    estimate = F.pad(pilot[None], (pad, pad, pad, pad), mode=mode)[0]
-    cache: dict[tuple[int, int], torch.Tensor] = {}
-    for last, stride in enumerate(strides, 1 - len(strides)):  # only the last pass's diagonal is used
-        with_diagonal = blend and not matching and last == 0
-        estimate, diagonal = _wiener_pass(padded, estimate, sigma, stride, cache, with_diagonal=with_diagonal)
+
+    def padded(image: torch.Tensor) -> torch.Tensor:
+        return F.pad(image[None], (pad, pad, pad, pad), mode=mode)[0]
+
     inside = (slice(None), slice(pad, pad + height), slice(pad, pad + width))
-    trace = float(diagonal[inside].sum())
-    if matching and blend:
-        # The collaborative filter's trace for the blend: Hutchinson's estimate with one fixed +-1 probe.
-        probe = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
-        padded_probe = F.pad(probe[None], (pad, pad, pad, pad), mode=mode)[0]
-        estimate, response = collaborative_pass(padded, estimate, sigma, probe=padded_probe)
-        trace = float((probe * response[inside]).sum())
-    elif matching:
-        estimate, _ = collaborative_pass(padded, estimate, sigma)
-    out = estimate[inside]
+    if moved is not None and blend:
+        direction = to_filter(moved.direction)  # orthonormal: the divergence is the same in either space
+        moved_noisy, moved_pilot = noisy + moved.step * direction, to_filter(moved.pilot.float())
+        passes = [_blockwise(padded(n), padded(p), sigma, strides) for n, p in
+                  ((noisy, pilot), (moved_noisy, moved_pilot))]  # (padded image, its blockwise estimate)
+        if matching:  # the blocks matched once, in the first estimate
+            filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in passes], sigma)]
+        else:
+            filtered = [e for _, e in passes]
+        out, moved_out = (f[inside] for f in filtered)
+        gap = float((direction * (moved_out - out - moved_pilot + pilot)).sum()) / moved.step
+    else:
+        image, estimate = padded(noisy), padded(pilot)
+        *_, (estimate, diagonal) = _blockwise_passes(image, estimate, sigma, strides,
+                                                     with_diagonal=blend and not matching)
+        trace = float(diagonal[inside].sum())
+        if matching and blend:
+            # The collaborative filter's trace: Hutchinson's estimate with one fixed +-1 probe.
+            probe = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+            [[estimate, response]] = collaborative_pass([(estimate, [image, padded(probe)])], sigma)
+            trace = float((probe * response[inside]).sum())
+        elif matching:
+            [[estimate]] = collaborative_pass([(estimate, [image])], sigma)
+        out, gap = estimate[inside], trace - pilot_divergence
     if blend:
-        out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, trace - pilot_divergence, sigma))
-    if channels == 3:
-        out = torch.einsum("ji,jhw->ihw", OPPONENT, out)
-    return out.clamp_(0.0, 1.0)
+        out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, gap, sigma))
+    return from_filter(out).clamp_(0.0, 1.0)
+
+
+def _colour_space(channels: int):
+    """To and from the filter's colour space: the opponent one for colour (orthonormal, so white noise of std
+    sigma stays white and sigma), the image's own for gray."""
+    if channels != 3:
+        return (lambda image: image), (lambda image: image)
+    return (lambda image: torch.einsum("ij,jhw->ihw", OPPONENT, image),
+            lambda image: torch.einsum("ji,jhw->ihw", OPPONENT, image))
+
+
+def _blockwise_passes(image: torch.Tensor, pilot: torch.Tensor, sigma: float, strides: Sequence[int], *,
+                      with_diagonal: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The blockwise passes on a padded image, each after the first taking the one before as its pilot:
+    (estimate, diagonal) of each; only the last pass's diagonal is computed, and only `with_diagonal`."""
+    cache: dict[tuple[int, int], torch.Tensor] = {}
+    passes = []
+    for last, stride in enumerate(strides, 1 - len(strides)):
+        pilot, diagonal = _wiener_pass(image, pilot, sigma, stride, cache, with_diagonal=with_diagonal and last == 0)
+        passes.append((pilot, diagonal))
+    return passes or [(pilot, torch.zeros_like(pilot))]
+
+
+def _blockwise(image: torch.Tensor, pilot: torch.Tensor, sigma: float,
+               strides: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the padded image, the blockwise passes' estimate of it)."""
+    return image, _blockwise_passes(image, pilot, sigma, strides)[-1][0]
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The noisy image moved by `step` along `direction` (C, H, W), and the model's estimate of it."""
+
+    direction: torch.Tensor
+    step: float
+    pilot: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The noisy image moved along a +-1 direction: the model's estimate of it and of the image itself give the
+    pilot's divergence in the noisy image by one finite difference (Ramani, Blu & Unser 2008)."""
+
+    direction: torch.Tensor  # (C, H, W), each value +-1
+    step: float  # how far the image is moved, on the 0-1 scale
+    sigma: float  # the noise std the step assumes for this image
+
+    def moved(self, noisy: torch.Tensor) -> torch.Tensor:
+        return noisy + self.step * self.direction
+
+    def divergence(self, pilot: torch.Tensor, moved_pilot: torch.Tensor) -> float:
+        """Hutchinson's estimate of the pilot's divergence: direction . (f(x + step direction) - f(x)) / step."""
+        return float((self.direction * (moved_pilot.float() - pilot.float())).sum()) / self.step
 
 
 @dataclass(frozen=True)
@@ -156,10 +230,31 @@ class WienerStep:
     sigma: float | None
     source: str  # where sigma comes from, for the run's description
     matching: bool = True  # the collaborative pass (`blockmatch.py`) after the blockwise ones
+    divergence: bool = True  # give the blend the pilot's divergence, from one more model pass per image
 
-    def __call__(self, noisy: torch.Tensor, pilot: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigma if self.sigma is not None else estimate_sigma(noisy[None])
-        return wiener_step(noisy, pilot, sigma, matching=self.matching)
+    def sigma_of(self, noisy: torch.Tensor) -> float:
+        return self.sigma if self.sigma is not None else estimate_sigma(noisy[None])
+
+    def probe(self, noisy: torch.Tensor) -> Probe | None:
+        """The moved image whose estimate gives the pilot's divergence, or None when the blend counts the pilot
+        as fixed. One fixed direction for every image, as for the filter's own trace: the command and the API
+        give an image the same output."""
+        if not self.divergence:
+            return None
+        sigma = self.sigma_of(noisy)
+        if sigma <= 0:
+            return None
+        direction = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+        return Probe(direction, max(PROBE_STEP * sigma, MIN_PROBE_STEP), sigma)
+
+    def __call__(self, noisy: torch.Tensor, pilot: torch.Tensor, probe: Probe | None = None,
+                 moved_pilot: torch.Tensor | None = None) -> torch.Tensor:
+        """The step on one image; with `probe` and the model's estimate of `probe.moved(noisy)`, the blend
+        counts the pilot's divergence, else the pilot as fixed."""
+        if probe is None or moved_pilot is None:
+            return wiener_step(noisy, pilot, self.sigma_of(noisy), matching=self.matching)
+        return wiener_step(noisy, pilot, probe.sigma, matching=self.matching,
+                           moved=Moved(probe.direction, probe.step, moved_pilot))
 
     def describe(self) -> str:
         how = "on, with block matching" if self.matching else "on, blockwise only"
