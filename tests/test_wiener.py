@@ -52,12 +52,14 @@ def test_a_pilot_with_signal_everywhere_gives_the_noisy_image_back(shape, matchi
     noisy = torch.rand(shape, generator=torch.Generator().manual_seed(1))
     out = wiener_step(noisy, noisy, 1e-6, strides=(2,), matching=matching, blend=False)  # a blend: the pilot
     assert out.shape == shape
-    torch.testing.assert_close(out, noisy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, noisy, atol=2e-4, rtol=0)  # float32 sums of weights near 1e12
 
 
 def test_bands_of_rows_give_the_whole_image_result(monkeypatch):
     clean = _scene(height=70)
-    noisy, pilot = _noisy(clean, 0.1), clean.flip(-1)
+    # A pilot without exact copies of a block: among equally near blocks which one is stacked is arbitrary.
+    jitter = 1e-3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
+    noisy, pilot = _noisy(clean, 0.1), clean.flip(-1) + jitter
     whole = wiener_step(noisy, pilot, 0.1)
     monkeypatch.setattr(wiener, "BAND_ROWS", 8)  # several bands, and a pass's coefficients recomputed
     monkeypatch.setattr(blockmatch, "BAND_NUMBERS", 5000)  # one row of references a band

@@ -24,9 +24,10 @@ from .transforms import BLOCK, dct_basis, haar_basis, kaiser_window
 
 # Blocks per group: 16 gains 0.05 dB or less with a model's pilot, for 1.6 times the time.
 GROUP = 8
-# Reference blocks every 3 pixels, searched within +-8: a window of +-12 or references every 2 pixels gain 0.05
-# dB or less on held-out images for 1.4 and 1.7 times the time (BENCHMARKS.md, "The Wiener step").
-STRIDE = 3
+# Reference blocks every 4 pixels, searched within +-8: every 3 pixels gained 0.00-0.02 dB on held-out faces and
+# detail-rich images at std 15-50 for 1.6-1.8 times the step's time; every 2 pixels or a window of +-12 gain
+# 0.05 dB or less again for 1.7 and 1.4 times (BENCHMARKS.md, "The Wiener step").
+STRIDE = 4
 RADIUS = 8
 # The block distances of a band of reference rows are (2 RADIUS + 1)^2 numbers a pixel: bands keep them near
 # 64 MiB for images thousands of pixels wide.
