@@ -219,7 +219,7 @@ def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile:
 
     `samples` K > 0 (for a bare model) gives the MMSE estimate over K posterior samples seeded by `seed`;
     `wiener(noisy, estimate)` (a `wiener.WienerStep`) refines the estimate before the strength mix; a
-    WienerStep's blend also gets the estimate's divergence, from one more pass on the image moved by its probe.
+    WienerStep's blend also gets the model's estimate of the image moved by its probe (Monte-Carlo SURE).
     """
     check_options(overlap=overlap, strength=strength, batch_size=batch_size)
     run = model if isinstance(model, ModelRunner) else ModelRunner(model, samples=samples, seed=seed)

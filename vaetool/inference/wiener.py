@@ -34,10 +34,10 @@ BAND_ROWS = 128
 # about the same at 50; more passes let noise back in at high noise. Strides 4 then 3 cost a third of two
 # passes at stride 2 for 0.1-0.2 dB less (BENCHMARKS.md, "The Wiener step").
 STRIDES = (4, 3)
-# The pilot's divergence for the blend comes from the model's estimate of the noisy image moved by a tenth of
-# sigma along a +-1 direction (at least 1/2550, where float rounding would swamp the difference). Counted,
-# the blend stops leaning to a pilot worse than the filter: +0.0 to +1.4 dB on held-out images against the
-# pilot counted as fixed (BENCHMARKS.md, "The Wiener step").
+# The blend's divergences come from the model's estimate of the noisy image moved by a tenth of sigma along a
+# +-1 direction (at least 1/2550, where float rounding would swamp the difference). Counted, the blend stops
+# leaning to a pilot worse than the filter and still keeps a better one: +0.1 to +0.9 dB on held-out images
+# against the pilot counted as fixed (BENCHMARKS.md, "The blend by Monte-Carlo SURE").
 PROBE_STEP, MIN_PROBE_STEP = 0.1, 1 / 2550
 
 
@@ -230,13 +230,13 @@ class WienerStep:
     sigma: float | None
     source: str  # where sigma comes from, for the run's description
     matching: bool = True  # the collaborative pass (`blockmatch.py`) after the blockwise ones
-    divergence: bool = True  # give the blend the pilot's divergence, from one more model pass per image
+    divergence: bool = True  # the Monte-Carlo blend: one more model pass per image, on a moved copy
 
     def sigma_of(self, noisy: torch.Tensor) -> float:
         return self.sigma if self.sigma is not None else estimate_sigma(noisy[None])
 
     def probe(self, noisy: torch.Tensor) -> Probe | None:
-        """The moved image whose estimate gives the pilot's divergence, or None when the blend counts the pilot
+        """How to move the noisy image for the blend's divergences, or None when the blend counts the pilot
         as fixed. One fixed direction for every image, as for the filter's own trace: the command and the API
         give an image the same output."""
         if not self.divergence:
@@ -250,7 +250,7 @@ class WienerStep:
     def __call__(self, noisy: torch.Tensor, pilot: torch.Tensor, probe: Probe | None = None,
                  moved_pilot: torch.Tensor | None = None) -> torch.Tensor:
         """The step on one image; with `probe` and the model's estimate of `probe.moved(noisy)`, the blend
-        counts the pilot's divergence, else the pilot as fixed."""
+        counts the pilot's and the filtered image's divergence (Monte-Carlo SURE), else the pilot as fixed."""
         if probe is None or moved_pilot is None:
             return wiener_step(noisy, pilot, self.sigma_of(noisy), matching=self.matching)
         return wiener_step(noisy, pilot, probe.sigma, matching=self.matching,
