@@ -43,3 +43,9 @@ def kaiser_window() -> torch.Tensor:
     """BM3D's block window (Kaiser, beta 2), flattened: blocks weigh less at their edges, so seams do not show."""
     window = torch.kaiser_window(BLOCK, periodic=False, beta=2.0)
     return (window[:, None] * window[None, :]).reshape(BLOCK * BLOCK)
+
+
+def block_dct(images: torch.Tensor, stride: int) -> torch.Tensor:
+    """The DCT coefficients (N, rows, cols, 64) of the 8x8 blocks of images (N, h, w), `stride` pixels apart."""
+    blocks = images.unfold(1, BLOCK, stride).unfold(2, BLOCK, stride)  # (N, rows, cols, 8, 8), a view
+    return blocks.reshape(*blocks.shape[:3], BLOCK * BLOCK) @ dct_basis(BLOCK).T

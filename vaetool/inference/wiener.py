@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..models.noise_level import estimate_sigma
 from .blockmatch import collaborative_pass
-from .transforms import BLOCK, OPPONENT, dct_basis
+from .transforms import BLOCK, OPPONENT, block_dct, dct_basis
 
 # Output rows filtered at once: bounds the blocks held (64 numbers each per pixel / stride^2) to a few
 # hundred MiB for images thousands of pixels wide.
@@ -41,17 +41,11 @@ STRIDES = (4, 3)
 PROBE_STEP, MIN_PROBE_STEP = 0.1, 1 / 2550
 
 
-def _coefficients(image: torch.Tensor, stride: int) -> torch.Tensor:
-    """The DCT coefficients (C, rows, cols, 64) of the image's (C, h, w) blocks, at the stride."""
-    blocks = image.unfold(1, BLOCK, stride).unfold(2, BLOCK, stride)  # (C, rows, cols, 8, 8), a view
-    return blocks.reshape(*blocks.shape[:3], BLOCK * BLOCK) @ dct_basis(BLOCK).T
-
-
 def _filter_band(noisy_coefficients: torch.Tensor, pilot: torch.Tensor, sigma: float, stride: int,
                  size: tuple[int, int], with_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Over a band of `size` (h, w): the weighted sums of the filtered blocks, their weights, and (if asked,
     else zeros) the weighted sums of the filter's diagonal (how much of each noisy pixel stays in it)."""
-    energy = _coefficients(pilot, stride).square_()
+    energy = block_dct(pilot, stride).square_()
     gain = energy.div_(energy + sigma * sigma)  # (C, rows, cols, 64)
     channels, rows, cols, blocks = gain.shape
     weight = 1.0 / (sigma * sigma * gain.square().sum(-1, keepdim=True)).clamp_min(1e-12)  # (C, rows, cols, 1)
@@ -85,7 +79,7 @@ def _wiener_pass(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, stride:
         bottom = min(rows, top + band + BLOCK - stride)  # the band's blocks start at top, top + stride, ...
         coefficients = cache.get((stride, top))
         if coefficients is None:
-            coefficients = _coefficients(noisy[:, top:bottom], stride)
+            coefficients = block_dct(noisy[:, top:bottom], stride)
             if len(starts) == 1:
                 cache[stride, top] = coefficients
         parts = _filter_band(coefficients.clone(), pilot[:, top:bottom], sigma, stride, (bottom - top, cols),
@@ -144,18 +138,16 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     if moved is not None and blend:
         direction = to_filter(moved.direction)  # orthonormal: the divergence is the same in either space
         moved_noisy, moved_pilot = noisy + moved.step * direction, to_filter(moved.pilot.float())
-        passes = [_blockwise(padded(n), padded(p), sigma, strides) for n, p in
-                  ((noisy, pilot), (moved_noisy, moved_pilot))]  # (padded image, its blockwise estimate)
+        images = [padded(noisy), padded(moved_noisy)]
+        filtered = [_blockwise_passes(image, padded(p), sigma, strides)[0]
+                    for image, p in zip(images, (pilot, moved_pilot))]
         if matching:  # the blocks matched once, in the first estimate
-            filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in passes], sigma)]
-        else:
-            filtered = [e for _, e in passes]
+            filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in zip(images, filtered)], sigma)]
         out, moved_out = (f[inside] for f in filtered)
         gap = float((direction * (moved_out - out - moved_pilot + pilot)).sum()) / moved.step
     else:
         image, estimate = padded(noisy), padded(pilot)
-        *_, (estimate, diagonal) = _blockwise_passes(image, estimate, sigma, strides,
-                                                     with_diagonal=blend and not matching)
+        estimate, diagonal = _blockwise_passes(image, estimate, sigma, strides, with_diagonal=blend and not matching)
         trace = float(diagonal[inside].sum())
         if matching and blend:
             # The collaborative filter's trace: Hutchinson's estimate with one fixed +-1 probe.
@@ -180,21 +172,14 @@ def _colour_space(channels: int):
 
 
 def _blockwise_passes(image: torch.Tensor, pilot: torch.Tensor, sigma: float, strides: Sequence[int], *,
-                      with_diagonal: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The blockwise passes on a padded image, each after the first taking the one before as its pilot:
-    (estimate, diagonal) of each; only the last pass's diagonal is computed, and only `with_diagonal`."""
+                      with_diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blockwise passes on a padded image, each after the first taking the one before as its pilot: the
+    last one's estimate and diagonal (computed only `with_diagonal`, else zeros)."""
     cache: dict[tuple[int, int], torch.Tensor] = {}
-    passes = []
+    diagonal = torch.zeros_like(pilot)
     for last, stride in enumerate(strides, 1 - len(strides)):
         pilot, diagonal = _wiener_pass(image, pilot, sigma, stride, cache, with_diagonal=with_diagonal and last == 0)
-        passes.append((pilot, diagonal))
-    return passes or [(pilot, torch.zeros_like(pilot))]
-
-
-def _blockwise(image: torch.Tensor, pilot: torch.Tensor, sigma: float,
-               strides: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the padded image, the blockwise passes' estimate of it)."""
-    return image, _blockwise_passes(image, pilot, sigma, strides)[-1][0]
+    return pilot, diagonal
 
 
 @dataclass(frozen=True)
