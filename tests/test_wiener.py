@@ -64,6 +64,42 @@ def test_bands_of_rows_give_the_whole_image_result(monkeypatch):
     monkeypatch.setattr(wiener, "BAND_ROWS", 8)  # several bands, and a pass's coefficients recomputed
     monkeypatch.setattr(blockmatch, "BAND_NUMBERS", 5000)  # one row of references a band
     torch.testing.assert_close(wiener_step(noisy, pilot, 0.1), whole, atol=1e-5, rtol=0)
+    monkeypatch.setattr(blockmatch, "BAND_NUMBERS", 2 ** 30)
+    monkeypatch.setattr(blockmatch, "STACKS_PER_BAND", 40)  # bands of references for the caches' sake
+    torch.testing.assert_close(wiener_step(noisy, pilot, 0.1), whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(30, 30), (21, 40)])
+def test_block_matching_takes_the_nearest_blocks_a_direct_search_finds(size):
+    """Against every offset's block distance summed pixel by pixel in float64: the distances of the blocks
+    taken are the smallest in the window (ties may be broken either way)."""
+    height, width = size
+    image = torch.rand(height, width, generator=torch.Generator().manual_seed(7))
+    rows, cols = blockmatch.reference_grid(height - 7, 4), blockmatch.reference_grid(width - 7, 4)
+    radius, group = 5, 8
+    matched = blockmatch.match_blocks(image, rows, cols, group, radius)
+    wide = image.double()
+    for i, (y, x) in enumerate((int(y), int(x)) for y in rows for x in cols):
+        reference = wide[y:y + 8, x:x + 8]
+        distances = {(v, u): float((wide[v:v + 8, u:u + 8] - reference).square().sum())
+                     for v in range(max(0, y - radius), min(height - 8, y + radius) + 1)
+                     for u in range(max(0, x - radius), min(width - 8, x + radius) + 1)}
+        taken = [distances[int(p) // width, int(p) % width] for p in matched[i]]
+        assert int(matched[i, 0]) == y * width + x  # the reference first
+        assert taken[1:] == pytest.approx(sorted(distances.values())[1:group], abs=1e-5)
+
+
+def test_the_blocks_dct_is_the_same_taken_block_by_block_or_from_every_position():
+    images = torch.rand(4, 19, 23, generator=torch.Generator().manual_seed(8))
+    at = torch.randint(0, 12 * 16, (50,), generator=torch.Generator().manual_seed(9))
+    dense = blockmatch._block_coefficients(images, at, dense=True)
+    sparse = blockmatch._block_coefficients(images, at, dense=False)
+    assert dense.shape == sparse.shape == (4, 50, 64)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
+    # The first block's coefficients are its orthonormal DCT.
+    y, x = int(at[0]) // 16, int(at[0]) % 16
+    block = images[1, y:y + 8, x:x + 8].reshape(64)
+    torch.testing.assert_close(sparse[1, 0], dct_basis(8) @ block, atol=1e-5, rtol=0)
 
 
 def test_block_matching_finds_a_copied_block_and_puts_the_reference_first():

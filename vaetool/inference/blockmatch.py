@@ -32,6 +32,10 @@ RADIUS = 8
 # The block distances of a band of reference rows are (2 RADIUS + 1)^2 numbers a pixel: bands keep them near
 # 64 MiB for images thousands of pixels wide.
 BAND_NUMBERS = 16 * 2 ** 20
+# And a few hundred stacks a band, so that the stacks' coefficients (6,144 numbers a stack for a colour image
+# and its moved copy) stay near the processor's caches: up to twice as fast on images hundreds of pixels wide,
+# the same output (BENCHMARKS.md, "The Wiener step's speed").
+STACKS_PER_BAND = 320
 
 
 def reference_grid(size: int, stride: int) -> torch.Tensor:
@@ -47,29 +51,38 @@ def match_blocks(luma: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gro
     """For references at (rows[i], cols[j]) of the (h, w) image: the flat positions (y * w + x) of the `group`
     blocks nearest each in squared distance within +-radius, the reference first; (len(rows) * len(cols), group).
 
-    The distances of every offset come from one unfold of the band (each shift of it a column) and box sums.
+    One vertical offset at a time (its squared differences for every horizontal offset stay in cache), the
+    blocks' sums at the references are two matrix products with 0/1 matrices: three times faster than
+    holding every offset's differences at once and gathering their rows, and the same sums.
     """
     height, width = luma.shape
     positions_y, positions_x = height - BLOCK + 1, width - BLOCK + 1
     top, bottom = int(rows[0]), int(rows[-1])
     first, last = top - radius, bottom + BLOCK + radius  # the rows the band's candidates cover
     band = luma[max(0, first):min(height, last)][None, None]
-    band = F.pad(band, (radius, radius, max(0, -first), max(0, last - height)))  # zeros outside: masked below
+    band = F.pad(band, (radius, radius, max(0, -first), max(0, last - height)))[0, 0]  # zeros outside: masked
     span_y, span_x = bottom - top + BLOCK, width
-    shifted = F.unfold(band, (span_y, span_x)).view(span_y, span_x, -1)  # (.., .., offsets)
-    centre = (2 * radius + 1) * radius + radius
-    squared = (shifted - shifted[..., centre:centre + 1]).square_()
+    reference = band[radius:radius + span_y, None, radius:radius + span_x]
+    side = 2 * radius + 1
     within = torch.arange(BLOCK)
-    # Box sums at the references only: down each block's 8 rows, then along its 8 columns.
-    down = squared[(rows - top)[:, None] + within].sum(1)  # (rows, span_x, offsets)
-    distance = down[:, cols[:, None] + within].sum(2).permute(2, 0, 1)  # (offsets, rows, cols)
+    down_sums = torch.zeros(len(rows), span_y).scatter_(1, (rows - top)[:, None] + within, 1.0)
+    across_sums = torch.zeros(len(cols), span_x).scatter_(1, cols[:, None] + within, 1.0).T
+    squared = torch.empty(span_y, side, span_x)
+    down = torch.empty(len(rows), side * span_x)
+    distance = torch.empty(side, len(rows), side, len(cols))  # (dy, rows, dx, cols)
+    for dy in range(side):
+        candidates = band[dy:dy + span_y].unfold(1, span_x, 1)  # (span_y, dx, span_x), a view
+        torch.sub(candidates, reference, out=squared).square_()
+        torch.mm(down_sums, squared.view(span_y, -1), out=down)
+        torch.mm(down.view(-1, span_x), across_sums, out=distance[dy].view(-1, len(cols)))
+    distance = distance.transpose(1, 2).reshape(side * side, len(rows), len(cols))  # (offsets, rows, cols)
     offsets = torch.arange(-radius, radius + 1)
-    dy, dx = offsets.repeat_interleave(2 * radius + 1), offsets.repeat(2 * radius + 1)
+    dy, dx = offsets.repeat_interleave(side), offsets.repeat(side)
     target_y = rows[None, :, None] + dy[:, None, None]
     target_x = cols[None, None, :] + dx[:, None, None]
     outside = (target_y < 0) | (target_y >= positions_y) | (target_x < 0) | (target_x >= positions_x)
-    distance = distance.masked_fill(outside, math.inf)
-    distance[centre] = -1.0  # the reference itself first, even among exact copies (flat regions)
+    distance = distance.masked_fill_(outside, math.inf)
+    distance[side * radius + radius] = -1.0  # the reference itself first, even among exact copies (flat regions)
     nearest = distance.flatten(1).topk(group, dim=0, largest=False).indices  # (group, references)
     flat = (target_y * width + target_x).expand_as(distance).flatten(1)
     return flat.gather(0, nearest).T
@@ -87,8 +100,9 @@ def collaborative_pass(sets: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]
     the model's estimate of it as the pilot, for the step's divergence by a finite difference (the matches are
     piecewise constant in the image, so holding them is exact there).
 
-    Every block position's DCT is taken once (a block is in about `group` stacks), the stacks gather rows of
-    coefficients, and the filtered stacks are summed per position before one inverse DCT and the overlap-add.
+    The stacks gather the DCT coefficients of their blocks (taken block by block, or once per position where
+    the stacks hold more blocks than there are positions), and the filtered stacks are summed per position
+    before one inverse DCT and the overlap-add.
     """
     channels, height, width = sets[0][0].shape
     # None: the module's settings, read at the call (a benchmark sweeps them).
@@ -108,35 +122,54 @@ def collaborative_pass(sets: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]
     stacked = torch.cat(layers)  # (L C, h, w)
     totals = [torch.zeros(c * channels, height, width) for c in counts]
     weights = [torch.zeros(channels, height, width) for _ in sets]
-    band = max(1, BAND_NUMBERS // ((2 * radius + 1) ** 2 * width * stride))
+    band = max(1, min(BAND_NUMBERS // ((2 * radius + 1) ** 2 * width * stride), STACKS_PER_BAND // len(cols)))
     for start in range(0, len(rows), band):
         references = rows[start:start + band]
         # The block positions this band's stacks can take, and the pixel rows that hold them.
         first, last = max(0, int(references[0]) - radius), min(positions_y, int(references[-1]) + radius + 1)
         matched = match_blocks(sets[0][0][0], references, cols, group, radius)  # (n, group): y * width + x
-        local = ((matched // width - first) * positions_x + matched % width).reshape(-1)
+        # Group-major (the i-th block of every stack together): the Haar transform across the stacks is then
+        # one wide product per layer, where stack-major it is one small product per stack (4 times the time).
+        local = ((matched // width - first) * positions_x + matched % width).T.reshape(-1)
+        stacks = len(matched)
         span = (last - first + BLOCK - 1, width)
-        coefficients = block_dct(stacked[:, first:first + span[0]], 1).flatten(1, 2)  # (L C, positions, 64)
-        spectra = haar @ coefficients.index_select(1, local).view(-1, *matched.shape, BLOCK * BLOCK)  # 3-D
+        positions = (last - first) * positions_x
+        taken = _block_coefficients(stacked[:, first:first + span[0]], local, dense=len(local) >= positions)
+        spectra = (haar @ taken.view(-1, group, stacks * BLOCK * BLOCK)).view(-1, group, stacks, BLOCK * BLOCK)
         for k, count in enumerate(counts):
             at = pilot_at[k]
             energy = spectra[at:at + channels].square()
-            gain = energy.div_(energy + sigma * sigma)  # (C, n, group, 64)
-            weight = 1.0 / (sigma * sigma * gain.square().sum((-1, -2))).clamp_min(1e-12)  # (C, n)
-            gain.mul_(weight[:, :, None, None])  # each stack's weight, applied with its gains
+            gain = energy.div_(energy + sigma * sigma)  # (C, group, n, 64)
+            weight = 1.0 / (sigma * sigma * gain.square().sum((1, 3))).clamp_min(1e-12)  # (C, n)
+            gain.mul_(weight[:, None, :, None])  # each stack's weight, applied with its gains
             kept = spectra[at + channels:at + channels * (1 + count)].view(count, *gain.shape).mul_(gain)
-            back = (haar.T @ kept.view(-1, *gain.shape[1:])).flatten(1, 2)  # (count C, n group, 64)
-            summed = torch.zeros(back.shape[0], coefficients.shape[1], BLOCK * BLOCK).index_add_(1, local, back)
-            weight_sums = torch.zeros(channels, coefficients.shape[1]).index_add_(
-                1, local, weight[:, :, None].expand(-1, -1, group).reshape(channels, -1))
+            back = (haar.T @ kept.view(count * channels, group, -1)).view(count * channels, -1, BLOCK * BLOCK)
+            summed = torch.zeros(back.shape[0], positions, BLOCK * BLOCK).index_add_(1, local, back)
+            weight_sums = torch.zeros(channels, positions).index_add_(
+                1, local, weight[:, None, :].expand(-1, group, -1).reshape(channels, -1))
             pixels = torch.matmul(dct.T, summed.transpose(1, 2))  # (count C, 64, positions), contiguous
             totals[k][:, first:first + span[0]] += _overlap_add(pixels, window, span)
-            weights[k][:, first:first + span[0]] += _overlap_add(weight_sums[:, None], window, span)
+            weights[k][:, first:first + span[0]] += _spread(weight_sums.view(channels, -1, positions_x), window)
     out = []
     for total, weight, count in zip(totals, weights, counts):
         estimates = total.view(count, channels, height, width) / weight.clamp_min_(1e-12)
         out.append(list(estimates.unbind(0)))
     return out
+
+
+def _block_coefficients(images: torch.Tensor, at: torch.Tensor, *, dense: bool) -> torch.Tensor:
+    """The DCT coefficients (N, len(at), 64) of the blocks at flat positions `at` (y * (w - 7) + x) of images
+    (N, h, w). `dense`: every position's DCT once, then the blocks' (for stacks that hold more blocks than
+    there are positions); else each block's DCT as the stacks take it."""
+    positions_x = images.shape[2] - BLOCK + 1
+    if dense:
+        return block_dct(images, 1).flatten(1, 2).index_select(1, at)
+    # Each block as its 8 rows of 8 pixels, gathered from every row's runs of 8: a copy of 8 numbers a pixel
+    # where all the blocks would be 64.
+    runs = images.unfold(2, BLOCK, 1).reshape(images.shape[0], -1, BLOCK)
+    rows_at = ((at // positions_x)[:, None] + torch.arange(BLOCK)) * positions_x + (at % positions_x)[:, None]
+    blocks = runs.index_select(1, rows_at.reshape(-1)).view(images.shape[0], -1, BLOCK * BLOCK)
+    return blocks @ dct_basis(BLOCK).T
 
 
 def _overlap_add(per_position: torch.Tensor, window: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -145,3 +178,11 @@ def _overlap_add(per_position: torch.Tensor, window: torch.Tensor, size: tuple[i
     # `fold` is fast on this contiguous layout (a quarter of the time it takes on a transposed one).
     blocks = (per_position * window[:, None]).expand(-1, BLOCK * BLOCK, -1)
     return F.fold(blocks, size, BLOCK)[:, 0]
+
+
+def _spread(per_position: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """One value per block position (N, rows, cols), times the window over its block, summed where blocks
+    overlap: (N, rows + 7, cols + 7). A convolution of the zero-padded values with the flipped window: a third
+    of the time of `fold` on the window's 64 copies."""
+    kernel = window.view(1, 1, BLOCK, BLOCK).flip(2, 3)
+    return F.conv2d(F.pad(per_position[:, None], (BLOCK - 1,) * 4), kernel)[:, 0]
