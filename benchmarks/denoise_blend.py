@@ -1,8 +1,9 @@
 """The Wiener step's blend on the models `benchmarks/denoise.py` trained: vaetool's default end to end (the
 Monte-Carlo SURE blend), the blend with the pilot counted as fixed (from the same pilots), the model alone,
-BM3D (true sigma) and scikit-image NL-means; PSNR and images/s on the first N held-out images per level.
+BM3D (true sigma) and scikit-image NL-means; PSNR and images/s on the first N held-out images per level, of
+the faces and the detail-rich set, and the photographs (out of domain: the detail-rich set's models).
 
-    .venv/bin/python benchmarks/denoise_blend.py [N=30]      # after benchmarks/denoise.py
+    .venv/bin/python benchmarks/denoise_blend.py [N=30] [SET ...]      # after benchmarks/denoise.py
 """
 import json
 import statistics
@@ -27,14 +28,15 @@ def main() -> None:
     out = D.ROOT / "benchmarks" / "out" / "denoise"
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     results = []
-    for name in ("faces", "detail"):
+    for name in sys.argv[2:] or ("faces", "detail", "photos"):
         test = out / name / "test"
+        models = "detail" if name == "photos" else name
         for sigma in (15, 25, 50):
             pairs = make_noisy(test, out / f"eval-{name}" / f"noisy-{sigma:g}", sigma)[:n]
             clean = [load(c) for c, _ in pairs]
             row = {"set": name, "sigma": sigma, "noisy": statistics.mean(psnr(load(x), c) for (_, x), c in zip(pairs, clean))}
-            for kind, ckpt in (("supervised", out / f"run-{name}-supervised" / "model.safetensors"),
-                               ("noisy-only", out / f"run-{name}-noisy-{sigma:g}" / "model.safetensors")):
+            for kind, ckpt in (("supervised", out / f"run-{models}-supervised" / "model.safetensors"),
+                               ("noisy-only", out / f"run-{models}-noisy-{sigma:g}" / "model.safetensors")):
                 outs, secs = D.run_vaetool(ckpt, pairs, out / "qe-out")
                 row[kind] = statistics.mean(psnr(o, c) for o, c in zip(outs, clean))
                 row[kind + " img/s"] = len(pairs) / secs
@@ -44,10 +46,11 @@ def main() -> None:
                 fixed = []
                 with torch.inference_mode():
                     for (_, x), c in zip(pairs, clean):
-                        t = torch.from_numpy(load(x)).permute(2, 0, 1)
+                        a = load(x)  # (H, W) for a grayscale photograph, else (H, W, 3)
+                        t = torch.from_numpy(a)[None] if a.ndim == 2 else torch.from_numpy(a).permute(2, 0, 1)
                         s = (model.config.noise_sigma if kind == "noisy-only" and model.config.noise_sigma > 0
                              else estimate_sigma(t[None]))
-                        f = wiener_step(t, denoise_image(model, t), s).permute(1, 2, 0).numpy()
+                        f = wiener_step(t, denoise_image(model, t), s).permute(1, 2, 0).numpy().reshape(a.shape)
                         fixed.append(psnr(np.round(f * 255) / 255, c))
                 row[kind + " pilot fixed"] = statistics.mean(fixed)
             for label, method in anchors().items():
@@ -58,7 +61,7 @@ def main() -> None:
                 row[label + " img/s"] = len(pairs) / secs
             print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             results.append(row)
-    (out / "quick_eval.json").write_text(json.dumps(results, indent=1))
+    (out / f"quick_eval-{'-'.join(sys.argv[2:]) or 'all'}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

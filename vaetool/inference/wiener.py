@@ -139,8 +139,9 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
         direction = to_filter(moved.direction)  # orthonormal: the divergence is the same in either space
         moved_noisy, moved_pilot = noisy + moved.step * direction, to_filter(moved.pilot.float())
         images = [padded(noisy), padded(moved_noisy)]
-        filtered = [_blockwise_passes(image, padded(p), sigma, strides)[0]
-                    for image, p in zip(images, (pilot, moved_pilot))]
+        # Both through the blockwise passes at once: their channels are filtered independently anyway.
+        both, _ = _blockwise_passes(torch.cat(images), torch.cat([padded(pilot), padded(moved_pilot)]), sigma, strides)
+        filtered = list(both.split(channels))
         if matching:  # the blocks matched once, in the first estimate
             filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in zip(images, filtered)], sigma)]
         out, moved_out = (f[inside] for f in filtered)
