@@ -349,9 +349,10 @@ def test_denoise_takes_the_step_for_a_gaussian_denoiser_and_says_so(tmp_path, ga
     without, said_off = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "b", wiener=False)
     given, said_given = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "c", sigma=25 / 255)
     blockwise, said_blockwise = _denoise(gaussian_denoiser, tmp_path / "in", tmp_path / "d", block_matching=False)
-    assert said == "on, with block matching, noise sigma estimated from each image" and said_off == "off"
-    assert said_given == "on, with block matching, noise sigma 25/255 (as given)"
-    assert said_blockwise == "on, blockwise only, noise sigma estimated from each image"
+    assert said == "on, with block matching, Monte-Carlo SURE blend, noise sigma estimated from each image"
+    assert said_off == "off"
+    assert said_given == "on, with block matching, Monte-Carlo SURE blend, noise sigma 25/255 (as given)"
+    assert said_blockwise == "on, blockwise only, Monte-Carlo SURE blend, noise sigma estimated from each image"
     for name, image in with_step.items():
         original = read_image(tmp_path / "in" / name).pixels
         # A clean input has almost no noise: the step gives nearly the input back, the bare model a blur.

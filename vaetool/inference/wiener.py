@@ -244,6 +244,7 @@ class WienerStep:
 
     def describe(self) -> str:
         how = "on, with block matching" if self.matching else "on, blockwise only"
+        how += ", Monte-Carlo SURE blend" if self.divergence else ", SURE blend with the pilot held fixed"
         if self.sigma is None:
             return f"{how}, noise sigma {self.source}"
         return f"{how}, noise sigma {255 * self.sigma:.3g}/255 ({self.source})"
