@@ -51,9 +51,9 @@ def match_blocks(luma: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gro
     """For references at (rows[i], cols[j]) of the (h, w) image: the flat positions (y * w + x) of the `group`
     blocks nearest each in squared distance within +-radius, the reference first; (len(rows) * len(cols), group).
 
-    One vertical offset at a time (its squared differences for every horizontal offset stay in cache), the
-    blocks' sums at the references are two matrix products with 0/1 matrices (of the same eight numbers):
-    three to five times faster than holding every offset's differences at once and gathering their rows.
+    One vertical offset at a time (its squared differences for every horizontal offset stay in cache), and
+    the blocks' sums taken at the references only: three to seven times faster than holding every offset's
+    differences at once and gathering their rows.
     """
     height, width = luma.shape
     positions_y, positions_x = height - BLOCK + 1, width - BLOCK + 1
@@ -64,17 +64,17 @@ def match_blocks(luma: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gro
     span_y, span_x = bottom - top + BLOCK, width
     reference = band[radius:radius + span_y, None, radius:radius + span_x]
     side = 2 * radius + 1
-    within = torch.arange(BLOCK)
-    down_sums = torch.zeros(len(rows), span_y).scatter_(1, (rows - top)[:, None] + within, 1.0)
-    across_sums = torch.zeros(len(cols), span_x).scatter_(1, cols[:, None] + within, 1.0).T
+    # Down each block's 8 rows: a product with a 0/1 matrix, the band's rows being few; along its 8 columns:
+    # pairwise sums, whose work grows with the width where a matrix's would grow with its square.
+    down_sums = torch.zeros(len(rows), span_y).scatter_(1, (rows - top)[:, None] + torch.arange(BLOCK), 1.0)
     squared = torch.empty(span_y, side, span_x)
-    down = torch.empty(len(rows), side * span_x)
+    down = torch.empty(len(rows), side, span_x)
     distance = torch.empty(side, len(rows), side, len(cols))  # (dy, rows, dx, cols)
     for dy in range(side):
         candidates = band[dy:dy + span_y].unfold(1, span_x, 1)  # (span_y, dx, span_x), a view
         torch.sub(candidates, reference, out=squared).square_()
-        torch.mm(down_sums, squared.view(span_y, -1), out=down)
-        torch.mm(down.view(-1, span_x), across_sums, out=distance[dy].view(-1, len(cols)))
+        torch.mm(down_sums, squared.view(span_y, -1), out=down.view(len(rows), -1))
+        torch.index_select(_block_sums(down, 2), 2, cols, out=distance[dy])
     distance = distance.transpose(1, 2).reshape(side * side, len(rows), len(cols))  # (offsets, rows, cols)
     offsets = torch.arange(-radius, radius + 1)
     dy, dx = offsets.repeat_interleave(side), offsets.repeat(side)
@@ -86,6 +86,13 @@ def match_blocks(luma: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gro
     nearest = distance.flatten(1).topk(group, dim=0, largest=False).indices  # (group, references)
     flat = (target_y * width + target_x).expand_as(distance).flatten(1)
     return flat.gather(0, nearest).T
+
+
+def _block_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of every BLOCK (8) consecutive values along `dim`, by three pairwise sums of shifted views."""
+    for half in (1, 2, 4):
+        values = values.narrow(dim, 0, values.shape[dim] - half) + values.narrow(dim, half, values.shape[dim] - half)
+    return values
 
 
 def collaborative_pass(sets: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]], sigma: float, *,
