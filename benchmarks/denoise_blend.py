@@ -21,7 +21,7 @@ from denoise_methods import anchors, psnr  # noqa: E402
 from vaetool.checkpoint import load_model  # noqa: E402
 from vaetool.inference.tiledenoise import denoise_image  # noqa: E402
 from vaetool.inference.wiener import wiener_step  # noqa: E402
-from vaetool.models.noise_level import estimate_sigma  # noqa: E402
+from vaetool.models.noise_level import estimate_image_sigma  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
                         a = load(x)  # (H, W) for a grayscale photograph, else (H, W, 3)
                         t = torch.from_numpy(a)[None] if a.ndim == 2 else torch.from_numpy(a).permute(2, 0, 1)
                         s = (model.config.noise_sigma if kind == "noisy-only" and model.config.noise_sigma > 0
-                             else estimate_sigma(t[None]))
+                             else estimate_image_sigma(t))
                         f = wiener_step(t, denoise_image(model, t), s).permute(1, 2, 0).numpy().reshape(a.shape)
                         fixed.append(psnr(np.round(f * 255) / 255, c))
                 row[kind + " pilot fixed"] = statistics.mean(fixed)

@@ -32,7 +32,7 @@ from denoise_data import ROOT, load, make_noisy  # noqa: E402
 from vaetool.checkpoint import load_model  # noqa: E402
 from vaetool.inference.tiledenoise import denoise_image  # noqa: E402
 from vaetool.inference.wiener import Moved, WienerStep, wiener_step  # noqa: E402
-from vaetool.models.noise_level import estimate_sigma  # noqa: E402
+from vaetool.models.noise_level import estimate_image_sigma  # noqa: E402
 
 VARIANTS = {"one pass (2)": (2,), "two (2, 2)": (2, 2), "three (2, 2, 2)": (2, 2, 2), "two (3, 2)": (3, 2),
             "two (4, 3)": (4, 3), "two (3, 3)": (3, 3)}
@@ -87,7 +87,7 @@ def measure(name: str, checkpoint: Path, test: Path, work: Path, sigma255: float
     row["(4, 3) + matched + SURE blend counting the model's divergence"] = _psnr(
         [wiener_step(n, p, sigma, pilot_divergence=d) for n, p, d in zip(noisy, pilots, divergences)], clean)
     row["(4, 3) + matched + SURE blend, sigma estimated"] = _psnr(
-        [wiener_step(n, p, estimate_sigma(n[None])) for n, p in zip(noisy, pilots)], clean)
+        [wiener_step(n, p, estimate_image_sigma(n)) for n, p in zip(noisy, pilots)], clean)
     for k in STRONGER:
         stronger = [c + k * (p - c) for p, c in zip(pilots, clean)]
         row[f"k={k:g} pilot"] = _psnr(stronger, clean)

@@ -23,6 +23,7 @@ from vaetool.events import Note, Warning
 from vaetool.inference.denoise import denoise_files
 from vaetool.inference.mmse import estimate
 from vaetool.models.base import build_model
+from vaetool.models.noise_level import estimate_image_sigma
 from vaetool.training.noise import estimate_sigma, fit_noise_model
 
 VAETOOL = str(Path(sys.executable).with_name("vaetool"))
@@ -70,6 +71,27 @@ def test_sigma_is_estimated_within_ten_percent_on_synthetic_noise():
         assert abs(found - sigma) < 0.1 * sigma, (sigma, found)
     uint8 = (_noisy(clean, 0.1) * 255).round().to(torch.uint8)  # as the training cache holds it
     assert abs(estimate_sigma(uint8) - 0.1) < 0.01
+
+
+def _texture(size: int = 64) -> torch.Tensor:
+    """Fine colour texture (3, S, S): detail at the scale of the finest wavelet, which its median takes for noise."""
+    y, x = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    stripes = 0.5 + 0.2 * torch.sin(2.1 * x + 0.7 * y) * torch.cos(1.3 * y)
+    return torch.stack([stripes, 1.0 - stripes, 0.5 + 0.3 * torch.sin(0.9 * x)])
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_one_images_sigma_comes_from_its_patches_where_texture_fools_the_wavelet_median(channels):
+    texture = _texture()[:channels]
+    for sigma in (0.02, 0.06, 0.1):
+        noisy = _noisy(texture[None], sigma)[0]
+        assert abs(estimate_image_sigma(noisy) - sigma) < 0.03 * sigma, sigma
+        assert estimate_sigma(noisy[None]) > 1.3 * sigma  # the wavelet median counts the texture as noise
+
+
+def test_an_image_too_small_for_its_patches_gets_the_wavelet_estimate():
+    tiny = _noisy(_clean(1, size=9), 0.1)
+    assert estimate_image_sigma(tiny[0]) == estimate_sigma(tiny)
 
 
 def test_clean_images_are_warned_about_and_a_given_sigma_is_kept():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..models.noise_level import estimate_sigma
+from ..models.noise_level import estimate_image_sigma
 from .blockmatch import collaborative_pass
 from .transforms import BLOCK, OPPONENT, block_dct, dct_basis
 
@@ -219,7 +219,7 @@ class WienerStep:
     divergence: bool = True  # the Monte-Carlo blend: one more model pass per image, on a moved copy
 
     def sigma_of(self, noisy: torch.Tensor) -> float:
-        return self.sigma if self.sigma is not None else estimate_sigma(noisy[None])
+        return self.sigma if self.sigma is not None else estimate_image_sigma(noisy)
 
     def probe(self, noisy: torch.Tensor) -> Probe | None:
         """How to move the noisy image for the blend's divergences, or None when the blend counts the pilot
