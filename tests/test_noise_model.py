@@ -22,6 +22,7 @@ from vaetool.errors import ConfigError
 from vaetool.events import Note, Warning
 from vaetool.inference.denoise import denoise_files
 from vaetool.inference.mmse import estimate
+from vaetool.inference.wiener import WienerStep
 from vaetool.models.base import build_model
 from vaetool.models.noise_level import estimate_image_sigma
 from vaetool.training.noise import estimate_sigma, fit_noise_model
@@ -87,6 +88,7 @@ def test_one_images_sigma_comes_from_its_patches_where_texture_fools_the_wavelet
         noisy = _noisy(texture[None], sigma)[0]
         assert abs(estimate_image_sigma(noisy) - sigma) < 0.03 * sigma, sigma
         assert estimate_sigma(noisy[None]) > 1.3 * sigma  # the wavelet median counts the texture as noise
+        assert WienerStep(None, "estimated from each image").sigma_of(noisy) == estimate_image_sigma(noisy)
 
 
 def test_an_image_too_small_for_its_patches_gets_the_wavelet_estimate():
