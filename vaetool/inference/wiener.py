@@ -152,7 +152,7 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
         trace = float(diagonal[inside].sum())
         if matching and blend:
             # The collaborative filter's trace: Hutchinson's estimate with one fixed +-1 probe.
-            probe = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+            probe = _signs(noisy.shape, seed=0)
             [[estimate, response]] = collaborative_pass([(estimate, [image, padded(probe)])], sigma)
             trace = float((probe * response[inside]).sum())
         elif matching:
@@ -161,6 +161,11 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     if blend:
         out = torch.lerp(pilot, out, sure_blend(noisy, pilot, out, gap, sigma))
     return from_filter(out).clamp_(0.0, 1.0)
+
+
+def _signs(shape: torch.Size, *, seed: int) -> torch.Tensor:
+    """A fixed direction of +-1 values (Hutchinson's probe): the same for every image of a shape."""
+    return torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
 
 
 def _colour_space(channels: int):
@@ -230,7 +235,7 @@ class WienerStep:
         sigma = self.sigma_of(noisy)
         if sigma <= 0:
             return None
-        direction = torch.randint(0, 2, noisy.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+        direction = _signs(noisy.shape, seed=1)
         return Probe(direction, max(PROBE_STEP * sigma, MIN_PROBE_STEP), sigma)
 
     def __call__(self, noisy: torch.Tensor, pilot: torch.Tensor, probe: Probe | None = None,
