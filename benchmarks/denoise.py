@@ -13,7 +13,9 @@ trained with `vaetool train --time T` on 2 cores, as a user would):
 - supervised: clean training images, `--corrupt gaussian:0.04-0.22` (one blind model for all levels), also
   measured at levels outside that range (`--outside`, 5 and 75 by default; on the detail-rich set);
 - noisy only (DivNoising): the training images with the test's noise, `--noise-model gaussian` (sigma
-  estimated from them), one model per noise level.
+  estimated from them), one model per noise level;
+- noisy only, recorrupted: the same noisy images, `--noise-model gaussian --recorrupt` (Pang et al. 2021;
+  sigma estimated), one model per noise level.
 Each vaetool model is measured as `denoise` runs it (the Wiener step with block matching on the posterior mean,
 the default for Gaussian denoisers), with `--no-block-matching` (the blockwise Wiener passes only: the step 10
 times faster) and with `--no-wiener` (the model's estimate alone: for a noisy-only model the MMSE estimate over
@@ -83,6 +85,8 @@ def train_models(name: str, train_dir: Path, root: Path, *, sigmas: list[float],
         make_noisy(train_dir, noisy_train, sigma)
         models[f"noisy-{sigma:g}"] = train(noisy_train, root / f"run-{name}-noisy-{sigma:g}", seconds=seconds,
                                            args=["--noise-model", "gaussian"])
+        models[f"recorrupt-{sigma:g}"] = train(noisy_train, root / f"run-{name}-recorrupt-{sigma:g}",
+                                               seconds=seconds, args=["--noise-model", "gaussian", "--recorrupt"])
     return models
 
 
@@ -141,6 +145,11 @@ def evaluate(dataset: str, models: dict[str, Path], test: Path, work: Path, *, s
                                                                              block_matching=False)
             results["vaetool noisy only, --no-wiener"] = run_vaetool(noisy_model, pairs, work / "out-noisy",
                                                                      wiener=False)
+            recorrupted = models[f"recorrupt-{sigma:g}"]
+            results["vaetool noisy only, recorrupted (--recorrupt)"] = run_vaetool(recorrupted, pairs,
+                                                                                   work / "out-recorrupt")
+            results["vaetool recorrupted, --no-wiener"] = run_vaetool(recorrupted, pairs, work / "out-recorrupt",
+                                                                      wiener=False)
         for label, method in anchors(with_bm3d=with_bm3d).items():
             results[label] = run_anchor(method, pairs, sigma / 255.0)
         rows += [score(label, dataset, sigma, pairs, *result) for label, result in results.items()]

@@ -1,4 +1,5 @@
-"""The Wiener step's blend on the models `benchmarks/denoise.py` trained: vaetool's default end to end (the
+"""The Wiener step's blend on the models `benchmarks/denoise.py` trained (supervised, noisy only by DivNoising,
+noisy only recorrupted): vaetool's default end to end (the
 Monte-Carlo SURE blend), the blend with the pilot counted as fixed (from the same pilots), the model alone,
 BM3D (true sigma) and scikit-image NL-means; PSNR and images/s on the first N held-out images per level, of
 the faces and the detail-rich set, and the photographs (out of domain: the detail-rich set's models).
@@ -36,7 +37,8 @@ def main() -> None:
             clean = [load(c) for c, _ in pairs]
             row = {"set": name, "sigma": sigma, "noisy": statistics.mean(psnr(load(x), c) for (_, x), c in zip(pairs, clean))}
             for kind, ckpt in (("supervised", out / f"run-{models}-supervised" / "model.safetensors"),
-                               ("noisy-only", out / f"run-{models}-noisy-{sigma:g}" / "model.safetensors")):
+                               ("noisy-only", out / f"run-{models}-noisy-{sigma:g}" / "model.safetensors"),
+                               ("recorrupted", out / f"run-{models}-recorrupt-{sigma:g}" / "model.safetensors")):
                 outs, secs = D.run_vaetool(ckpt, pairs, out / "qe-out")
                 row[kind] = statistics.mean(psnr(o, c) for o, c in zip(outs, clean))
                 row[kind + " img/s"] = len(pairs) / secs

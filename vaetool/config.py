@@ -13,7 +13,13 @@ LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
 # How the decoder's shared scale is set: learned by gradient, set to its closed-form optimum
 # per batch (sigma-VAE, Rybkin et al. 2021), or fixed (fixed-variance Gaussian = weighted MSE).
 DECODER_SCALES = ("learned", "optimal", "fixed")
-CORRUPTIONS = ("gaussian", "mask", "saltpepper")
+CORRUPTIONS = ("gaussian", "mask", "saltpepper", "recorrupt")
+# Recorrupted-to-recorrupted training (Pang et al. 2021) of a denoiser on noisy images y alone, their noise
+# Gaussian of std sigma: the model sees y + alpha sigma z and is scored against y - sigma z / alpha (z ~ N(0, I)).
+# The two noises are independent, so the expected error against that target is the error against the clean
+# image plus a constant: a supervised denoiser's training without a clean image. alpha 0.5 puts the inputs' noise
+# at 1.12 sigma, near the level the model then denoises, for a target of noise std 2.24 sigma.
+RECORRUPT_ALPHA = 0.5
 KINDS = ("vector", "spatial", "hierarchical")  # the model families (models/ registers one class per kind)
 # The family `vaetool train` builds when none is chosen. At equal time (3 minutes on 2 cores, its second-stage prior
 # inside the budget) the spatial family reconstructs held-out images 6-8 dB better than the vector family on the
@@ -150,7 +156,9 @@ def parse_noise_model(text: str) -> tuple[str, float]:
 class Corruption:
     """One corruption applied to training inputs (denoising autoencoder, Vincent et al. 2008)."""
 
-    kind: str  # gaussian: noise std; mask: fraction of pixels dropped; saltpepper: fraction flipped
+    # gaussian: noise std; mask: fraction of pixels dropped; saltpepper: fraction flipped; recorrupt: the std of
+    # the Gaussian noise the training images already have (0 until estimated from them), one amount
+    kind: str
     low: float
     high: float  # equal to low for a fixed amount; a range is drawn uniformly per image
 
@@ -158,7 +166,9 @@ class Corruption:
         _check(self.kind in CORRUPTIONS,
                f"corruption must be one of {', '.join(CORRUPTIONS)}, not {self.kind!r}")
         _check(0 <= self.low <= self.high, f"corruption amount {self.low}-{self.high} is not a range")
-        if self.kind != "gaussian":
+        if self.kind == "recorrupt":
+            _check(self.low == self.high < 1, f"recorrupt takes one noise std below 1, not {self.low}-{self.high}")
+        elif self.kind != "gaussian":
             _check(self.high <= 1, f"{self.kind} fraction must be <= 1, not {self.high}")
 
     @classmethod
@@ -226,6 +236,13 @@ class TrainConfig:
         _check(self.lr_schedule in LR_SCHEDULES,
                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         _check(self.warmup_steps >= 0, "warm-up steps must be >= 0")
+        _check(len(self.corruptions) <= 1 or all(c.kind != "recorrupt" for c in self.corruptions),
+               "recorrupt trains on noisy images alone and takes no other corruption")
+
+    @property
+    def recorrupt(self) -> Corruption | None:
+        """The recorruption of a denoiser trained on noisy images alone, or None."""
+        return next((c for c in self.corruptions if c.kind == "recorrupt"), None)
 
     def to_dict(self) -> dict[str, Any]:
         data = _to_dict(self)

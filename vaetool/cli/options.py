@@ -131,9 +131,12 @@ def parse_widths(text: str) -> Widths:
 def parse_corruption(text: str) -> Corruption:
     """`gaussian:0.1`, `gaussian:0.05-0.2`, `mask:0.25`, `saltpepper:0.05` -> a Corruption."""
     try:
-        return Corruption.parse(text)
+        corruption = Corruption.parse(text)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if corruption.kind == "recorrupt":
+        raise typer.BadParameter("recorrupt is for noisy images: give --noise-model gaussian[:SIGMA] --recorrupt")
+    return corruption
 
 
 class DimList(tuple):

@@ -153,11 +153,12 @@ def train(
     likelihood: Annotated[Likelihood, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="The decoder's distribution p(x|z).")] = Likelihood.gaussian,
     decoder_scale: Annotated[DecoderScale, typer.Option(case_sensitive=False, rich_help_panel=OBJECTIVE, help="Gaussian/Laplace scale: optimal (its closed-form maximum-likelihood value per batch, sigma-VAE), learned, or fixed.")] = DecoderScale.optimal,
     fixed_scale: Annotated[float, typer.Option(callback=positive, rich_help_panel=OBJECTIVE, help="Decoder std with --decoder-scale fixed (0.1 = MSE weighted by 50).")] = 0.1,
-    beta: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder. With --corrupt the default is 0.01.")] = 1.0,
+    beta: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="KL weight; 1 is the true ELBO (no tuning needed with the calibrated decoder scale); 0 trains a plain autoencoder. With --corrupt or --recorrupt the default is 0.01.")] = 1.0,
     kl_warmup: Annotated[int, typer.Option(min=0, rich_help_panel=OBJECTIVE, help="Steps over which beta rises linearly from 0.")] = 0,
     free_bits: Annotated[float, typer.Option(callback=non_negative, rich_help_panel=OBJECTIVE, help="Minimum KL per latent dimension, nats (batch average).")] = 0.0,
     corrupt: Annotated[Optional[list[Corruption]], typer.Option(parser=parse_corruption, metavar="KIND:AMOUNT", rich_help_panel=OBJECTIVE, help="Train as a denoiser: gaussian:STD, gaussian:LO-HI, mask:FRACTION, saltpepper:FRACTION; repeat to combine.")] = None,
     noise_model: Annotated[Optional[str], typer.Option("--noise-model", callback=_noise_model, metavar="gaussian[:SIGMA]", rich_help_panel=OBJECTIVE, help="Learn from noisy images alone (DivNoising): the decoder gives the clean image and the likelihood is Gaussian noise of std SIGMA around it (0-1 scale, or 0-255 above 1; estimated from the images when left out). `vaetool denoise` then returns the MMSE estimate.")] = None,
+    recorrupt: flag("--recorrupt", help="With --noise-model gaussian[:SIGMA]: learn to denoise the noisy images by recorrupting them (Pang et al. 2021) instead of DivNoising's noise model: the model sees each image with more noise and is scored against it with that noise taken out the other way, which in expectation scores it against the clean image. Trains as --corrupt does (the same model and KL weight); no diverse samples.", panel=OBJECTIVE) = False,
     batch_size: batch_size_option("Images per optimiser step per process; under torchrun the global batch is this x the number of processes.", OPTIMISATION) = BATCH_SIZE,
     lr: Annotated[float, typer.Option(callback=positive, rich_help_panel=OPTIMISATION, help="AdamW learning rate (reached after 20 warm-up steps).")] = 2e-3,
     lr_schedule: Annotated[LrSchedule, typer.Option(case_sensitive=False, rich_help_panel=OPTIMISATION, help="cosine: decay to lr/10 as the budget (steps, epochs or --time) is spent; constant: keep lr.")] = LrSchedule.cosine,
@@ -191,6 +192,8 @@ def train(
 
     Writes OUTPUT/model.safetensors (best by validation -ELBO), last.safetensors, state.safetensors (for --resume), metrics.jsonl and per-epoch sample and reconstruction grids, and prints the checkpoint path. --batch-size is per process: under torchrun the global batch is batch-size x processes.
     """
+    if recorrupt and not resume:
+        corrupt, noise_model = _recorruption(ctx, corrupt, noise_model, likelihood), None
     if (corrupt or noise_model) and not resume:
         model, downsample, latent_channels, beta = _denoiser_model(ctx, model, downsample, latent_channels, beta,
                                                                    supervised=noise_model is None, quiet=quiet)
@@ -221,6 +224,21 @@ def train(
                cache_memory=cache_memory, compile=compile, workers=workers, report=not no_report,
                tensorboard=tensorboard, quiet=quiet, as_json=as_json, fit_prior=not no_fit_prior, prior=prior.value,
                prior_steps=prior_steps)
+
+
+def _recorruption(ctx: typer.Context, corrupt: list[Corruption] | None, noise_model: str | None,
+                  likelihood: Likelihood) -> list[Corruption]:
+    """--recorrupt's one corruption: the noise of --noise-model gaussian[:SIGMA] (0: estimated by the trainer)."""
+    if noise_model is None:
+        ctx.fail("--recorrupt needs --noise-model gaussian[:SIGMA]: the Gaussian noise the images have, "
+                 "its sigma given or estimated from them")
+    if corrupt:
+        ctx.fail("--recorrupt learns from noisy images and --corrupt from clean ones: give one of them")
+    if likelihood is not Likelihood.gaussian:
+        ctx.fail("--recorrupt needs --likelihood gaussian: only a squared error is left unbiased by the "
+                 "recorrupted target")
+    sigma = parse_noise_model(noise_model)[1]
+    return [Corruption("recorrupt", sigma, sigma)]
 
 
 def _denoiser_model(ctx: typer.Context, model: ModelKind, downsample: int, latent_channels: int, beta: float, *,
@@ -267,9 +285,13 @@ def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
             continue
         section, key = RESUME_IGNORES[param.name]
         given, kept = _comparable(ctx.params[param.name]), stored.get(section, {}).get(key)
-        given = parse_noise_model(given)[0] if param.name == "noise_model" else given  # the kind; sigma may be estimated
+        if param.name == "noise_model":  # the kind (sigma may be estimated); a recorrupted run's model has none
+            given = "none" if ctx.params.get("recorrupt") else parse_noise_model(given)[0]
         if given != kept and not (param.name == "channels" and given == "auto"):
             conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
+    stored_corruptions = stored.get("train_config", {}).get("corruptions") or []
+    if ctx.params.get("recorrupt") and not any(c.get("kind") == "recorrupt" for c in stored_corruptions):
+        conflicts.append("--recorrupt (the run was not recorrupted)")
     if conflicts:
         ctx.fail(f"--resume uses the run's own config; drop {', '.join(conflicts)}")
 

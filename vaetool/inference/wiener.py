@@ -259,13 +259,13 @@ def choose_wiener(requested: bool | None, sigma: float | None, config: ModelConf
                   corruptions: tuple | None, *, matching: bool = True) -> WienerStep | None:
     """The Wiener step for this model, or None.
 
-    `requested` None: on for a model that denoises Gaussian noise (a Gaussian noise model, or --corrupt with
-    Gaussian noise only), whose inputs the step's model of the noise fits; off otherwise (masking or
+    `requested` None: on for a model that denoises Gaussian noise (a Gaussian noise model, --corrupt with
+    Gaussian noise only, or --recorrupt), whose inputs the step's model of the noise fits; off otherwise (masking or
     salt-and-pepper noise is not Gaussian, and a plain VAE is not asked to denoise). `sigma` None: the noise
     model's own sigma, else estimated from each image. `matching`: the collaborative pass too.
     """
     gaussian = config.noise_model == "gaussian" or bool(corruptions) and all(
-        c.kind == "gaussian" for c in corruptions)
+        c.kind in ("gaussian", "recorrupt") for c in corruptions)
     if not (gaussian if requested is None else requested):
         return None
     if sigma is not None:

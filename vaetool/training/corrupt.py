@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import Corruption
+from ..config import RECORRUPT_ALPHA, Corruption
 
 
 def step_generator(seed: int, step: int, device: torch.device, *, stream: int = 0) -> torch.Generator:
@@ -48,11 +48,39 @@ def corrupt(x: torch.Tensor, corruptions: Sequence[Corruption], *, generator: to
         elif item.kind == "mask":
             drop = global_rand(pixel_shape, generator=generator, rows=rows, device=device) < amount
             x = x.masked_fill(drop, 0.0)
-        else:  # salt and pepper: a fraction of pixels set to black or white
+        elif item.kind == "saltpepper":  # a fraction of pixels set to black or white
             hit = global_rand(pixel_shape, generator=generator, rows=rows, device=device) < amount
             white = global_rand(pixel_shape, generator=generator, rows=rows, device=device) < 0.5
             x = torch.where(hit, white.to(x.dtype), x)
+        else:  # recorrupt changes the target too: training_pair
+            raise ValueError(f"{item.kind} is not an input corruption; use training_pair")
     return x
+
+
+def training_pair(x: torch.Tensor, corruptions: Sequence[Corruption], *, generator: torch.Generator,
+                  global_batch: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """A denoiser's input and the image it is scored against, for training images x (B, C, H, W) in [0, 1].
+
+    Clean images: x corrupted (`corrupt`), and x. Noisy images of noise std sigma (`recorrupt`, Pang et al.
+    2021): x + alpha sigma z, and x - sigma z / alpha, whose noises are independent, so that the expected error
+    against the target is the error against the clean image plus a constant. The target is not clamped
+    (clamping would bias it); the input is, as every image the model sees.
+    """
+    recorrupt = next((c for c in corruptions if c.kind == "recorrupt"), None)
+    if recorrupt is None:
+        return corrupt(x, corruptions, generator=generator, global_batch=global_batch, rows=rows), x
+    _, channels, height, width = x.shape
+    z = global_randn((global_batch, channels, height, width), generator=generator, rows=rows, device=x.device)
+    sigma, alpha = recorrupt.low, RECORRUPT_ALPHA
+    return (x + alpha * sigma * z).clamp(0.0, 1.0), x - (sigma / alpha) * z
+
+
+def target_noise_variance(corruptions: Sequence[Corruption]) -> float:
+    """The noise variance per pixel of the training target: sigma^2 (1 + 1 / alpha^2) for recorrupted noisy
+    images (their own noise and the recorruption's), else 0. Taken off a mean squared error against the
+    target, it leaves an estimate of the error against the clean image."""
+    recorrupt = next((c for c in corruptions if c.kind == "recorrupt"), None)
+    return 0.0 if recorrupt is None else recorrupt.low ** 2 * (1 + 1 / RECORRUPT_ALPHA ** 2)
 
 
 def add_gaussian_noise(x: torch.Tensor, sigma: float, *, generator: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ..io.decode import to_float
 from ..io.write import save_grid
 from ..io.atomic import atomic_write_bytes
 from ..models.base import VAEFamily
-from .corrupt import corrupt, step_generator
+from .corrupt import step_generator, target_noise_variance, training_pair
 from .distributed import World, all_reduce_sum
 
 GRID_SAMPLES = 64
@@ -32,7 +32,9 @@ def validate(model: VAEFamily, pixels: torch.Tensor, index: torch.Tensor, *, bat
     """Validation -ELBO (beta = 1, fixed noise), the objective at the run's `beta`, and PSNR, in float32.
 
     A denoiser (`corruptions`) is validated as it is trained: its inputs are corrupted with fixed noise
-    and it is scored against the clean images, so the PSNR is the denoised images'. `pixels` is the
+    and it is scored against the clean images, so the PSNR is the denoised images'. One trained on noisy
+    images alone (recorrupt) is scored against its recorrupted targets, and its PSNR is that of the clean
+    images estimated: the targets' own noise variance taken off the mean squared error. `pixels` is the
     uint8 image cache (N, C, H, W), `index` the held-out rows; each process scores its shard and the
     sums are reduced, so every process returns the same figures.
     """
@@ -41,23 +43,26 @@ def validate(model: VAEFamily, pixels: torch.Tensor, index: torch.Tensor, *, bat
     was_training = model.training
     model.eval()  # the decoder scale is the stored one, as in `vaetool eval`
     shard = index[world.rank::world.size]
-    sums = torch.zeros(5, device=device, dtype=torch.float64)  # -elbo, recon, kl, psnr, count
+    sums = torch.zeros(6, device=device, dtype=torch.float64)  # -elbo, recon, kl, psnr, count, mse
     for k, start in enumerate(range(0, len(shard), batch)):
         rows = shard[start: start + batch]
         x = to_float(pixels[rows], device).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
-        seen = corrupt(x, corruptions, generator=step_generator(seed, k, device, stream=2), global_batch=len(rows),
-                       rows=slice(None))
+        seen, target = training_pair(x, corruptions, generator=step_generator(seed, k, device, stream=2),
+                                     global_batch=len(rows), rows=slice(None))
         out = model(seen, sample=True, generator=step_generator(seed, k, device, stream=1))
-        recon = -model.log_likelihood(x, out.logits)  # (B,)
+        recon = -model.log_likelihood(target, out.logits)  # (B,)
         kl = sum(out.kl_per_level().values())  # (B,)
-        mse = (model.reconstruct(seen) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
+        mse = (model.reconstruct(seen) - target).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum(), (-10.0 * torch.log10(mse)).sum(),
-                             torch.tensor(float(len(rows)), device=device)]).double()
+                             torch.tensor(float(len(rows)), device=device), mse.sum()]).double()
     model.train(was_training)
     total = all_reduce_sum(sums, world).tolist()
     n = max(total[4], 1.0)
+    psnr, extra = total[3] / n, target_noise_variance(corruptions)
+    if extra > 0:  # per image the estimate is too noisy to take a log of: the set's mean error, then its PSNR
+        psnr = -10.0 * math.log10(max(total[5] / n - extra, 1e-10))
     return {"val_neg_elbo": total[0] / n, "val_recon": total[1] / n, "val_kl": total[2] / n,
-            "val_objective": (total[1] + beta * total[2]) / n, "val_psnr": total[3] / n}
+            "val_objective": (total[1] + beta * total[2]) / n, "val_psnr": psnr}
 
 
 def nonfinite_tensor(*modules: nn.Module | None) -> str | None:

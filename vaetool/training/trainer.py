@@ -22,14 +22,14 @@ from ..io.find import find_images
 from ..io.atomic import check_writable_dir
 from ..models.base import build_model, elbo_loss
 from ..runtime import BatchGatherer, autocast, precision_name, prepare, resolve_device, resolve_precision
-from .corrupt import corrupt, global_rand, global_randn, step_generator
+from .corrupt import global_rand, global_randn, step_generator, training_pair
 from .data import Split, default_cache_memory, load_cache, split_data
 from .distributed import World, all_reduce_sum, barrier, broadcast_value, global_mean, init_world, shutdown
 from .epoch import MetricsLog, draw_grids, kl_spike, nonfinite_tensor, save_checkpoints, validate
 from .fit_prior import SECOND_STAGE_SHARE, fit_run_priors, planned_prior
 from .second_stage import STEPS as SECOND_STAGE_STEPS
 from .interrupts import StepGuard
-from .noise import fit_noise_model
+from .noise import fit_noise_model, fit_recorruption
 from .schedule import budget_fraction, kl_weight, learning_rate
 from .state import Counters, ResumeState, run_record, save_state, write_run_record
 from .summary import SteadySpeed, TrainResult, start_info, write_report_safely
@@ -127,7 +127,8 @@ class Trainer:
                                 cache_dir=cache_dir, cache_memory=cache_memory, workers=workers)
         if saved is None:  # a noise model's sigma, estimated from the images when not given
             self.model_config = fit_noise_model(self.model_config, self.cache.images, emit=self.emit)
-        self.config = _resumed_config(saved.train_config, train_config) if saved else train_config
+        self.config = (_resumed_config(saved.train_config, train_config) if saved
+                       else fit_recorruption(train_config, self.cache.images, emit=self.emit))
         self.split: Split = split_data(len(self.cache.paths), self.config, world,
                                        warn=lambda message: self.emit(Warning(message)))
         self.counters = saved.counters if saved else Counters()
@@ -273,14 +274,15 @@ class Trainer:
         if cfg.augment_flip:
             flip = global_rand((split.global_batch,), generator=generator, rows=rows, device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, C, H, W)
-        noisy = corrupt(x, cfg.corruptions, generator=generator, global_batch=split.global_batch, rows=rows)
+        noisy, target = training_pair(x, cfg.corruptions, generator=generator, global_batch=split.global_batch,
+                                      rows=rows)
         noise = {name: global_randn((split.global_batch, *shape), generator=generator, rows=rows, device=self.device)
                  for name, shape in self.model.latent_shapes(*x.shape[-2:]).items()}  # level -> (B, ...)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step=c.step, fraction=self._fraction())
         with autocast(self.device, self.amp_dtype):
             out = self.net(noisy, sample=cfg.beta > 0, noise=noise)
-        terms = elbo_loss(self.model, x, out, beta=kl_weight(cfg, step=c.step), free_bits=cfg.free_bits)
+        terms = elbo_loss(self.model, target, out, beta=kl_weight(cfg, step=c.step), free_bits=cfg.free_bits)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.loss).backward()
         self.scaler.unscale_(self.optimizer)
