@@ -4,6 +4,7 @@ training assumes, given or estimated from the images."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -24,19 +25,9 @@ def fit_noise_model(config: ModelConfig, images: torch.Tensor, *, emit: Callback
     """
     if config.noise_model == "none":
         return config
-    if config.noise_sigma > 0:
-        emit(Note(f"noise model {config.noise_model}, sigma {config.noise_sigma:.4g} "
-                  f"({255 * config.noise_sigma:.3g} on the 0-255 scale), as given"))
-        return config
-    step = max(1, len(images) // ESTIMATE_IMAGES)
-    sigma = estimate_sigma(images[::step][:ESTIMATE_IMAGES])
-    if sigma < CLEAN_SIGMA:
-        emit(Warning(f"the images look clean (estimated noise sigma {255 * sigma:.2f} on the 0-255 scale): a model "
-                     f"trained with --noise-model on them only reconstructs; give gaussian:SIGMA if the noise is known, "
-                     f"or train with --corrupt on clean images"))
-    sigma = max(sigma, 1.0 / 255.0)  # a floor: a near-zero sigma makes the likelihood explode
-    emit(Note(f"noise model {config.noise_model}, sigma {sigma:.4g} ({255 * sigma:.3g} on the 0-255 scale), "
-              f"estimated from {len(images[::step][:ESTIMATE_IMAGES])} images"))
+    sigma = _fit_sigma(images, given=config.noise_sigma, estimate=estimate_sigma,
+                       what=f"noise model {config.noise_model}, sigma",
+                       clean="a model trained with --noise-model on them only reconstructs", emit=emit)
     return dataclasses.replace(config, noise_sigma=sigma)
 
 
@@ -50,18 +41,28 @@ def fit_recorruption(config: TrainConfig, images: torch.Tensor, *, emit: Callbac
     recorrupt = config.recorrupt
     if recorrupt is None:
         return config
-    if recorrupt.low > 0:
-        emit(Note(f"recorrupted training at noise sigma {recorrupt.low:.4g} ({255 * recorrupt.low:.3g} on the "
-                  f"0-255 scale), as given"))
-        return config
-    step = max(1, len(images) // ESTIMATE_IMAGES)
-    chosen = images[::step][:ESTIMATE_IMAGES]
-    sigma = float(torch.tensor([estimate_image_sigma(image.float() / 255.0) for image in chosen]).median())
-    if sigma < CLEAN_SIGMA:
-        emit(Warning(f"the images look clean (estimated noise sigma {255 * sigma:.2f} on the 0-255 scale): "
-                     f"--recorrupt learns to denoise the noise the images have; give gaussian:SIGMA if it is known, "
-                     f"or train with --corrupt on clean images"))
-    sigma = min(max(sigma, 1.0 / 255.0), 0.5)
-    emit(Note(f"recorrupted training at noise sigma {sigma:.4g} ({255 * sigma:.3g} on the 0-255 scale), "
-              f"estimated from {len(chosen)} images"))
+
+    def median_of_patch_estimates(chosen: torch.Tensor) -> float:
+        return float(torch.tensor([estimate_image_sigma(image.float() / 255.0) for image in chosen]).median())
+
+    sigma = _fit_sigma(images, given=recorrupt.low, estimate=median_of_patch_estimates,
+                       what="recorrupted training at noise sigma",
+                       clean="--recorrupt learns to denoise the noise the images have", emit=emit)
     return dataclasses.replace(config, corruptions=(Corruption("recorrupt", sigma, sigma),))
+
+
+def _fit_sigma(images: torch.Tensor, *, given: float, estimate: Callable[[torch.Tensor], float], what: str,
+               clean: str, emit: Callback) -> float:
+    """`given` when above 0, else `estimate` of up to ESTIMATE_IMAGES images spread over the set (uint8),
+    floored; a Note says which, a Warning (naming `clean`, what such images give) when they look clean."""
+    if given > 0:
+        emit(Note(f"{what} {given:.4g} ({255 * given:.3g} on the 0-255 scale), as given"))
+        return given
+    chosen = images[::max(1, len(images) // ESTIMATE_IMAGES)][:ESTIMATE_IMAGES]
+    sigma = estimate(chosen)
+    if sigma < CLEAN_SIGMA:
+        emit(Warning(f"the images look clean (estimated noise sigma {255 * sigma:.2f} on the 0-255 scale): {clean}; "
+                     f"give gaussian:SIGMA if the noise is known, or train with --corrupt on clean images"))
+    sigma = max(sigma, 1.0 / 255.0)  # a floor: a near-zero sigma makes the likelihood explode
+    emit(Note(f"{what} {sigma:.4g} ({255 * sigma:.3g} on the 0-255 scale), estimated from {len(chosen)} images"))
+    return sigma
