@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,11 @@ class Corruption:
         return f"{self.kind}:{amount}"
 
 
+def recorruption(corruptions: Sequence[Corruption]) -> Corruption | None:
+    """The `recorrupt` corruption among these (at most one, alone), or None."""
+    return next((c for c in corruptions if c.kind == "recorrupt"), None)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, objective and data settings of a training run; stored in the checkpoint."""
@@ -244,7 +250,7 @@ class TrainConfig:
     @property
     def recorrupt(self) -> Corruption | None:
         """The recorruption of a denoiser trained on noisy images alone, or None."""
-        return next((c for c in self.corruptions if c.kind == "recorrupt"), None)
+        return recorruption(self.corruptions)
 
     def to_dict(self) -> dict[str, Any]:
         data = _to_dict(self)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import RECORRUPT_ALPHA, Corruption
+from ..config import RECORRUPT_ALPHA, Corruption, recorruption
 
 
 def step_generator(seed: int, step: int, device: torch.device, *, stream: int = 0) -> torch.Generator:
@@ -66,7 +66,7 @@ def training_pair(x: torch.Tensor, corruptions: Sequence[Corruption], *, generat
     against the target is the error against the clean image plus a constant. The target is not clamped
     (clamping would bias it); the input is, as every image the model sees.
     """
-    recorrupt = _recorruption(corruptions)
+    recorrupt = recorruption(corruptions)
     if recorrupt is None:
         return corrupt(x, corruptions, generator=generator, global_batch=global_batch, rows=rows), x
     _, channels, height, width = x.shape
@@ -79,12 +79,8 @@ def target_noise_variance(corruptions: Sequence[Corruption]) -> float:
     """The noise variance per pixel of the training target: sigma^2 (1 + 1 / alpha^2) for recorrupted noisy
     images (their own noise and the recorruption's), else 0. Taken off a mean squared error against the
     target, it leaves an estimate of the error against the clean image."""
-    recorrupt = _recorruption(corruptions)
+    recorrupt = recorruption(corruptions)
     return 0.0 if recorrupt is None else recorrupt.low ** 2 * (1 + 1 / RECORRUPT_ALPHA ** 2)
-
-
-def _recorruption(corruptions: Sequence[Corruption]) -> Corruption | None:
-    return next((c for c in corruptions if c.kind == "recorrupt"), None)
 
 
 def add_gaussian_noise(x: torch.Tensor, sigma: float, *, generator: torch.Generator) -> torch.Tensor:
