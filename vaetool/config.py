@@ -220,6 +220,8 @@ class TrainConfig:
     ema: float = 0.0
     patience: int | None = None
     augment_flip: bool = False
+    # Train on tiles of each image at its own resolution instead of the image resized (io/decode.py `load_patches`).
+    patches: bool = False
     log_every: int = 25
     # Learning rate after the linear warm-up: a cosine decay to lr/10 over the budget, or constant.
     lr_schedule: str = "cosine"

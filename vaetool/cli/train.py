@@ -46,7 +46,10 @@ class _TrainDisplay(Display):
         side = cfg["image_size"] // cfg.get("downsample", 1)
         latent = (f"latent map {cfg['latent_channels']}x{side}x{side}" if kind == "spatial"
                   else f"latent {cfg['latent_dim']}")
-        self._line(f"{d['train']} training and {d['val']} validation images ({cache}); {kind} "
+        rows = (f"{d['train']} training and {d['val']} validation patches of {cfg['image_size']}px cut from "
+                f"{d['images']} images at their own resolution" if d.get("patches") and d["train"] + d["val"] > d["images"]
+                else f"{d['train']} training and {d['val']} validation images")
+        self._line(f"{rows} ({cache}); {kind} "
                    f"model {cfg['image_size']}px x{cfg['channels']}, {latent}, widths "
                    f"{cfg['widths']}, {cfg['likelihood']} likelihood; batch {d['batch']} per process x {d['world']} "
                    f"= {d['global_batch']}; device {d['device']} ({d['precision']})")
@@ -114,7 +117,7 @@ RESUME_IGNORES = {
     **{name: ("train_config", name) for name in ("batch_size", "lr", "lr_schedule", "warmup_steps", "seed", "beta", "free_bits", "val_fraction",
                                                   "ema", "patience", "grad_clip", "log_every")},
     "kl_warmup": ("train_config", "kl_warmup_steps"), "corrupt": ("train_config", "corruptions"),
-    "flip": ("train_config", "augment_flip")}
+    "flip": ("train_config", "augment_flip"), "patches": ("train_config", "patches")}
 RUN_RECORD = "run.json"  # the run's provenance, written by the trainer: {"data": [the data folders], ...}
 
 Data = Annotated[Optional[list[str]], typer.Argument(
@@ -137,10 +140,11 @@ def train(
     ctx: typer.Context,
     data: Data = None,
     *,
-    image_size: Annotated[int, typer.Option(min=1, rich_help_panel=DATA, help="Images are resized and centre-cropped to this square size; a multiple of 2 ** (number of --widths).")] = 64,
+    image_size: Annotated[int, typer.Option(min=1, rich_help_panel=DATA, help="Images are resized and centre-cropped to this square size (with --patches, the tiles' side); a multiple of 2 ** (number of --widths).")] = 64,
     channels: Annotated[Channels, typer.Option(rich_help_panel=DATA, help="auto: 1 if every image is grayscale, else 3.")] = Channels.auto,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, callback=non_negative, rich_help_panel=DATA, help="Share of images held out for validation.")] = 0.05,
     flip: flag("--flip", help="Random horizontal flips.", panel=DATA) = False,
+    patches: Annotated[Optional[bool], typer.Option("--patches/--resize", metavar="", show_default=False, rich_help_panel=DATA, help="--patches: cut each image into IMAGE_SIZE tiles at its own resolution (a centred grid, nothing resampled; a side shorter than a tile is resized up to it) instead of resizing the image to IMAGE_SIZE. The default of a denoiser (--corrupt, --noise-model): resizing averages away the noise it must learn, and `denoise` works at the files' own resolution. --resize: the default otherwise.")] = None,
     strict: flag("--strict", help="Stop at the first unreadable image instead of skipping it.", panel=DATA) = False,
     model: Annotated[ModelKind, typer.Option("--model", case_sensitive=False, rich_help_panel=MODEL, help="Model family: spatial (a latent map at 1/--downsample of the image; sampled through a second-stage prior), vector (one latent vector z), hierarchical (a top vector and latent maps below it, each with a learned prior).")] = ModelKind(DEFAULT_KIND),
     latent_dim: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Size of the latent vector z (vector), or of the top latent (hierarchical).")] = 64,
@@ -217,7 +221,7 @@ def train(
         lr_schedule=lr_schedule.value, beta=beta,
         kl_warmup_steps=kl_warmup, free_bits=free_bits, val_fraction=val_fraction, seed=seed,
         corruptions=tuple(corrupt or ()), ema=ema, patience=patience, augment_flip=flip, grad_clip=grad_clip,
-        log_every=log_every)
+        log_every=log_every, patches=bool(corrupt or noise_model) if patches is None else patches)
     _run_train(data, output, model_config=model_config, train_config=train_config, device=device,
                precision=precision.value, detect_channels=channels is Channels.auto, resume=resume, force=force,
                strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),

@@ -19,7 +19,9 @@ from ..errors import ConfigError, DataError
 from .pool import default_workers, ordered_map
 
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit: about a 0.25 GB 24-bit image
-FITS = ("crop", "pad")
+# crop: the shorter side resized to the image size, centre crop; pad: the longer side, padded; patches: no
+# resizing, the image cut into tiles of the size at its own resolution (`load_patches`).
+FITS = ("crop", "pad", "patches")
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 # ITU-R 601-2 luma in thousandths, the weights PIL uses for RGB -> "L": files and tensors turn gray alike.
@@ -235,12 +237,59 @@ def load_image(path: str | os.PathLike, *, image_size: int, channels: int, backg
     composited on `background`), grayscale uses ITU luma. Raises DataError naming the file.
     """
     _check_options(image_size, channels, fit)
+    if fit == "patches":
+        raise ConfigError("load_image gives one image; load_patches cuts the tiles of the patches fit")
     color = _background(background)
     image = _decode(path, max_pixels=max_pixels, draft=_draft_size(image_size, fit))
     image = _fit(_flatten(_normalize_mode(image, path), channels, color), image_size, fit, color)
     array = np.array(image, dtype=np.uint8)  # (S, S) or (S, S, 3)
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if array.ndim == 2 else tensor.permute(2, 0, 1).contiguous()  # (C, S, S)
+
+
+def patch_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size an image is cut at: its own, or with a side shorter than a tile, scaled up to it (aspect kept)."""
+    if min(width, height) >= size:
+        return width, height
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def patch_grid(width: int, height: int, size: int) -> tuple[int, int]:
+    """Tiles (across, down) of `size` an image of width x height is cut into (the same count for the image
+    turned by its EXIF orientation, so a header's size tells it)."""
+    width, height = patch_size(width, height, size)
+    return width // size, height // size
+
+
+def patch_count(path: str | os.PathLike, size: int, *, max_pixels: int = MAX_PIXELS) -> tuple[int, bool]:
+    """How many tiles `load_patches` cuts this image into, and whether it is resized up first, from its
+    header alone ((1, False) if unreadable: the decode then reports why)."""
+    try:
+        with _open_checked(Path(path), max_pixels=max_pixels) as image:
+            across, down = patch_grid(*image.size, size)
+            return across * down, min(image.size) < size
+    except DataError:
+        return 1, False
+
+
+def load_patches(path: str | os.PathLike, *, image_size: int, channels: int,
+                 background: Background = (255, 255, 255), max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """The image at its own resolution cut into a centred grid of image_size tiles: uint8 (N, C, S, S), row
+    by row. Nothing is resampled, so noise keeps the statistics it has in the file (resizing averages it
+    away); a side shorter than the tile is the one exception, resized up to it (aspect kept, centre crop)."""
+    _check_options(image_size, channels, "patches")
+    color = _background(background)
+    image = _flatten(_normalize_mode(_decode(path, max_pixels=max_pixels), path), channels, color)
+    width, height = patch_size(*image.size, image_size)
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    across, down = patch_grid(width, height, image_size)
+    left, top = (width - across * image_size) // 2, (height - down * image_size) // 2
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[top:top + down * image_size, left:left + across * image_size]
+    array = array.reshape(down, image_size, across, image_size, channels)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 2, 4, 1, 3))).flatten(0, 1)  # (N, C, S, S)
 
 
 def _is_gray(path: Path, max_pixels: int) -> bool | None:
@@ -309,8 +358,11 @@ def to_float(batch_uint8: torch.Tensor, device: torch.device | str | None = None
 
 def make_decoder(*, image_size: int, channels: int, background: Background = (255, 255, 255),
                  fit: str = "crop") -> Callable[[str | os.PathLike], torch.Tensor]:
-    """`load_image` with these options fixed, checked now rather than at the first file."""
+    """`load_image` with these options fixed, checked now rather than at the first file; for the `patches`
+    fit, `load_patches`, which gives (N, C, S, S)."""
     _check_options(image_size, channels, fit)
+    if fit == "patches":
+        return functools.partial(load_patches, image_size=image_size, channels=channels, background=background)
     return functools.partial(load_image, image_size=image_size, channels=channels, background=background, fit=fit)
 
 

@@ -53,7 +53,8 @@ class SteadySpeed:
 def start_info(trainer: Trainer) -> dict[str, Any]:
     """The Started event's info: data, batch geometry, device, precision, model and budget."""
     split, cache, cfg = trainer.split, trainer.cache, trainer.config
-    return {"images": len(cache.paths), "train": len(split.train_index), "val": len(split.val_index),
+    return {"images": cache.image_count, "patches": cache.counts is not None,
+            "train": len(split.train_index), "val": len(split.val_index),
             "skipped": len(cache.skipped), "batch": split.batch, "global_batch": split.global_batch,
             "world": trainer.world.size, "steps_per_epoch": split.steps_per_epoch,
             "total_steps": trainer.total_steps, "start_step": trainer.counters.step,

@@ -123,13 +123,14 @@ class Trainer:
         if detect_channels and saved is None:
             self.model_config = dataclasses.replace(
                 self.model_config, channels=detect_image_channels([f.path for f in found]))
+        patches = (saved.train_config if saved else train_config).patches  # a resumed run cuts its images as before
         self.cache = load_cache(found, model_config=self.model_config, world=world, emit=self.emit, strict=strict,
-                                cache_dir=cache_dir, cache_memory=cache_memory, workers=workers)
+                                cache_dir=cache_dir, cache_memory=cache_memory, workers=workers, patches=patches)
         if saved is None:  # a noise model's sigma, estimated from the images when not given
             self.model_config = fit_noise_model(self.model_config, self.cache.images, emit=self.emit)
         self.config = (_resumed_config(saved.train_config, train_config) if saved
                        else fit_recorruption(train_config, self.cache.images, emit=self.emit))
-        self.split: Split = split_data(len(self.cache.paths), self.config, world,
+        self.split: Split = split_data(len(self.cache.paths), self.config, world, groups=self.cache.groups(),
                                        warn=lambda message: self.emit(Warning(message)))
         self.counters = saved.counters if saved else Counters()
         self._build_model(saved, compile=compile)
@@ -395,7 +396,7 @@ class Trainer:
     def _summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint says about the training that made it."""
         c, split = self.counters, self.split
-        return {"step": c.step, "epoch": c.epoch, "images": len(self.cache.paths),
+        return {"step": c.step, "epoch": c.epoch, "images": self.cache.image_count,
                 "train_images": len(split.train_index), "val_images": len(split.val_index),
                 "world_size": self.world.size, "global_batch": split.global_batch, "metrics": metrics,
                 "run": self.record}
