@@ -121,3 +121,29 @@ def test_a_denoiser_trains_on_tiles_of_large_noisy_images_and_sees_their_noise(t
         assert not loaded.train_config.patches
         assert "5 training and 1 validation images" in result.stderr
         assert recorrupt.low < 0.5 * sigma
+
+
+def test_the_tile_count_from_the_header_holds_for_an_image_turned_by_its_exif_orientation(tmp_path):
+    image = Image.fromarray(noise(40, 100, seed=4))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: decoded as 40 wide and 100 high
+    path = tmp_path / "turned.jpg"
+    image.save(path, exif=exif.tobytes(), quality=95)
+    tiles = load_patches(path, image_size=32, channels=3)
+    assert patch_count(path, 32) == (len(tiles), False) and tiles.shape == (3, 3, 32, 32)
+
+
+def test_a_run_on_tiles_resumes_on_the_same_tiles(tmp_path):
+    _noisy_photos(tmp_path / "noisy", count=4, size=48, sigma=0.1)
+    command = ["train", str(tmp_path / "noisy"), "-o", str(tmp_path / "run"), "--corrupt", "gaussian:0.1",
+               "--image-size", "16", "--widths", "8", "--batch-size", "8", "--no-disk-cache", "--no-report",
+               "--device", "cpu", "--no-fit-prior", "--val-fraction", "0.25"]
+    first = CliRunner().invoke(app, command + ["--steps", "2"])
+    assert first.exit_code == 0, first.stderr
+    assert "27 training and 9 validation patches of 16px cut from 4 images" in first.stderr
+    again = CliRunner().invoke(app, command + ["--steps", "4", "--resume"])
+    assert again.exit_code == 0, again.stderr
+    assert "27 training and 9 validation patches" in again.stderr
+    assert load_model(tmp_path / "run" / "last.safetensors").train_config.patches
+    refused = CliRunner().invoke(app, command + ["--steps", "6", "--resume", "--resize"])
+    assert refused.exit_code == 2 and "--resize (the run used --patches)" in refused.stderr

@@ -292,7 +292,11 @@ def _refuse_ignored_on_resume(ctx: typer.Context, output: Path) -> None:
         if param.name == "noise_model":  # the kind (sigma may be estimated); a recorrupted run's model has none
             given = "none" if ctx.params.get("recorrupt") else parse_noise_model(given)[0]
         if given != kept and not (param.name == "channels" and given == "auto"):
-            conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
+            if isinstance(given, bool) and param.secondary_opts:  # an on/off pair: name the flag given, and the run's
+                flags = (param.secondary_opts[0], param.opts[0])
+                conflicts.append(f"{flags[given]} (the run used {flags[bool(kept)]})")
+            else:
+                conflicts.append(f"{max(param.opts, key=len)} (the run has {_shown(kept)}, not {_shown(given)})")
     stored_corruptions = stored.get("train_config", {}).get("corruptions") or []
     if ctx.params.get("recorrupt") and not any(c.get("kind") == "recorrupt" for c in stored_corruptions):
         conflicts.append("--recorrupt (the run was not recorrupted)")
