@@ -135,12 +135,13 @@ class VAEModel:
 
     def denoise(self, images: torch.Tensor | str | Path, *, samples: int = 0, seed: int = 0, tile: str | int = "auto",
                 strength: float = 1.0, wiener: bool | None = None, sigma: float | None = None,
-                block_matching: bool = True) -> torch.Tensor:
+                block_matching: bool = True, mirror: bool | None = None) -> torch.Tensor:
         """Denoised images as `vaetool denoise` makes them: a (C, H, W) or (B, C, H, W) float tensor in [0, 1]
         of any size (a vector model works in blended tiles, the others whole), or an image file at its own
         size. `samples` K > 0 averages K posterior samples (the MMSE estimate of a noise-model run);
-        `wiener`, `sigma` (0-1 scale) and `block_matching` as `vaetool denoise --wiener --sigma
-        --block-matching`."""
+        `wiener`, `sigma` (0-1 scale), `block_matching` and `mirror` as `vaetool denoise --wiener --sigma
+        --block-matching --mirror`."""
+        from .inference.denoise import mirror_by_default
         from .inference.tiledenoise import denoise_image
         from .inference.wiener import choose_wiener
         from .io.decode import read_image
@@ -151,7 +152,9 @@ class VAEModel:
         step = choose_wiener(wiener, sigma, self.config, train_config.corruptions if train_config else (),
                              matching=block_matching)
         out = torch.stack([denoise_image(self.model, image, tile=tile, strength=strength, batch_size=self.batch_size,
-                                         samples=samples, seed=seed, wiener=step) for image in batch])
+                                         samples=samples, seed=seed, wiener=step,
+                                         mirror=mirror_by_default(train_config) if mirror is None else mirror)
+                           for image in batch])
         return out[0] if x.ndim == 3 else out
 
     def eval(self, inputs: ImageInput, *, iw_samples: int = 100, seed: int = 0, samples: int = 0) -> dict:

@@ -61,6 +61,7 @@ def denoise(
     seed: seed_option(ESTIMATE) = 0,
     wiener: Annotated[Optional[bool], typer.Option("--wiener/--no-wiener", metavar="", rich_help_panel=ESTIMATE, help="The Wiener step: keep each 8x8 block's DCT coefficients of the noisy image in the proportion the model's estimate has signal there, so the detail a decode loses comes back and the noise goes (BM3D's second stage, with the model as its pilot; see --block-matching). Default: on for a model trained on Gaussian noise (--noise-model gaussian, or --corrupt gaussian:...), off otherwise.", show_default=False)] = None,
     block_matching: Annotated[bool, typer.Option("--block-matching/--no-block-matching", metavar="", rich_help_panel=ESTIMATE, help="The Wiener step's last pass filters each block together with the 7 blocks most like it nearby (BM3D's collaborative filtering): 0.0-1.6 dB better on held-out images; --no-block-matching is about 5 times faster end to end.")] = True,
+    mirror: Annotated[Optional[bool], typer.Option("--mirror/--no-mirror", metavar="", rich_help_panel=ESTIMATE, help="Average the model's estimates of each image and of its mirror image (mirrored back): a self-ensemble for a model trained on mirrored images too. Default: on for a model trained with --flip (a denoiser's default), off otherwise; the model's time doubles.", show_default=False)] = None,
     sigma: Annotated[Optional[float], typer.Option("--sigma", rich_help_panel=ESTIMATE, help="The inputs' noise std for the Wiener step, on the 0-1 scale or the 0-255 one above 1 (25). Default: the model's noise model's sigma, else estimated from each image.")] = None,
 ) -> None:
     """Denoise images with a VAE checkpoint, writing a mirrored tree of images under OUTPUT.
@@ -73,6 +74,7 @@ def denoise(
         raise typer.BadParameter(f"N must be at least 1, not {diverse[0]}", param_hint="'--diverse'")
     estimate = {"samples": samples, "seed": seed, "diverse": diverse[0] if diverse else 0,
                 "diverse_dir": diverse[1] if diverse else None, "wiener": wiener, "block_matching": block_matching,
+                "mirror": mirror,
                 "sigma": None if sigma is None else sigma / 255.0 if sigma >= 1 else sigma}
     target = single_target(inputs, output)
     if target is not None:

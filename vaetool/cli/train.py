@@ -143,7 +143,7 @@ def train(
     image_size: Annotated[int, typer.Option(min=1, rich_help_panel=DATA, help="Images are resized and centre-cropped to this square size (with --patches, the tiles' side); a multiple of 2 ** (number of --widths).")] = 64,
     channels: Annotated[Channels, typer.Option(rich_help_panel=DATA, help="auto: 1 if every image is grayscale, else 3.")] = Channels.auto,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, callback=non_negative, rich_help_panel=DATA, help="Share of images held out for validation.")] = 0.05,
-    flip: flag("--flip", help="Random horizontal flips.", panel=DATA) = False,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", metavar="", show_default=False, rich_help_panel=DATA, help="Random horizontal flips of the training images. On by default for a denoiser (--corrupt, --noise-model), as denoisers' training usually is; `denoise` then also averages each image's estimate with its mirror image's. --no-flip for data whose mirror image is unlike it (text, documents).")] = None,
     patches: Annotated[Optional[bool], typer.Option("--patches/--resize", metavar="", show_default=False, rich_help_panel=DATA, help="--patches: cut each image into IMAGE_SIZE tiles at its own resolution (a centred grid, nothing resampled; a side shorter than a tile is resized up to it) instead of resizing the image to IMAGE_SIZE. The default of a denoiser (--corrupt, --noise-model): resizing averages away the noise it must learn, and `denoise` works at the files' own resolution. --resize: the default otherwise.")] = None,
     strict: flag("--strict", help="Stop at the first unreadable image instead of skipping it.", panel=DATA) = False,
     model: Annotated[ModelKind, typer.Option("--model", case_sensitive=False, rich_help_panel=MODEL, help="Model family: spatial (a latent map at 1/--downsample of the image; sampled through a second-stage prior), vector (one latent vector z), hierarchical (a top vector and latent maps below it, each with a learned prior).")] = ModelKind(DEFAULT_KIND),
@@ -210,6 +210,7 @@ def train(
     if resume:
         _refuse_ignored_on_resume(ctx, output)
     data = _training_data(ctx, data, output, resume=resume)
+    denoiser = bool(corrupt or noise_model)  # tiles at the files' own resolution and mirror images by default
     model_config = ModelConfig(
         kind=model.value, image_size=image_size, channels=3 if channels is Channels.auto else int(channels.value),
         latent_dim=latent_dim, latent_channels=latent_channels, downsample=downsample, level_cells=level_cells,
@@ -220,8 +221,8 @@ def train(
         epochs=epochs, steps=steps, time_limit=time_budget, batch_size=batch_size, lr=lr,
         lr_schedule=lr_schedule.value, beta=beta,
         kl_warmup_steps=kl_warmup, free_bits=free_bits, val_fraction=val_fraction, seed=seed,
-        corruptions=tuple(corrupt or ()), ema=ema, patience=patience, augment_flip=flip, grad_clip=grad_clip,
-        log_every=log_every, patches=bool(corrupt or noise_model) if patches is None else patches)
+        corruptions=tuple(corrupt or ()), ema=ema, patience=patience, grad_clip=grad_clip, log_every=log_every,
+        augment_flip=denoiser if flip is None else flip, patches=denoiser if patches is None else patches)
     _run_train(data, output, model_config=model_config, train_config=train_config, device=device,
                precision=precision.value, detect_channels=channels is Channels.auto, resume=resume, force=force,
                strict=strict, cache_dir=None if no_disk_cache else (cache_dir or _default_cache_dir()),

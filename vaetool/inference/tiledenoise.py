@@ -158,24 +158,35 @@ class ModelRunner:
 
     `samples` 0: the decode of the posterior means (deterministic, one pass). K > 0: the MMSE estimate,
     the mean of K posterior samples' decodes (`mmse.py`), with noise seeded by `seed` and each row's key.
+    `mirror`: each estimate is the mean of the input's and its mirror image's (mirrored back), for a model
+    trained with mirrored images (`train --flip`); a plausible version (a row whose key names a draw) stays
+    one draw.
     """
 
     def __init__(self, model: VAEFamily, *, amp_dtype: torch.dtype | None = None, samples: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, mirror: bool = False) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.amp_dtype = amp_dtype
         self.size = model.config.image_size
         self.channels = model.config.channels
         self.multiple = model.size_multiple  # None: a fixed-size model; else any size whose sides it divides
-        self.samples, self.seed = samples, seed
+        self.samples, self.seed, self.mirror = samples, seed, mirror
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor, keys: Sequence[RowKey] | None = None) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        rows = [i for i, key in enumerate(keys or [None] * len(x)) if key is None or key[2] is None]
+        if self.mirror and rows:  # the mirror images go through in the same pass, with the same posterior noise
+            index = torch.tensor(rows, device=x.device)
+            x = torch.cat([x, x[index].flip(-1)])
+            keys = None if keys is None else [*keys, *(keys[i] for i in rows)]
         with autocast(self.device, self.amp_dtype):
-            out = estimate(self.model, x, keys, samples=self.samples, seed=self.seed)
-        return out.float().cpu()  # (B, C, S, S)
+            out = estimate(self.model, x, keys, samples=self.samples, seed=self.seed).float()
+        if self.mirror and rows:
+            out, mirrored = out[:len(batch)].clone(), out[len(batch):]
+            out[index] = (out[index] + mirrored.flip(-1)) / 2
+        return out.cpu()  # (B, C, S, S)
 
     def tiling(self, tile: TileSpec) -> tuple[int | None, int | None]:
         """(tile side or None for whole images, the most pixels taken whole or None for no bound) for `tile`.
@@ -198,7 +209,7 @@ class ModelRunner:
     def rows_per_batch(self, batch_size: int, input_shape: torch.Size | tuple[int, ...]) -> int:
         """How many inputs of this shape go through at once: `batch_size` model-size tiles' worth of pixels,
         so whole images of any size take no more memory per pass than a batch of tiles."""
-        pixels = input_shape[-1] * input_shape[-2]
+        pixels = input_shape[-1] * input_shape[-2] * (2 if self.mirror else 1)  # a mirror image per input
         return max(1, min(batch_size, batch_size * self.size * self.size // pixels))
 
 
@@ -214,15 +225,17 @@ def check_options(*, overlap: float, strength: float, batch_size: int) -> None:
 
 def denoise_image(model: VAEFamily | ModelRunner, pixels: torch.Tensor, *, tile: TileSpec = "auto", overlap: float = 0.25,
                   strength: float = 1.0, batch_size: int = 64, samples: int = 0, seed: int = 0,
-                  wiener: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  wiener: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  mirror: bool = False) -> torch.Tensor:
     """Denoise one image (C, H, W) in [0, 1], C 1 or 3, any size; returns (C, H, W) float32 on the CPU.
 
     `samples` K > 0 (for a bare model) gives the MMSE estimate over K posterior samples seeded by `seed`;
     `wiener(noisy, estimate)` (a `wiener.WienerStep`) refines the estimate before the strength mix; a
     WienerStep's blend also gets the model's estimate of the image moved by its probe (Monte-Carlo SURE).
+    `mirror`: the model's estimates averaged with their mirror images' (`ModelRunner`).
     """
     check_options(overlap=overlap, strength=strength, batch_size=batch_size)
-    run = model if isinstance(model, ModelRunner) else ModelRunner(model, samples=samples, seed=seed)
+    run = model if isinstance(model, ModelRunner) else ModelRunner(model, samples=samples, seed=seed, mirror=mirror)
     original = pixels.detach().to("cpu", torch.float32)
     side, max_pixels = run.tiling(tile)
     inputs, layout = run.split(original, tile=side, max_pixels=max_pixels, overlap=overlap)
