@@ -49,10 +49,6 @@ class ImageCache:
         """The images decoded (rows are tiles of them with the `patches` fit)."""
         return len(self.counts) if self.counts is not None else len(self.paths)
 
-    def groups(self) -> list[int] | None:
-        """The rows of each image when an image may have several (`patches`), else None: one row each."""
-        return self.counts
-
 
 # ------------------------------------------------------------------------------------------- cache
 

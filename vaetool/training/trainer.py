@@ -130,7 +130,7 @@ class Trainer:
             self.model_config = fit_noise_model(self.model_config, self.cache.images, emit=self.emit)
         self.config = (_resumed_config(saved.train_config, train_config) if saved
                        else fit_recorruption(train_config, self.cache.images, emit=self.emit))
-        self.split: Split = split_data(len(self.cache.paths), self.config, world, groups=self.cache.groups(),
+        self.split: Split = split_data(len(self.cache.paths), self.config, world, groups=self.cache.counts,
                                        warn=lambda message: self.emit(Warning(message)))
         self.counters = saved.counters if saved else Counters()
         self._build_model(saved, compile=compile)
