@@ -53,9 +53,53 @@ def stage(conv: nn.Module, width: int, blocks: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def upsample_conv(in_ch: int, out_ch: int) -> nn.Sequential:
-    """Nearest upsampling then a 3x3 conv: no checkerboard artefacts (Odena et al. 2016)."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+# (output phase, low-resolution tap, 3x3 tap): along one axis, output row 2i + phase of a 3x3 conv over the
+# nearest-upsampled map reads low-resolution rows i - 1 + tap; phase 0 sees rows (i-1: w0, i: w1 + w2), phase 1
+# rows (i: w0 + w1, i+1: w2). Zero padding at either resolution is the same zeros.
+_PHASE_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
+                            [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """The 3x3 kernels (4 O, I, 3, 3) that give, at low resolution, the 4 output phases of a 3x3 conv
+    (O, I, 3, 3) over a 2x nearest-upsampled map, ordered for `pixel_shuffle(., 2)`."""
+    taps = _PHASE_TAPS.to(weight.device, weight.dtype)
+    out_ch, in_ch = weight.shape[:2]
+    phased = torch.einsum("akr,bls,oirs->oabikl", taps, taps, weight)  # (O, 2, 2, I, 3, 3)
+    return phased.reshape(4 * out_ch, in_ch, 3, 3)
+
+
+def conv_upsampled(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(nearest_upsample_2x(x))` for a 3x3, padding-1 conv, computed without the upsampled map.
+
+    The same arithmetic as upsampling first (up to rounding), but the conv runs at the input's resolution
+    with 4x the output channels and a pixel shuffle interleaves them: it skips writing, reading and (in
+    the backward pass) reducing a map 4x the input's size, about half the time of upsample + conv in
+    bf16 on a CPU with AMX (BENCHMARKS.md, "Upsampling without the upsampled map").
+    """
+    bias = conv.bias.repeat_interleave(4) if conv.bias is not None else None
+    return F.pixel_shuffle(F.conv2d(x, phase_kernels(conv.weight), bias, padding=1), 2)
+
+
+# From this input side up the conv runs at low resolution (conv_upsampled); below it, the 4x-wide conv on a
+# small map costs more than the upsampled map it saves (BENCHMARKS.md, "Upsampling without the upsampled map").
+PHASED_FROM = 16
+
+
+class UpsampleConv(nn.Sequential):
+    """Nearest 2x upsampling then a 3x3 conv: no checkerboard artefacts (Odena et al. 2016).
+
+    Kept as (Upsample, Conv2d) so checkpoints name the conv `<stage>.0.1.*`; on maps from PHASED_FROM up
+    the forward pass is `conv_upsampled`, which gives the same result without the upsampled map.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < PHASED_FROM:
+            return self[1](F.interpolate(x, scale_factor=2, mode="nearest"))
+        return conv_upsampled(self[1], x)
 
 
 @torch.no_grad()
@@ -108,7 +152,7 @@ def up_stages(widths: tuple[int, ...], *, blocks: int, patch: int) -> nn.Sequent
     targets = list(reversed(widths[:-1])) + ([] if patch == 2 else [widths[0]])
     stages, in_ch = [], widths[-1]
     for width in targets:
-        stages.append(stage(upsample_conv(in_ch, width), width, blocks))
+        stages.append(stage(UpsampleConv(in_ch, width), width, blocks))
         in_ch = width
     return nn.Sequential(*stages)
 
