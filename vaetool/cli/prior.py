@@ -38,7 +38,7 @@ def fit_prior(
                        "and fit the mixture to its codes (Dai & Wipf 2019); its samples hold together where the "
                        "mixture's drift apart.") = False,
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", min=1, help="Training steps of the second stage (default 2000; the same seed and steps give the "
+        "--steps", min=1, help="Training steps of the second stage (default 3400; the same seed and steps give the "
         "same prior).")] = None,
     batch_size: BatchSize = BATCH_SIZE, device: Device = "auto", workers: Workers = None,
     as_json: Json = False, quiet: Quiet = False,

@@ -190,7 +190,7 @@ def train(
     cache_memory: Annotated[Optional[int], typer.Option(parser=parse_size, metavar="SIZE", rich_help_panel=PERFORMANCE, help="Above this size (e.g. 4G) the decoded cache is memory-mapped from disk (default: half the available RAM).")] = None,
     no_fit_prior: flag("--no-fit-prior", help="Do not fit a prior to the training images' latents at the end (`vaetool fit-prior` can, later).", panel=OUTPUT) = False,
     prior: Annotated[PriorKind, typer.Option("--prior", case_sensitive=False, rich_help_panel=OUTPUT, help="The prior fitted at the end for `sample`: auto (a second-stage VAE over a spatial model's map, a mixture for a vector latent), mixture, second-stage. With --time the second stage takes the last third of the budget.")] = PriorKind.auto,
-    prior_steps: Annotated[Optional[int], typer.Option("--prior-steps", min=1, rich_help_panel=OUTPUT, help="Training steps of the second stage (default: its share of --time, else 4 per training step, at most 2000).")] = None,
+    prior_steps: Annotated[Optional[int], typer.Option("--prior-steps", min=1, rich_help_panel=OUTPUT, help="Training steps of the second stage (default: its share of --time, else 4 per training step, at most 3400).")] = None,
 ) -> None:
     """Train a VAE on a folder of images.
 

@@ -20,11 +20,14 @@ from ..models.second_stage import SecondStageNet, SecondStagePrior
 from ..runtime import autocast
 from .fit_prior import MIN_LATENTS, fit_prior
 
-# fit-prior's default budget: about the 1,866-2,000 steps that gave the faces' 0.575-0.580 two-sample scores
-# (BENCHMARKS.md); 90 s in bf16 on the AMX machine, about 4 minutes where it runs in float32 (8.9 steps/s there).
-STEPS = 2000
-BATCH = 128
-LEARNING_RATE = 1e-3
+# fit-prior's default budget: about the 90 s in bf16 on the AMX machine that 2,000 steps of batch 128 took when
+# they gave the faces' 0.575-0.580 two-sample scores (BENCHMARKS.md); batch 64 makes 1.7x the steps per second.
+STEPS = 3400
+# A third of a 3-minute run is too short for the second stage to learn its maps at batch 128 and 1e-3: batch 64
+# with 2e-3 fits them far better in the same time (-ELBO -116 against +1,003 nats per map) and its samples
+# scored 0.62 against 0.70 (BENCHMARKS.md, "What holds the 3-minute faces' samples back").
+BATCH = 64
+LEARNING_RATE = 2e-3
 CLIP = 100.0  # a guard against a wild first batch, not a regulariser: it rarely bites
 CODE = 64  # numbers in the second stage's code
 FEATURES = 64  # channels of its convolutions: at equal time, more steps of a narrower net sampled better
