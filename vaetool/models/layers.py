@@ -74,8 +74,8 @@ def conv_upsampled(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
     The same arithmetic as upsampling first (up to rounding), but the conv runs at the input's resolution
     with 4x the output channels and a pixel shuffle interleaves them: it skips writing, reading and (in
-    the backward pass) reducing a map 4x the input's size, about half the time of upsample + conv in
-    bf16 on a CPU with AMX (BENCHMARKS.md, "Upsampling without the upsampled map").
+    the backward pass) reducing a map 4x the input's size, which pays on large maps (BENCHMARKS.md,
+    "Upsampling without the upsampled map").
     """
     bias = conv.bias.repeat_interleave(4) if conv.bias is not None else None
     return F.pixel_shuffle(F.conv2d(x, phase_kernels(conv.weight), bias, padding=1), 2)

@@ -24,8 +24,9 @@ from .fit_prior import MIN_LATENTS, fit_prior
 # they gave the faces' 0.575-0.580 two-sample scores (BENCHMARKS.md); batch 64 makes 1.7x the steps per second.
 STEPS = 3400
 # A third of a 3-minute run is too short for the second stage to learn its maps at batch 128 and 1e-3: batch 64
-# with 2e-3 fits them far better in the same time (-ELBO -116 against +1,003 nats per map) and its samples
-# scored 0.62 against 0.70 (BENCHMARKS.md, "What holds the 3-minute faces' samples back").
+# with 2e-3 fits them far better in the same time (-ELBO -116 against +1,003 nats per map; samples 0.62 against
+# 0.70 by one classifier seed, level end to end over three: BENCHMARKS.md, "What holds the 3-minute faces'
+# samples back").
 BATCH = 64
 LEARNING_RATE = 2e-3
 CLIP = 100.0  # a guard against a wild first batch, not a regulariser: it rarely bites
