@@ -3,9 +3,11 @@ three sample seeds; for finding what holds its samples back at the 3-minute budg
 
     python benchmarks/second_stage_variants.py RUN TRAIN_DIR HELD_OUT_DIR OUT [--seconds 60]
                                                [--variants means,samples,flip,channel-scale,posterior-scale,optimal]
+                                               [--batch 64] [--lr 2e-3]
 
 Each variant trains a second stage for --seconds on the run's training maps as vaetool/training/second_stage.py
-does (the same net, Adam, cosine decay, bf16 where training uses it), changed in one way:
+does (the same net, Adam, cosine decay, bf16 where training uses it; --batch and --lr default to the package's),
+changed in one way:
 
     means             the package's: posterior means, one learned output scale
     samples           a fresh draw z ~ q(z | x) for each batch instead of the posterior means
@@ -77,8 +79,8 @@ class OptimalScaleNet(SecondStageNet):
         return (reconstruction + kl).mean()
 
 
-def train(mu: torch.Tensor, std: torch.Tensor, *, seconds: float, amp, net_class=SecondStageNet,
-          sample: bool = False, posterior_scale: bool = False, seed: int = 0) -> tuple[SecondStagePrior, torch.Tensor]:
+def train(mu: torch.Tensor, std: torch.Tensor, *, seconds: float, amp, batch: int, lr: float,
+          net_class=SecondStageNet, sample: bool = False, posterior_scale: bool = False, seed: int = 0) -> tuple[SecondStagePrior, torch.Tensor]:
     """A second stage on maps (N, C, h, w) for `seconds`; returns the prior and the codes' (mean, log-variance)."""
     center = mu.mean((0, 2, 3))
     scale = std.pow(2).mean((0, 2, 3)).sqrt() if posterior_scale else mu.std((0, 2, 3)).clamp_min(1e-6)
@@ -87,12 +89,12 @@ def train(mu: torch.Tensor, std: torch.Tensor, *, seconds: float, amp, net_class
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = net_class(*mu.shape[1:]).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     started, steps = time.monotonic(), 0
     while (done := (time.monotonic() - started) / seconds) < 1:
         for group in optimizer.param_groups:
-            group["lr"] = LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * done))
-        rows = torch.randint(0, len(mu), (BATCH,), generator=generator)
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
+        rows = torch.randint(0, len(mu), (batch,), generator=generator)
         y = standard_mu[rows]
         if sample:
             y = y + standard_std[rows] * torch.randn(y.shape, generator=generator)
@@ -118,6 +120,8 @@ def main() -> None:
     p.add_argument("run"); p.add_argument("train"); p.add_argument("held_out"); p.add_argument("out", type=Path)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--variants", default="means,samples,flip,channel-scale,posterior-scale,optimal")
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--lr", type=float, default=LEARNING_RATE)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     model = api.load(a.run, device="cpu")
@@ -154,7 +158,8 @@ def main() -> None:
         if variant == "flip":
             mirrored = posterior(train_images.flip(-1))
             maps, spread = torch.cat([mu, mirrored[0]]), torch.cat([std, mirrored[1]])
-        prior, variant_codes = train(maps, spread, seconds=a.seconds, amp=amp, **options.get(variant, {}))
+        prior, variant_codes = train(maps, spread, seconds=a.seconds, amp=amp, batch=a.batch, lr=a.lr,
+                                     **options.get(variant, {}))
         score(variant, prior, from_mixture(prior))
         if variant == "optimal":
             optimal, codes = prior, variant_codes

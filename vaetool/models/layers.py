@@ -98,7 +98,7 @@ class UpsampleConv(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < PHASED_FROM:
-            return self[1](F.interpolate(x, scale_factor=2, mode="nearest"))
+            return super().forward(x)
         return conv_upsampled(self[1], x)
 
 
