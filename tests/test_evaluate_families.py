@@ -158,7 +158,12 @@ def test_cli_samples_reports_the_two_sample_test_with_its_setup(checkpoints, blo
     test = samples["two_sample"]
     assert (test["real_train"], test["real_test"], test["generated_train"], test["generated_test"]) == (6, 6, 4, 4)
     assert 0.0 <= test["accuracy"] <= 1.0 and "seed 0" in samples["setup"]
+    assert test["repeats"] == 3 and test["cross_fitted"] and len(test["accuracies"]) == 3  # the steadier default
     assert samples["memorisation"]["training"] == 12 and samples["memorisation"]["reference"] == 12
+    once = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
+                                    "cpu", "--samples", "8", "--c2st-repeats", "1"])
+    assert once.exit_code == 0, once.stderr
+    assert "C2ST accuracy" in once.stdout and "splits" not in once.stdout.split("C2ST accuracy")[1].split("\n")[0]
     table = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
                                      "cpu", "--samples", "1", "-q"])
     assert table.exit_code == 1 and "at least 2 samples" in table.stderr
@@ -167,7 +172,7 @@ def test_cli_samples_reports_the_two_sample_test_with_its_setup(checkpoints, blo
 def test_cli_samples_are_drawn_at_the_temperature_and_prior_given(checkpoints, blob_folder):
     def run(*options):
         result = CliRunner().invoke(app, ["eval", str(checkpoints["hierarchical"]), str(blob_folder), "-k", "1",
-                                          "--device", "cpu", "--samples", "8", *options])
+                                          "--device", "cpu", "--samples", "8", "--c2st-repeats", "1", *options])
         assert result.exit_code == 0, result.stderr
         return result.stdout
 

@@ -54,6 +54,31 @@ def test_real_against_blurred_real_is_told_apart(real, other):
     assert result.log_loss < 0.6931  # better than a coin's log 2
 
 
+def test_cross_fitted_repeats_average_splits_and_one_plain_split_is_the_former_test(real, other):
+    options = OPTIONS | {"steps": 30}
+    single = classifier_two_sample_test(real[:96], blur(other[:96], 0.6), seed=2, repeats=1, cross_fit=False, **options)
+    assert single.accuracies == (single.accuracy,) and not single.cross_fitted and single.repeats == 1
+    both_ways = classifier_two_sample_test(real[:96], blur(other[:96], 0.6), seed=2, repeats=1, **options)
+    assert both_ways.cross_fitted and both_ways.accuracy != single.accuracy
+    repeated = classifier_two_sample_test(real[:96], blur(other[:96], 0.6), seed=2, repeats=3, **options)
+    assert repeated.accuracies[0] == both_ways.accuracy  # the first repeat is the seed's own split
+    assert len(set(repeated.accuracies)) > 1 and repeated.accuracy == pytest.approx(sum(repeated.accuracies) / 3)
+    assert repeated.spread == (min(repeated.accuracies), max(repeated.accuracies))
+    assert "mean of 3 splits, each cross-fitted" in repeated.summary()
+    with pytest.raises(DataError, match="at least one repeat"):
+        classifier_two_sample_test(real[:8], real[:8], repeats=0)
+
+
+def test_the_repeated_test_moves_less_with_the_seed_than_one_split(real, other):
+    """The point of the repeats: a score that depends on the images, not on one split and one initialisation."""
+    real_part, fake_part = real[:80], blur(other[:80], 0.7)  # a small, hard case, as a few hundred samples are
+    options = OPTIONS | {"steps": 40}
+    single = [classifier_two_sample_test(real_part, fake_part, seed=s, repeats=1, cross_fit=False, **options).accuracy
+              for s in range(6)]
+    repeated = [classifier_two_sample_test(real_part, fake_part, seed=s, **options).accuracy for s in range(6)]
+    assert np.std(repeated) < np.std(single)
+
+
 def test_the_result_is_seeded_and_states_its_setup(real, other):
     options = OPTIONS | {"steps": 20}
     a = classifier_two_sample_test(real[:64], blur(other[:64]), seed=3, **options)
@@ -64,7 +89,7 @@ def test_the_result_is_seeded_and_states_its_setup(real, other):
     assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is left alone
     assert c.log_loss != a.log_loss
     assert a.to_dict()["steps"] == 20 and a.widths == (8, 16, 32) and a.image_size == (SIZE, SIZE)
-    assert a.parameters > 0 and "20 steps of 32, seed 3" in a.summary()
+    assert a.parameters > 0 and "20 steps of 32, seed 3" in a.summary() and a.repeats == 3 and a.cross_fitted
 
 
 def test_large_images_are_reduced_and_mismatched_ones_refused(real):

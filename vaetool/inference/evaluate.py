@@ -210,19 +210,22 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
              iw_samples: int = 100, batch_size: int = 32, seed: int = 0, device: str = "auto",
              workers: int | None = None, samples: int = 0, train_data: Sequence[str | Path] | None = None,
              sample_temperature: float | dict[str, float] = 1.0, sample_prior: str = "auto",
-             callback: Callback = ignore) -> EvalResult:
+             sample_repeats: int | None = None, callback: Callback = ignore) -> EvalResult:
     """Evaluate a model of any family on image files/folders (or a (N, C, H, W) uint8 or [0, 1] float tensor).
 
     The same seed gives the same numbers, whatever the batch size. Unreadable files are left out,
     reported as `Failed` and listed in `failures`; progress is `Started`, `Progress` and `Warning` events.
     With `samples` N > 0, N prior samples are scored against the evaluated images (`sample_metric`),
     their nearest-image distances against `train_data` when given; they are drawn as `vaetool sample` draws
-    them, at `sample_temperature` (one value, or per level) from `sample_prior` ("auto", "fitted", "standard").
+    them, at `sample_temperature` (one value, or per level) from `sample_prior` ("auto", "fitted", "standard");
+    `sample_repeats` cross-fitted splits of the two-sample test are averaged (None: `sample_metric.REPEATS`).
     """
     if iw_samples < 1 or batch_size < 1:
         raise ConfigError("--iw-samples and --batch-size must be >= 1")
     if samples < 0 or samples == 1:  # before the evaluation, not after it
         raise ConfigError(f"the sample metric needs at least 2 samples, not {samples}; give --samples 2 or more")
+    if sample_repeats is not None and sample_repeats < 1:
+        raise ConfigError(f"--c2st-repeats must be 1 or more, not {sample_repeats}")
     given = checkpoint_or_model.model if isinstance(checkpoint_or_model, Checkpoint) else checkpoint_or_model
     was_training = bool(getattr(given, "training", False))
     loaded = load_for_inference(checkpoint_or_model, device=device)
@@ -247,7 +250,9 @@ def evaluate(checkpoint_or_model: VAEFamily | Checkpoint | str | Path, data: Seq
 
             result.samples = sample_report(loaded, torch.cat(kept), samples, seed=seed, train_data=train_data,
                                            temperature=sample_temperature, prior=sample_prior,
-                                           batch_size=batch_size, workers=workers, callback=callback).to_dict()
+                                           batch_size=batch_size, workers=workers, callback=callback,
+                                           test_options=None if sample_repeats is None else
+                                           {"repeats": sample_repeats}).to_dict()
     finally:
         model.train(was_training)
     return result

@@ -3,7 +3,9 @@
 The two-sample test (Lopez-Paz & Oquab 2017, "Revisiting classifier two-sample tests") trains a small
 convolutional classifier on half of the real images and half of the generated ones and reports its
 accuracy on the other halves: 0.5 means the classifier cannot tell them apart, 1.0 that every sample
-gives itself away. A low score can also come from copying the training set, so the nearest-neighbour
+gives itself away. With a few hundred images one split and one classifier's initial weights decide much
+of that score, so by default it is cross-fitted (a second classifier trains on the other halves, and every
+image is scored once) and repeated over three splits, and the mean is reported with the repeats' range. A low score can also come from copying the training set, so the nearest-neighbour
 distance from each sample to the training images is reported beside the same distance for held-out
 real images (a model that memorises puts its samples much nearer than real images of the distribution).
 
@@ -30,6 +32,9 @@ from ..events import Callback, Note, Started, ignore
 
 MAX_SIZE = 64  # larger images are area-averaged to this side first: the test stays fast at any size
 NEAR_QUANTILE = 0.05
+# Splits the two-sample test averages, each cross-fitted: on 200 + 200 images one split's score moved by up to
+# 0.33 with the seed alone (BENCHMARKS.md, "A steadier sample metric").
+REPEATS = 3
 SAMPLE_CHUNK = 64  # prior samples decoded per pass (fixed, so the batch size never changes the draws)
 MIN_RECONSTRUCTION_TEST = 8  # real images needed to score reconstructions of half against the other half (2 a class)
 
@@ -43,7 +48,7 @@ class TwoSampleResult:
     p_value: float  # one-sided, against chance: accuracy ~ N(1/2, (1/n_real + 1/n_generated) / 16) under H0
     real_accuracy: float
     generated_accuracy: float
-    real_train: int
+    real_train: int  # each classifier's training and test halves
     generated_train: int
     real_test: int
     generated_test: int
@@ -54,16 +59,27 @@ class TwoSampleResult:
     batch_size: int
     lr: float
     seed: int
+    repeats: int = 1  # splits averaged
+    cross_fitted: bool = False  # each split scored both ways: every image tested once per repeat
+    accuracies: tuple[float, ...] = ()  # each repeat's accuracy
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The lowest and highest of the repeats' accuracies."""
+        return (min(self.accuracies), max(self.accuracies)) if self.accuracies else (self.accuracy, self.accuracy)
+
     def summary(self) -> str:
         """One line: the score and the setup, for a report or a log."""
-        return (f"classifier two-sample test: accuracy {self.accuracy:.3f} (0.5 = indistinguishable), "
+        low, high = self.spread
+        over = (f" (mean of {self.repeats} splits{', each cross-fitted' if self.cross_fitted else ''}: "
+                f"{low:.3f}-{high:.3f})" if self.repeats > 1 else " (cross-fitted)" if self.cross_fitted else "")
+        return (f"classifier two-sample test: accuracy {self.accuracy:.3f}{over} (0.5 = indistinguishable), "
                 f"log-loss {self.log_loss:.3f}, p {self.p_value:.2g}; conv {list(self.widths)} "
                 f"({self.parameters} parameters), {self.steps} steps of {self.batch_size}, seed {self.seed}, "
-                f"trained on {self.real_train} real + {self.generated_train} generated, "
+                f"each classifier trained on {self.real_train} real + {self.generated_train} generated, "
                 f"tested on {self.real_test} + {self.generated_test}")
 
 
@@ -133,43 +149,92 @@ def _scores(model: Classifier, images: torch.Tensor, label: float, batch_size: i
 
 def classifier_two_sample_test(real: torch.Tensor, generated: torch.Tensor, *, seed: int = 0, steps: int = 300,
                                batch_size: int = 64, widths: tuple[int, ...] = (16, 32, 64),
-                               lr: float = 3e-3) -> TwoSampleResult:
+                               lr: float = 3e-3, repeats: int = REPEATS, cross_fit: bool = True) -> TwoSampleResult:
     """Train a classifier on half the real and half the generated images (N, C, H, W) in [0, 1]; score the rest.
 
-    The halves, the initial weights and every batch come from `seed`, so the same inputs and seed
-    give the same result. Runs on the CPU in float32: the classifier is small, and the same
-    arithmetic everywhere keeps the score comparable between machines. It trains, so it runs with
-    gradients on even when called under `torch.inference_mode()` or `no_grad`, on tensors made there.
+    `cross_fit`: a second classifier trains on the other halves and scores the first ones, so every image is
+    tested once; `repeats` such splits are averaged (accuracy, per-class accuracies, log-loss), and each
+    repeat's accuracy kept. The splits, the initial weights and every batch come from `seed`, so the same
+    inputs and seed give the same result; repeat 0 without cross-fitting is the single split of `seed`. Runs
+    on the CPU in float32: the classifier is small, and the same arithmetic everywhere keeps the score
+    comparable between machines. It trains, so it runs with gradients on even when called under
+    `torch.inference_mode()` or `no_grad`, on tensors made there.
     """
+    if repeats < 1:
+        raise DataError(f"the two-sample test needs at least one repeat, not {repeats}")
     with torch.inference_mode(False), torch.enable_grad():
-        return _two_sample_test(real, generated, seed=seed, steps=steps, batch_size=batch_size, widths=widths, lr=lr)
+        return _two_sample_test(real, generated, seed=seed, steps=steps, batch_size=batch_size, widths=widths, lr=lr,
+                                repeats=repeats, cross_fit=cross_fit)
+
+
+@dataclass
+class _Scored:
+    """One classifier's correct answers and summed losses on its test halves."""
+
+    real_correct: float
+    real_loss: float
+    real_count: int
+    fake_correct: float
+    fake_loss: float
+    fake_count: int
+
+
+def _fit_and_score(real: torch.Tensor, generated: torch.Tensor, train: tuple[torch.Tensor, torch.Tensor],
+                   test: tuple[torch.Tensor, torch.Tensor], *, seed: int, steps: int, batch_size: int,
+                   widths: tuple[int, ...], lr: float, generator: torch.Generator) -> tuple[_Scored, int]:
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = Classifier(real.shape[1], tuple(widths))
+    _train(model, real[train[0]], generated[train[1]], steps=steps, batch_size=batch_size, lr=lr,
+           generator=generator)
+    real_acc, real_loss = _scores(model, real[test[0]], 1.0, batch_size)
+    fake_acc, fake_loss = _scores(model, generated[test[1]], 0.0, batch_size)
+    scored = _Scored(real_acc * len(test[0]), real_loss * len(test[0]), len(test[0]),
+                     fake_acc * len(test[1]), fake_loss * len(test[1]), len(test[1]))
+    return scored, sum(p.numel() for p in model.parameters())
 
 
 def _two_sample_test(real: torch.Tensor, generated: torch.Tensor, *, seed: int, steps: int, batch_size: int,
-                     widths: tuple[int, ...], lr: float) -> TwoSampleResult:
+                     widths: tuple[int, ...], lr: float, repeats: int, cross_fit: bool) -> TwoSampleResult:
     real, generated = _prepare(real, "real"), _prepare(generated, "generated")
     if real.shape[1:] != generated.shape[1:]:
         raise DataError(f"real images {tuple(real.shape[1:])} and generated ones {tuple(generated.shape[1:])} "
                         f"differ in channels or size; give images of one size")
-    generator = torch.Generator().manual_seed(seed)
-    real_train, real_test = _halves(real.shape[0], generator)
-    fake_train, fake_test = _halves(generated.shape[0], generator)
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = Classifier(real.shape[1], tuple(widths))
-    _train(model, real[real_train], generated[fake_train], steps=steps, batch_size=batch_size, lr=lr,
-           generator=generator)
-    real_acc, real_loss = _scores(model, real[real_test], 1.0, batch_size)
-    fake_acc, fake_loss = _scores(model, generated[fake_test], 0.0, batch_size)
-    accuracy = 0.5 * (real_acc + fake_acc)
-    std = math.sqrt((1.0 / len(real_test) + 1.0 / len(fake_test)) / 16.0)
+    options = dict(steps=steps, batch_size=batch_size, widths=widths, lr=lr)
+    per_repeat: list[tuple[float, float, float, float]] = []  # accuracy, real, generated accuracy, log-loss
+    tested = (0, 0)
+    for repeat in range(repeats):
+        # Repeat 0 draws from `seed` alone, so it is the single split earlier versions scored.
+        generator = torch.Generator().manual_seed(seed if repeat == 0 else seed * 7919 + repeat)
+        real_train, real_test = _halves(real.shape[0], generator)
+        fake_train, fake_test = _halves(generated.shape[0], generator)
+        folds = [((real_train, fake_train), (real_test, fake_test))]
+        if cross_fit:
+            folds.append(((real_test, fake_test), (real_train, fake_train)))
+        scores = []
+        for fold, (train, test) in enumerate(folds):
+            init = seed if (repeat, fold) == (0, 0) else seed * 7919 + 2 * repeat + fold
+            scored, parameters = _fit_and_score(real, generated, train, test, seed=init, generator=generator,
+                                                **options)
+            scores.append(scored)
+        counts = (sum(s.real_count for s in scores), sum(s.fake_count for s in scores))
+        real_acc = sum(s.real_correct for s in scores) / counts[0]
+        fake_acc = sum(s.fake_correct for s in scores) / counts[1]
+        log_loss = 0.5 * (sum(s.real_loss for s in scores) / counts[0] + sum(s.fake_loss for s in scores) / counts[1])
+        per_repeat.append((0.5 * (real_acc + fake_acc), real_acc, fake_acc, log_loss))
+        tested = counts
+    accuracy, real_acc, fake_acc, log_loss = (sum(r[i] for r in per_repeat) / repeats for i in range(4))
+    # Under H0 each repeat's accuracy has this spread over the images it tested; the mean of correlated
+    # repeats has no less, so the p-value stays conservative.
+    std = math.sqrt((1.0 / tested[0] + 1.0 / tested[1]) / 16.0)
     return TwoSampleResult(
-        accuracy=accuracy, log_loss=0.5 * (real_loss + fake_loss),
+        accuracy=accuracy, log_loss=log_loss,
         p_value=0.5 * math.erfc((accuracy - 0.5) / std / math.sqrt(2.0)),
         real_accuracy=real_acc, generated_accuracy=fake_acc,
         real_train=len(real_train), generated_train=len(fake_train), real_test=len(real_test),
         generated_test=len(fake_test), image_size=(int(real.shape[2]), int(real.shape[3])), widths=tuple(widths),
-        parameters=sum(p.numel() for p in model.parameters()), steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        parameters=parameters, steps=steps, batch_size=batch_size, lr=lr, seed=seed, repeats=repeats,
+        cross_fitted=cross_fit, accuracies=tuple(r[0] for r in per_repeat))
 
 
 @torch.no_grad()
