@@ -9,7 +9,8 @@ the collaborative pass of `blockmatch.py`, which filters each block together wit
 (`--no-block-matching` leaves it out: the step 10 times faster). Last, the output is blended with the pilot
 by Stein's unbiased risk estimate, so a pilot already better than the filter's output stays; the estimate
 counts how both depend on the noise from the model's estimate of the noisy image moved a little along a
-fixed direction, and the step taken on that too (Monte-Carlo SURE). Colour images are filtered in an
+fixed direction, and the step taken on that too (Monte-Carlo SURE); the same estimate picks the collaborative
+pass's pilot, between the model's estimate and the blockwise passes' output. Colour images are filtered in an
 orthonormal opponent colour space, so the noise keeps its sigma there.
 """
 
@@ -106,7 +107,7 @@ def sure_blend(noisy: torch.Tensor, pilot: torch.Tensor, filtered: torch.Tensor,
 
 def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strides: Sequence[int] = STRIDES,
                 matching: bool = True, blend: bool = True, pilot_divergence: float = 0.0,
-                moved: Moved | None = None) -> torch.Tensor:
+                moved: Moved | None = None, sure_pilot: bool = True) -> torch.Tensor:
     """The Wiener estimate (C, H, W) in [0, 1] from the noisy image and the pilot, both (C, H, W) in [0, 1].
 
     `sigma` is the noise std on the 0-1 scale; one blockwise pass per stride, each after the first taking the
@@ -117,7 +118,8 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     What the risk estimate knows of how each depends on the noise: with `moved` (the noisy image moved along
     a direction, and the model's estimate of it), the divergence of both the pilot and the filtered image, by
     one finite difference each (Monte-Carlo SURE, Ramani, Blu & Unser 2008: the filter's dependence on the
-    noise through its pilot included). Without it, the filter's trace with its pilot held fixed, less
+    noise through its pilot included); and with `sure_pilot`, the collaborative pass's pilot is the blend of
+    the model's estimate and the blockwise passes' output that the same estimate prefers. Without it, the filter's trace with its pilot held fixed, less
     `pilot_divergence` (0: the pilot counted as fixed, which leans the blend to it).
     Any size: reflect padding by a block less one on every side, so each pixel lies in as many blocks as any
     other; long images go through in bands of rows.
@@ -143,6 +145,15 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
         both, _ = _blockwise_passes(torch.cat(images), torch.cat([padded(pilot), padded(moved_pilot)]), sigma, strides)
         filtered = list(both.split(channels))
         if matching:  # the blocks matched once, in the first estimate
+            if sure_pilot:
+                # The collaborative pass's pilot: the model's estimate, the blockwise output, or between, as SURE
+                # expects best. A good model's estimate loses detail to the blockwise passes (faces at std 25:
+                # 31.2 dB alone, 30.6 after them), a weak one gains (BENCHMARKS.md, "Where the gap to BM3D is").
+                blocked, moved_blocked = (f[inside] for f in filtered)
+                gap = float((direction * (moved_blocked - blocked - moved_pilot + pilot)).sum()) / moved.step
+                share = sure_blend(noisy, pilot, blocked, gap, sigma)
+                filtered = [padded(torch.lerp(pilot, blocked, share)),
+                            padded(torch.lerp(moved_pilot, moved_blocked, share))]
             filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in zip(images, filtered)], sigma)]
         out, moved_out = (f[inside] for f in filtered)
         gap = float((direction * (moved_out - out - moved_pilot + pilot)).sum()) / moved.step
