@@ -45,7 +45,8 @@ def main() -> None:
             row[f"seconds, {name}"] = (time.perf_counter() - start) / 2
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    print(f"\n{a.count} held-out images against {a.count} samples (or {a.count} training images), seeds 0-{a.seeds - 1}")
+    print(f"\n{a.count} held-out images against {a.count} samples (or {a.count} training images), "
+          f"seeds 0-{a.seeds - 1}")
     print(f"{'test':34s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s} {'s/test':>7s}")
     for name in tests:
         for what in ("samples", "real"):

@@ -73,8 +73,9 @@ def _over_repeats(t: dict[str, Any], end: str) -> str:
 
 def _reconstruction_row(t: dict[str, Any]) -> str:
     over = _over_repeats(t, "")
-    return (f"{t['accuracy']:.3f}{f' ({over})' if over else ''} for reconstructions of half the evaluated images against the other half "
-            f"(trained on {t['real_train']} + {t['generated_train']}): about the best a better prior could give")
+    return (f"{t['accuracy']:.3f}{f' ({over})' if over else ''} for reconstructions of half the evaluated images "
+            f"against the other half (trained on {t['real_train']} + {t['generated_train']}): about the best a better "
+            f"prior could give")
 
 
 def _shown(temperature: float | dict[str, float]) -> str:
@@ -100,6 +101,7 @@ def eval_command(
     prior: SamplePrior = PriorChoice.auto,
     c2st_repeats: Annotated[int, typer.Option("--c2st-repeats", min=1, help="With --samples: splits the two-sample "
                             "test averages, each cross-fitted (two classifiers: every image scored once).")] = 3,
+    # 3: sample_metric.REPEATS, not imported here so that --help needs no torch
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -133,8 +135,8 @@ def eval_command(
     cannot be told from the images. A second classifier trains on the other
     halves, so every image is scored once, and the score is the mean over
     --c2st-repeats such splits (their range is shown): with a few hundred
-    images one split moves the score by up to a third. Each sample's distance (per-pixel RMSE)
-    to its nearest --train-data image, beside the same for the real images,
+    images one split moves the score by up to a third. Each sample's
+    distance (per-pixel RMSE) to its nearest --train-data image, beside the same for the real images,
     shows memorisation; without --train-data the distances are to half of
     the images given. The samples are drawn as `vaetool sample` draws them:
     --temperature and --prior mean the same there. The same test of the

@@ -5,9 +5,10 @@ convolutional classifier on half of the real images and half of the generated on
 accuracy on the other halves: 0.5 means the classifier cannot tell them apart, 1.0 that every sample
 gives itself away. With a few hundred images one split and one classifier's initial weights decide much
 of that score, so by default it is cross-fitted (a second classifier trains on the other halves, and every
-image is scored once) and repeated over three splits, and the mean is reported with the repeats' range. A low score can also come from copying the training set, so the nearest-neighbour
-distance from each sample to the training images is reported beside the same distance for held-out
-real images (a model that memorises puts its samples much nearer than real images of the distribution).
+image is scored once) and repeated over three splits, and the mean is reported with the repeats' range.
+A low score can also come from copying the training set, so the nearest-neighbour distance from each
+sample to the training images is reported beside the same distance for held-out real images (a model that
+memorises puts its samples much nearer than real images of the distribution).
 
 Samples go through the same decoder as reconstructions, so the same test of the reconstructions of half
 the real images against the other half tells how far a better prior alone could take the samples: when

@@ -119,8 +119,9 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
     a direction, and the model's estimate of it), the divergence of both the pilot and the filtered image, by
     one finite difference each (Monte-Carlo SURE, Ramani, Blu & Unser 2008: the filter's dependence on the
     noise through its pilot included); and with `sure_pilot`, the collaborative pass's pilot is the blend of
-    the model's estimate and the blockwise passes' output that the same estimate prefers. Without it, the filter's trace with its pilot held fixed, less
-    `pilot_divergence` (0: the pilot counted as fixed, which leans the blend to it).
+    the model's estimate and the blockwise passes' output that the same estimate prefers. Without `moved`,
+    the filter's trace with its pilot held fixed, less `pilot_divergence` (0: the pilot counted as fixed,
+    which leans the blend to it).
     Any size: reflect padding by a block less one on every side, so each pixel lies in as many blocks as any
     other; long images go through in bands of rows.
     """
@@ -150,8 +151,8 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
                 # expects best. A good model's estimate loses detail to the blockwise passes (faces at std 25:
                 # 31.2 dB alone, 30.6 after them), a weak one gains (BENCHMARKS.md, "Where the gap to BM3D is").
                 blocked, moved_blocked = (f[inside] for f in filtered)
-                gap = float((direction * (moved_blocked - blocked - moved_pilot + pilot)).sum()) / moved.step
-                share = sure_blend(noisy, pilot, blocked, gap, sigma)
+                blocked_gap = float((direction * (moved_blocked - blocked - moved_pilot + pilot)).sum()) / moved.step
+                share = sure_blend(noisy, pilot, blocked, blocked_gap, sigma)
                 filtered = [padded(torch.lerp(pilot, blocked, share)),
                             padded(torch.lerp(moved_pilot, moved_blocked, share))]
             filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in zip(images, filtered)], sigma)]
