@@ -161,9 +161,14 @@ def test_cli_samples_reports_the_two_sample_test_with_its_setup(checkpoints, blo
     assert test["repeats"] == 3 and test["cross_fitted"] and len(test["accuracies"]) == 3  # the steadier default
     assert samples["memorisation"]["training"] == 12 and samples["memorisation"]["reference"] == 12
     once = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
-                                    "cpu", "--samples", "8", "--c2st-repeats", "1"])
+                                    "cpu", "--samples", "8", "--c2st-repeats", "1", "--json", "-q"])
     assert once.exit_code == 0, once.stderr
-    assert "C2ST accuracy" in once.stdout and "splits" not in once.stdout.split("C2ST accuracy")[1].split("\n")[0]
+    single = json.loads(once.stdout)["samples"]
+    assert single["two_sample"]["repeats"] == 1 and len(single["two_sample"]["accuracies"]) == 1
+    from vaetool.cli.eval import _sample_rows  # the table's rows: the splits' range only where there are several
+
+    shown = {name: dict(_sample_rows(s))["C2ST accuracy"] for name, s in (("default", samples), ("once", single))}
+    assert "mean of 3 splits" in shown["default"] and "splits" not in shown["once"], shown
     table = CliRunner().invoke(app, ["eval", str(checkpoints["spatial"]), str(blob_folder), "-k", "1", "--device",
                                      "cpu", "--samples", "1", "-q"])
     assert table.exit_code == 1 and "at least 2 samples" in table.stderr
