@@ -44,11 +44,12 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         for clean_path, noisy_path in pairs:
-            clean = to_filter(torch.from_numpy(load(clean_path)).permute(2, 0, 1).float())
-            noisy = torch.from_numpy(load(noisy_path)).permute(2, 0, 1).float()
+            original = torch.from_numpy(load(clean_path)).permute(2, 0, 1).float()
+            clean = to_filter(original)
             if unclipped:
-                original = torch.from_numpy(load(clean_path)).permute(2, 0, 1).float()
                 noisy = original + sigma / 255 * torch.randn(original.shape, generator=generator)
+            else:
+                noisy = torch.from_numpy(load(noisy_path)).permute(2, 0, 1).float()
             denoise_image(run, noisy, wiener=step)
             pilot, filtered, share = calls[-1]
             step_taken = filtered - pilot

@@ -145,19 +145,23 @@ def wiener_step(noisy: torch.Tensor, pilot: torch.Tensor, sigma: float, *, strid
         # Both through the blockwise passes at once: their channels are filtered independently anyway.
         both, _ = _blockwise_passes(torch.cat(images), torch.cat([padded(pilot), padded(moved_pilot)]), sigma, strides)
         filtered = list(both.split(channels))
+
+        def gap_of(estimate: torch.Tensor, moved_estimate: torch.Tensor) -> float:
+            """The estimate's divergence less the pilot's, by the one finite difference along the direction."""
+            return float((direction * (moved_estimate - estimate - moved_pilot + pilot)).sum()) / moved.step
+
         if matching:  # the blocks matched once, in the first estimate
             if sure_pilot:
                 # The collaborative pass's pilot: the model's estimate, the blockwise output, or between, as SURE
                 # expects best. A good model's estimate loses detail to the blockwise passes (faces at std 25:
                 # 31.2 dB alone, 30.6 after them), a weak one gains (BENCHMARKS.md, "Where the gap to BM3D is").
                 blocked, moved_blocked = (f[inside] for f in filtered)
-                blocked_gap = float((direction * (moved_blocked - blocked - moved_pilot + pilot)).sum()) / moved.step
-                share = sure_blend(noisy, pilot, blocked, blocked_gap, sigma)
+                share = sure_blend(noisy, pilot, blocked, gap_of(blocked, moved_blocked), sigma)
                 filtered = [padded(torch.lerp(pilot, blocked, share)),
                             padded(torch.lerp(moved_pilot, moved_blocked, share))]
             filtered = [f for [f] in collaborative_pass([(e, [image]) for image, e in zip(images, filtered)], sigma)]
         out, moved_out = (f[inside] for f in filtered)
-        gap = float((direction * (moved_out - out - moved_pilot + pilot)).sum()) / moved.step
+        gap = gap_of(out, moved_out)
     else:
         image, estimate = padded(noisy), padded(pilot)
         estimate, diagonal = _blockwise_passes(image, estimate, sigma, strides, with_diagonal=blend and not matching)
